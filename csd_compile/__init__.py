@@ -1,0 +1,12 @@
+"""csd-compile: a torch.compile backend for fast LLM inference.
+
+``torch.compile(model, backend="csd", options={...})`` works after ``pip install csd-compile``
+without importing this package; import it for the helpers below.
+"""
+
+from .backend import CSDFallbackWarning, csd_backend
+from .config import CSDConfig, OptionError
+from .models import load_model
+
+__all__ = ["CSDConfig", "CSDFallbackWarning", "OptionError", "csd_backend", "load_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,77 @@
+"""The ``"csd"`` torch.compile backend: options -> config -> ordered FX passes -> Inductor.
+
+Registered under the entry-point group ``torch_dynamo_backends``, so
+``torch.compile(model, backend="csd", options={...})`` works right after ``pip install``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from .config import CSDConfig, OptionError
+from .passes import clone_graph_module, pre_aot_passes
+
+__all__ = ["csd_backend", "CSDFallbackWarning"]
+
+
+class CSDFallbackWarning(UserWarning):
+    """A graph the csd passes could not handle was compiled with plain Inductor instead."""
+
+
+class _OptionErrorForDynamo(OptionError, torch._dynamo.exc.ShortenTraceback):
+    # Dynamo wraps backend errors in BackendCompilerFailed but lets ShortenTraceback through,
+    # so the user sees the OptionError (a ValueError) itself.
+    def __init__(self, msg: str) -> None:
+        ValueError.__init__(self, msg)
+        self.first_useful_frame = None
+
+
+def csd_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Any:
+    """Compile a Dynamo graph: run the csd passes the options ask for, then Inductor.
+
+    Args:
+        gm: the torch-level FX graph captured by Dynamo.
+        example_inputs: real tensors for the graph's placeholders (parameters included).
+        options: the ``options=`` dict of ``torch.compile``; see :class:`CSDConfig`.
+        mode: must be ``None``; torch.compile modes are Inductor's, set through Inductor itself.
+    """
+    try:
+        cfg = CSDConfig.from_options(options)
+    except OptionError as e:
+        raise _OptionErrorForDynamo(str(e)) from None
+    if mode is not None:
+        raise _OptionErrorForDynamo(
+            f"torch.compile mode={mode!r} is not supported by the csd backend; use options= instead"
+        )
+
+    compiled_gm = gm
+    passes = pre_aot_passes(cfg)
+    if passes:
+        work = clone_graph_module(gm)
+        name = "?"
+        try:
+            for name, fn in passes:
+                work = fn(work, example_inputs, cfg)
+            compiled_gm = work
+        except Exception as e:  # a pass must never break the user's program
+            warnings.warn(
+                f"csd backend: pass {name!r} could not handle this graph ({type(e).__name__}: {e}); "
+                "compiling it with plain Inductor instead",
+                CSDFallbackWarning,
+                stacklevel=2,
+            )
+
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(compiled_gm, example_inputs)

@@ -1,0 +1,123 @@
+"""Backend options: the one place where ``torch.compile(..., options=...)`` is parsed.
+
+``CSDConfig.from_options(options)`` turns the user's dict into a frozen, validated dataclass. An
+unknown key or a bad value raises :class:`OptionError` (a ``ValueError``) that names the value and
+what is allowed, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["CSDConfig", "OptionError", "SUPPORTED_BITS", "SUPPORTED_GROUP_SIZES"]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+ACCEPTANCE_MODES = ("exact", "csd")
+
+
+class OptionError(ValueError):
+    """A backend option that is unknown or has a value outside what is allowed."""
+
+
+# User-facing option key -> dataclass field, where the key is not a valid Python name.
+_KEY_TO_FIELD = {"lambda": "ocm_lambda"}
+_FIELD_TO_KEY = {v: k for k, v in _KEY_TO_FIELD.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class CSDConfig:
+    """Validated options of the ``"csd"`` backend.
+
+    Attributes:
+        bits: weight bit-width of the quantized linears: ``None`` (no quantization, the default),
+            one of ``SUPPORTED_BITS`` for a static width, or ``"dynamic"`` for the entropy-driven
+            per-token policy (needs ``calibration``).
+        group_size: quantization group size along the input features, one of
+            ``SUPPORTED_GROUP_SIZES``.
+        quantize_lm_head: also quantize the output projection (off by default: it hurts quality
+            most and is shared with the embedding in many models).
+        avg_bits: bit budget of the dynamic policy, between the lowest and highest rung.
+        calibration: path of the precision-requirement table made by ``csd-compile calibrate``.
+        acceptance: ``"exact"`` (lossless speculative decoding) or ``"csd"`` (calibrated rescue).
+        ocm_lambda: option key ``"lambda"``: a rejected (draft, target) pair is a rescue
+            candidate once its count exceeds this.
+        tau: semantic-consistency gate: admit draft x iff p(x) / p(t*) >= tau, tau in (0, 1].
+    """
+
+    bits: int | str | None = None
+    group_size: int = 64
+    quantize_lm_head: bool = False
+    avg_bits: float | None = None
+    calibration: str | None = None
+    acceptance: str = "exact"
+    ocm_lambda: int = 6
+    tau: float = 0.01
+
+    @classmethod
+    def option_keys(cls) -> list[str]:
+        return [_FIELD_TO_KEY.get(f.name, f.name) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None) -> "CSDConfig":
+        """Parse the ``options=`` dict of ``torch.compile``; the dict itself is not modified."""
+        if options is None:
+            return cls()
+        if isinstance(options, CSDConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise OptionError(
+                f"options must be a dict, got {type(options).__name__}; valid keys: {cls.option_keys()}"
+            )
+        valid = cls.option_keys()
+        kwargs = {}
+        for key, value in options.items():
+            if key not in valid:
+                raise OptionError(f"unknown csd option {key!r}; valid options are {valid}")
+            kwargs[_KEY_TO_FIELD.get(key, key)] = value
+        return cls(**kwargs)
+
+    def __post_init__(self) -> None:
+        bits = self.bits
+        if bits is not None and bits != "dynamic":
+            if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+                raise OptionError(
+                    f"option 'bits'={bits!r} is not supported; use None, 'dynamic' or one of {list(SUPPORTED_BITS)}"
+                )
+        _check_choice("group_size", self.group_size, SUPPORTED_GROUP_SIZES, int)
+        _check_type("quantize_lm_head", self.quantize_lm_head, bool)
+        if self.avg_bits is not None:
+            _check_type("avg_bits", self.avg_bits, (int, float))
+            lo, hi = min(SUPPORTED_BITS), 16
+            if not (math.isfinite(self.avg_bits) and lo <= self.avg_bits <= hi):
+                raise OptionError(f"option 'avg_bits'={self.avg_bits!r} is outside [{lo}, {hi}]")
+            if bits != "dynamic":
+                raise OptionError(f"option 'avg_bits' needs bits='dynamic', got bits={bits!r}")
+        if self.calibration is not None:
+            _check_type("calibration", self.calibration, (str, os.PathLike))
+            object.__setattr__(self, "calibration", os.fspath(self.calibration))
+        _check_choice("acceptance", self.acceptance, ACCEPTANCE_MODES, str)
+        _check_type("lambda", self.ocm_lambda, int)
+        if self.ocm_lambda < 0:
+            raise OptionError(f"option 'lambda'={self.ocm_lambda!r} must be >= 0")
+        _check_type("tau", self.tau, (int, float))
+        if not (0.0 < self.tau <= 1.0):
+            raise OptionError(f"option 'tau'={self.tau!r} must be in (0, 1]")
+
+
+def _check_type(key: str, value: Any, types: type | tuple[type, ...]) -> None:
+    names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+    # bool is an int subclass; only a bool option accepts it.
+    is_bool_ok = types is bool or (isinstance(types, tuple) and bool in types)
+    if not isinstance(value, types) or (isinstance(value, bool) and not is_bool_ok):
+        raise OptionError(f"option {key!r}={value!r} has type {type(value).__name__}; expected {names}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple, typ: type) -> None:
+    _check_type(key, value, typ)
+    if value not in choices:
+        raise OptionError(f"option {key!r}={value!r} is not supported; choose one of {list(choices)}")

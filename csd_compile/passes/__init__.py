@@ -1,0 +1,46 @@
+"""The ordered FX passes of the ``"csd"`` backend.
+
+Every pass has one signature, ``(gm, example_inputs, cfg) -> gm``, and runs on the torch-level
+graph Dynamo hands the backend, before AOT autograd and Inductor. ``example_inputs`` holds the
+real tensors of the graph's placeholders (parameters included), so a pass may read weights.
+A pass that cannot handle a graph raises :class:`UnsupportedGraph` (or any error) before it has
+changed anything the caller still uses; the backend then compiles the untouched graph with plain
+Inductor and warns once.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import fx
+
+from ..config import CSDConfig
+
+__all__ = ["PassFn", "UnsupportedGraph", "clone_graph_module", "pre_aot_passes"]
+
+PassFn = Callable[[fx.GraphModule, Sequence[torch.Tensor], CSDConfig], fx.GraphModule]
+
+
+class UnsupportedGraph(RuntimeError):
+    """Raised by a pass for a graph it cannot rewrite; the backend falls back to plain Inductor."""
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose graph (and Dynamo metadata) passes may edit freely.
+
+    Submodules and attributes are shared with ``gm``; the graph, ``meta`` and Dynamo's
+    ``_param_name_to_source`` map (which passes extend when they add buffers) are copied.
+    """
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    new.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = dict(gm._param_name_to_source)
+    return new
+
+
+def pre_aot_passes(cfg: CSDConfig) -> list[tuple[str, PassFn]]:
+    """The passes to run for ``cfg``, in order, as ``(name, fn)`` pairs."""
+    passes: list[tuple[str, PassFn]] = []
+    return passes
