@@ -1,0 +1,261 @@
+"""Online Correction Memory (OCM): a bounded, device-resident count table of rejected pairs.
+
+CSD counts how often the target rejects draft token ``d`` in favour of its own top token ``t``.
+A pair whose count exceeds ``lambda`` is a rescue candidate (the gate in ``kernels/gate.py``
+then also asks the logits). A dense ``[V, V]`` table is out of the question (49k^2 int32 = 9.6 GB),
+so the memory is a **set-associative hash table** *(our choice)*:
+
+* ``keys[S, W]`` int64 and ``counts[S, W]`` int32: ``S`` buckets of ``W`` ways each; an empty way
+  holds key ``-1``. The key of a pair is ``d * 2**31 + t``; its bucket is
+  ``((d * 73856093) ^ (t * 19349663)) % S`` (no int64 overflow for token ids < 2**31, so torch,
+  numpy, Python ints and Triton all agree bit for bit).
+* **Update rule** (one pair): if the pair is in its bucket, its count goes up by one (saturating at
+  ``COUNT_MAX``); else it takes the first empty way with count 1; else it **evicts the way with the
+  smallest count** (the first one on ties) and starts at count 1.
+
+Why not a count-min sketch: a sketch never forgets and only over-estimates, so a hash collision
+can turn an unseen pair into a "frequent" one and rescue a wrong token; here a pair is frequent only
+if it was itself seen more than ``lambda`` times (evictions can only *lower* a count to 0), and
+``W`` contiguous ways make the look-up one short vector load (linear probing bounded to a window).
+Memory is ``S * W * 12`` bytes whatever the vocabulary (default 4096 x 8: 384 KiB). ``decay()``
+halves all counts (an optional aging step for long sessions).
+
+Files: ``torch.save`` of ``{"header": json, "keys": ..., "counts": ...}``; the JSON header holds the
+format name, ``FORMAT_VERSION``, the table geometry and the tokenizer fingerprint. Loading checks all
+of them and raises :class:`MemoryFileError` (a ``ValueError``) rather than ever starting from zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+
+__all__ = [
+    "COUNT_MAX",
+    "CorrectionMemory",
+    "FORMAT_VERSION",
+    "MemoryFileError",
+    "bucket_of",
+    "pair_key",
+    "table_lookup",
+    "table_record_",
+    "tokenizer_fingerprint",
+]
+
+FORMAT_VERSION = 1
+_FORMAT_NAME = "csd-ocm"
+COUNT_MAX = 2**30
+KEY_STRIDE = 2**31
+_H1, _H2 = 73856093, 19349663
+
+
+class MemoryFileError(ValueError):
+    """A correction-memory file that is corrupt, of another version, or for another tokenizer."""
+
+
+def pair_key(draft: Any, target: Any) -> Any:
+    """The table key of (draft, target): ``draft * 2**31 + target`` (tensors or ints)."""
+    return draft * KEY_STRIDE + target
+
+
+def bucket_of(draft: Any, target: Any, num_buckets: int) -> Any:
+    """The bucket of (draft, target) in a table of ``num_buckets`` buckets (tensors or ints)."""
+    return ((draft * _H1) ^ (target * _H2)) % num_buckets
+
+
+def table_lookup(keys: torch.Tensor, counts: torch.Tensor, draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Counts of the pairs ``(draft, target)`` (same shape, int64); 0 for pairs not in the table."""
+    d, t = draft.long(), target.long()
+    s = bucket_of(d, t, keys.shape[0])
+    hit = keys[s] == pair_key(d, t).unsqueeze(-1)  # [..., W]
+    return (counts[s].long() * hit).sum(-1)
+
+
+def table_record_(keys: torch.Tensor, counts: torch.Tensor, draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Apply the update rule for one pair (0-d int tensors) in place; return its new count.
+
+    Tensor ops only (no host sync). The reference semantics every gate implementation follows.
+    """
+    d, t = draft.long(), target.long()
+    s = bucket_of(d, t, keys.shape[0])
+    row_k, row_c = keys[s], counts[s]  # [W]
+    hit, empty = row_k == pair_key(d, t), row_k == -1
+    slot = torch.where(
+        hit.any(), hit.int().argmax(), torch.where(empty.any(), empty.int().argmax(), row_c.argmin())
+    )
+    new = torch.where(hit.any(), (row_c[slot] + 1).clamp(max=COUNT_MAX), torch.ones_like(row_c[slot]))
+    keys[s, slot] = pair_key(d, t)
+    counts[s, slot] = new
+    return new
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A sha256 hex digest of the tokenizer's vocabulary (token -> id), stable across processes."""
+    if not hasattr(tokenizer, "get_vocab"):
+        raise TypeError(f"tokenizer must have get_vocab() (a transformers tokenizer), got {type(tokenizer).__name__}")
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    blob = json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+class CorrectionMemory:
+    """The Online Correction Memory: (draft token, target token) -> count, bounded and on device.
+
+    Args:
+        num_buckets: ``S``, number of buckets.
+        ways: ``W``, pairs per bucket (the probe window).
+        lambda_: a pair is frequent once its count exceeds this (paper default 6); ``>= 0``.
+        device: where the table lives (the verify step's device).
+        fingerprint: the tokenizer fingerprint the counts belong to (see :func:`tokenizer_fingerprint`).
+
+    ``keys`` and ``counts`` are plain tensors: pass them to ``torch.ops.csd.gate`` (which updates
+    them in place) or register them as buffers of a compiled step.
+    """
+
+    def __init__(
+        self,
+        num_buckets: int = 4096,
+        ways: int = 8,
+        lambda_: float = 6,
+        device: torch.device | str | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        _check_positive_int("num_buckets", num_buckets)
+        _check_positive_int("ways", ways)
+        if ways & (ways - 1):
+            raise ValueError(f"ways={ways!r} must be a power of two (1, 2, 4, 8, 16, ...)")
+        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not lambda_ >= 0:
+            raise ValueError(f"lambda_={lambda_!r} must be a number >= 0 (float('inf') disables rescue)")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise TypeError(f"fingerprint must be a str or None, got {type(fingerprint).__name__}")
+        self.lambda_ = lambda_
+        self.fingerprint = fingerprint
+        self.keys = torch.full((num_buckets, ways), -1, dtype=torch.int64, device=device)
+        self.counts = torch.zeros((num_buckets, ways), dtype=torch.int32, device=device)
+
+    @property
+    def num_buckets(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def ways(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """The most pairs the table can hold."""
+        return self.keys.numel()
+
+    def to(self, device: torch.device | str) -> "CorrectionMemory":
+        """Move the table to ``device`` (in place); returns self."""
+        self.keys, self.counts = self.keys.to(device), self.counts.to(device)
+        return self
+
+    def count(self, draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Counts of the pairs (any matching shapes), int64."""
+        return table_lookup(self.keys, self.counts, torch.as_tensor(draft), torch.as_tensor(target))
+
+    def is_frequent(self, draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Whether each pair's count exceeds ``lambda_`` (bool, same shape)."""
+        return self.count(draft, target) > self.lambda_
+
+    def record(self, draft: torch.Tensor, target: torch.Tensor) -> None:
+        """Count one occurrence of each pair, in order (flattened), with the update rule."""
+        d = torch.as_tensor(draft, device=self.keys.device).reshape(-1)
+        t = torch.as_tensor(target, device=self.keys.device).reshape(-1)
+        if d.shape != t.shape:
+            raise ValueError(f"draft and target must have the same number of tokens, got {d.numel()} and {t.numel()}")
+        for i in range(d.numel()):
+            table_record_(self.keys, self.counts, d[i], t[i])
+
+    def decay(self) -> None:
+        """Halve every count (floor); pairs that reach 0 free their way."""
+        self.counts.div_(2, rounding_mode="floor")
+        self.keys.masked_fill_(self.counts == 0, -1)
+
+    def num_pairs(self) -> torch.Tensor:
+        """How many ways are in use (0-d tensor, no host sync)."""
+        return (self.keys != -1).sum()
+
+    def top_pairs(self, n: int = 20) -> list[tuple[int, int, int]]:
+        """The ``n`` most counted pairs as ``(draft, target, count)`` (host sync: for reports)."""
+        keys, counts = self.keys.reshape(-1).cpu(), self.counts.reshape(-1).cpu()
+        used = keys != -1
+        keys, counts = keys[used], counts[used]
+        order = counts.argsort(descending=True, stable=True)[:n]
+        return [(int(keys[i]) // KEY_STRIDE, int(keys[i]) % KEY_STRIDE, int(counts[i])) for i in order]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tensors and the JSON header of the file format."""
+        header = {
+            "format": _FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "num_buckets": self.num_buckets,
+            "ways": self.ways,
+            "lambda": self.lambda_,
+            "tokenizer": self.fingerprint,
+        }
+        return {"header": json.dumps(header), "keys": self.keys.cpu(), "counts": self.counts.cpu()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the memory to ``path`` (``torch.save`` of tensors + a JSON header)."""
+        if self.fingerprint is None:
+            raise ValueError("CorrectionMemory.fingerprint is None: set it (tokenizer_fingerprint(tok)) before save")
+        torch.save(self.state_dict(), os.fspath(path))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        tokenizer: Any = None,
+        *,
+        fingerprint: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> "CorrectionMemory":
+        """Read a memory saved by :meth:`save`, checking it belongs to ``tokenizer``.
+
+        Give ``tokenizer`` or its ``fingerprint``. Raises :class:`MemoryFileError` if the file is
+        missing, corrupt, of another format version, or made with another tokenizer.
+        """
+        if tokenizer is not None:
+            fingerprint = tokenizer_fingerprint(tokenizer)
+        if fingerprint is None:
+            raise ValueError("CorrectionMemory.load needs the tokenizer (or its fingerprint) to check the file")
+        path = os.fspath(path)
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            header = json.loads(blob["header"])
+            keys, counts = blob["keys"], blob["counts"]
+        except FileNotFoundError:
+            raise MemoryFileError(f"correction-memory file {path!r} does not exist") from None
+        except Exception as e:
+            raise MemoryFileError(f"correction-memory file {path!r} is corrupt or not a memory file ({type(e).__name__}: {e})") from None
+        if not isinstance(header, dict) or header.get("format") != _FORMAT_NAME:
+            raise MemoryFileError(f"{path!r} is not a correction-memory file (format={header.get('format') if isinstance(header, dict) else header!r})")
+        if header.get("version") != FORMAT_VERSION:
+            raise MemoryFileError(f"{path!r} has format version {header.get('version')!r}; this build reads version {FORMAT_VERSION}")
+        if header.get("tokenizer") != fingerprint:
+            raise MemoryFileError(
+                f"{path!r} was made with another tokenizer (fingerprint {str(header.get('tokenizer'))[:12]}..., "
+                f"expected {fingerprint[:12]}...); its counts do not apply"
+            )
+        shape = (header.get("num_buckets"), header.get("ways"))
+        if (
+            not isinstance(keys, torch.Tensor) or not isinstance(counts, torch.Tensor)
+            or keys.dtype != torch.int64 or counts.dtype != torch.int32
+            or tuple(keys.shape) != shape or tuple(counts.shape) != shape
+        ):
+            raise MemoryFileError(f"{path!r} is corrupt: tables do not match the header shape {shape}")
+        mem = cls(shape[0], shape[1], lambda_=header.get("lambda", 6), device=device, fingerprint=fingerprint)
+        mem.keys.copy_(keys)
+        mem.counts.copy_(counts)
+        return mem
