@@ -1,0 +1,184 @@
+"""Nested ("any-precision") group-wise weight format: one stored copy serves bits 2, 3, 4 and 8.
+
+Quantization (per output row, per group of ``group_size`` input features) is asymmetric with the
+bin-midpoint rule: with ``lo = min(group)``, ``s = (max - min) / 256``, the 8-bit code is
+``q8 = clamp(floor((w - lo) / s), 0, 255)`` and it decodes to ``lo + (q8 + 0.5) * s``. The b-bit code
+is the top b bits of ``q8`` (``q8 >> (8 - b)``), which is exactly ``floor((w - lo) / (s * 2**(8-b)))``:
+the b-bit rung is a genuine b-bit midpoint quantizer over the same range, decoded with the per-rung
+scale ``s_b = s * 2**(8-b)`` and zero ``lo + s_b / 2`` derived from the two stored numbers. No rung
+needs extra storage, so memory is that of plain 8-bit group quantization (1 byte per weight plus
+two float32 numbers per group).
+
+Storage (``NestedWeight``):
+    qdata  uint8 [2, N, K/2]: plane 0 holds the high nibbles (the 4-bit codes), plane 1 the low
+           nibbles, each packed two per byte in the layout of PyTorch's CPU int4 kernel
+           (``aten._weight_int4pack_mm_for_cpu``), so the 4-bit rung feeds it with no copy.
+    scale  float32 [N, K/group_size]: ``s`` above (8-bit step).
+    zero   float32 [N, K/group_size]: ``lo`` above (the group minimum).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+__all__ = [
+    "NestedWeight",
+    "check_bits",
+    "dequantize",
+    "fake_quantize",
+    "nested_codes",
+    "pack_nibbles",
+    "quantize",
+    "rtn_fake_quantize",
+    "unpack_nibbles",
+]
+
+_BLOCK_N = 64  # row block of the CPU int4 layout: byte (k, j) holds rows j (low) and j + 32 (high)
+
+
+class NestedWeight(NamedTuple):
+    """One stored copy of a quantized linear weight; see the module docstring for the layout."""
+
+    qdata: torch.Tensor  # uint8 [2, N, K/2]
+    scale: torch.Tensor  # float32 [N, K/g]
+    zero: torch.Tensor  # float32 [N, K/g]
+
+    @property
+    def group_size(self) -> int:
+        return 2 * self.qdata.shape[-1] // self.scale.shape[-1]
+
+
+def check_bits(bits: int, *, allow_full: bool = False) -> int:
+    """Return ``bits`` if it is a supported rung (plus 16 = unquantized when ``allow_full``)."""
+    valid = list(SUPPORTED_BITS) + ([16] if allow_full else [])
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in valid:
+        raise ValueError(f"bits={bits!r} is not supported; choose one of {valid}")
+    return bits
+
+
+def _check_weight(weight: torch.Tensor, group_size: int) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got {_desc(weight)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
+    if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r} is not supported; choose one of {list(SUPPORTED_GROUP_SIZES)}")
+    if weight.shape[1] % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features={weight.shape[1]}; "
+            f"use a group size in {list(SUPPORTED_GROUP_SIZES)} that divides it"
+        )
+
+
+def _desc(t: object) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _codes8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    lo = w.amin(-1)
+    scale = (w.amax(-1) - lo) / 256.0  # [N, K/g]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.floor((w - lo[..., None]) / safe[..., None]).clamp_(0, 255)
+    return q.to(torch.uint8).reshape(n, k), scale, lo
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> torch.Tensor:
+    """Quantize and dequantize ``weight`` [N, K] at ``bits`` with the nested scheme (same dtype).
+
+    ``bits=16`` means the unquantized rung and returns ``weight`` itself. Works for any N.
+    """
+    check_bits(bits, allow_full=True)
+    _check_weight(weight, group_size)
+    if bits == 16:
+        return weight
+    q8, scale, lo = _codes8(weight, group_size)
+    return _decode(q8 >> (8 - bits), scale, lo, bits).to(weight.dtype)
+
+
+def _decode(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
+    n, k = codes.shape
+    g = k // scale.shape[-1]
+    step = scale * float(2 ** (8 - bits))  # [N, K/g]
+    w = lo[..., None] + (codes.reshape(n, k // g, g).float() + 0.5) * step[..., None]
+    return w.reshape(n, k)
+
+
+def rtn_fake_quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> torch.Tensor:
+    """Direct b-bit round-to-nearest asymmetric group quantization (integer zero point), the usual
+    baseline (torchao / gpt-fast style), for measuring what nesting costs."""
+    check_bits(bits)
+    _check_weight(weight, group_size)
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-12)
+    zp = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(w / scale) + zp, 0, qmax)
+    return ((q - zp) * scale).reshape(n, k).to(weight.dtype)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes uint8 [N, K] (N even, K even) into the CPU int4 kernel's layout [N, K/2]."""
+    n, k = codes.shape
+    if n % 2 or k % 2:
+        raise ValueError(f"pack_nibbles needs even N and K, got shape {tuple(codes.shape)}")
+    c = codes.to(torch.uint8)
+    full = n // _BLOCK_N * _BLOCK_N
+    parts = []
+    if full:
+        b = c[:full].reshape(full // _BLOCK_N, 2, _BLOCK_N // 2, k).permute(0, 3, 1, 2)  # [nb, K, 2, 32]
+        parts.append((b[:, :, 0] | (b[:, :, 1] << 4)).reshape(-1))
+    if n > full:
+        t = c[full:].T  # [K, nt]
+        parts.append((t[:, 0::2] | (t[:, 1::2] << 4)).reshape(-1))
+    return torch.cat(parts).reshape(n, k // 2)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: uint8 [N, K/2] -> 4-bit codes uint8 [N, K]."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    flat = packed.reshape(-1)
+    full = n // _BLOCK_N * _BLOCK_N
+    rows = []
+    if full:
+        b = flat[: full * k // 2].reshape(full // _BLOCK_N, k, _BLOCK_N // 2)  # [nb, K, 32]
+        both = torch.stack([b & 15, b >> 4], 2)  # [nb, K, 2, 32]
+        rows.append(both.permute(0, 2, 3, 1).reshape(full, k))
+    if n > full:
+        t = flat[full * k // 2 :].reshape(k, (n - full) // 2)  # [K, nt/2]
+        both = torch.stack([t & 15, t >> 4], 2)  # [K, nt/2, 2]
+        rows.append(both.reshape(k, n - full).T)
+    return torch.cat(rows)
+
+
+def quantize(weight: torch.Tensor, group_size: int = 64) -> NestedWeight:
+    """Quantize a linear weight [N, K] (N even) into the nested format."""
+    _check_weight(weight, group_size)
+    if weight.shape[0] % 2:
+        raise ValueError(f"quantize needs an even out_features, got weight shape {tuple(weight.shape)}")
+    q8, scale, lo = _codes8(weight, group_size)
+    qdata = torch.stack([pack_nibbles(q8 >> 4), pack_nibbles(q8 & 15)])
+    return NestedWeight(qdata, scale, lo)
+
+
+def nested_codes(qdata: torch.Tensor, bits: int) -> torch.Tensor:
+    """The b-bit codes uint8 [N, K] held in ``qdata`` [2, N, K/2]."""
+    check_bits(bits)
+    hi = unpack_nibbles(qdata[0])
+    if bits == 8:
+        return (hi << 4) | unpack_nibbles(qdata[1])
+    return hi >> (4 - bits)
+
+
+def dequantize(
+    qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The weight [N, K] that the b-bit rung of a nested weight stands for, in ``dtype``."""
+    return _decode(nested_codes(qdata, bits), scale, zero, bits).to(dtype)
