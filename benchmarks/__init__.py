@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of csd-compile against its peers (run: ``csd-compile bench``)."""

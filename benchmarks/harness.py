@@ -1,0 +1,229 @@
+"""The benchmark harness: every system on the same prompts, interleaved, after warm-up.
+
+A system is one small function registered with ``@system(name, description)``: it receives the
+:class:`BenchContext` and returns a runner ``run(input_ids [1, S]) -> dict`` whose dict holds at
+least ``ids`` (prompt + new tokens, ``[1, S + n]``) and may add ``mean_accepted`` etc. Timing,
+medians, ratios against plain HF bf16 greedy, quality (agreement with that baseline's tokens),
+JSON, markdown and the PNG chart are done here, once, for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .prompts import load_prompts
+
+__all__ = ["BASELINE", "SYSTEMS", "BenchContext", "System", "run", "system"]
+
+BASELINE = "hf-bf16"
+Runner = Callable[[torch.Tensor], dict]
+
+
+@dataclasses.dataclass
+class System:
+    name: str
+    description: str
+    setup: Callable[["BenchContext"], Runner]
+    default: bool = True  # part of a plain `csd-compile bench`
+    available: Callable[[], str | None] = lambda: None  # returns why it cannot run, or None
+
+
+SYSTEMS: dict[str, System] = {}
+
+
+def system(name: str, description: str, *, default: bool = True, available=None):
+    """Register a benchmark system: decorate ``setup(ctx) -> runner``."""
+
+    def deco(setup):
+        SYSTEMS[name] = System(name, description, setup, default, available or (lambda: None))
+        return setup
+
+    return deco
+
+
+@dataclasses.dataclass
+class BenchContext:
+    """What systems share: the model name, its tokenizer, fresh model copies on demand."""
+
+    model_name: str
+    max_new_tokens: int
+    tokenizer: object = None
+    max_cache_len: int = 256
+
+    def load(self, dtype: str = "bf16"):
+        """A fresh model instance (compiled systems must not share one: HF caches the compiled call)."""
+        from csd_compile import load_model
+
+        model, tokenizer = load_model(self.model_name, dtype=dtype)
+        if self.tokenizer is None:
+            self.tokenizer = tokenizer
+        return model
+
+    def greedy_kwargs(self) -> dict:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return dict(do_sample=False, max_new_tokens=self.max_new_tokens, pad_token_id=pad)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def run(
+    *,
+    model_name: str,
+    num_prompts: int = 8,
+    max_new_tokens: int = 128,
+    systems: list[str] | None = None,
+    out_dir: Path = Path("bench_results"),
+    warmup: bool = True,
+) -> dict:
+    """Run the benchmark and write ``results.json``, ``results.md`` and ``results.png`` to ``out_dir``."""
+    from tqdm import tqdm
+
+    from csd_compile import load_model
+    from csd_compile.models.hf_generate import encode_prompt
+
+    from . import systems as _  # noqa: F401  (registers the systems)
+
+    names = systems or [n for n, s in SYSTEMS.items() if s.default]
+    if BASELINE not in names:
+        names = [BASELINE] + names
+    skipped = {}
+    for n in list(names):
+        why = SYSTEMS[n].available()
+        if why:
+            skipped[n] = why
+            names.remove(n)
+            print(f"[bench] skipping {n}: {why}", file=sys.stderr)
+
+    _, tokenizer = load_model(model_name, dtype="bf16", verbose=True)
+    ctx = BenchContext(model_name=model_name, max_new_tokens=max_new_tokens, tokenizer=tokenizer)
+    prompts = load_prompts(num_prompts)
+    inputs = [encode_prompt(tokenizer, text, chat=True) for _, text in prompts]
+    longest = max(x.shape[1] for x in inputs) + max_new_tokens + 16
+    ctx.max_cache_len = max(ctx.max_cache_len, 256 * math.ceil(longest / 256))
+
+    runners: dict[str, Runner] = {}
+    setup_s: dict[str, float] = {}
+    for n in names:
+        t0 = time.perf_counter()
+        runners[n] = SYSTEMS[n].setup(ctx)
+        if warmup:  # compiles happen here, outside the timed runs
+            with torch.inference_mode():
+                runners[n](inputs[0])
+        setup_s[n] = time.perf_counter() - t0
+        print(f"[bench] {n}: ready in {setup_s[n]:.1f}s (setup + warm-up)", file=sys.stderr, flush=True)
+
+    records: dict[str, list[dict]] = {n: [] for n in names}
+    bar = tqdm(total=len(inputs) * len(names), desc="bench", unit="run", file=sys.stderr)
+    for i, ids in enumerate(inputs):
+        order = names[i % len(names):] + names[: i % len(names)]  # rotate: no system always goes first
+        for n in order:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                res = runners[n](ids)
+                dt = time.perf_counter() - t0
+            new = res["ids"][0, ids.shape[1]:].tolist()
+            extra = {k: v for k, v in res.items() if k != "ids"}
+            records[n].append({"prompt": i, "new_tokens": len(new), "seconds": dt, "tok_s": len(new) / dt, "tokens": new, **extra})
+            bar.update(1)
+    bar.close()
+
+    base = {r["prompt"]: r["tokens"] for r in records[BASELINE]}
+    summary = {}
+    for n in names:
+        recs = records[n]
+        agree = [_common_prefix(r["tokens"], base[r["prompt"]]) / max(1, len(base[r["prompt"]])) for r in recs]
+        row = {
+            "description": SYSTEMS[n].description,
+            "median_tok_s": statistics.median(r["tok_s"] for r in recs),
+            "identical_to_baseline": sum(r["tokens"] == base[r["prompt"]] for r in recs),
+            "mean_prefix_agreement": statistics.fmean(agree),
+            "setup_s": setup_s[n],
+        }
+        for key in ("mean_accepted", "tokens_per_target_forward"):
+            vals = [r[key] for r in recs if key in r]
+            if vals:
+                row[key] = statistics.fmean(vals)
+        summary[n] = row
+    for n in names:
+        summary[n]["ratio_vs_baseline"] = summary[n]["median_tok_s"] / summary[BASELINE]["median_tok_s"]
+
+    result = {
+        "model": model_name,
+        "num_prompts": len(inputs),
+        "max_new_tokens": max_new_tokens,
+        "baseline": BASELINE,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "summary": summary,
+        "skipped": skipped,
+        "prompts": [{"source": s, "prompt_tokens": x.shape[1]} for (s, _), x in zip(prompts, inputs)],
+        "records": {n: [{k: v for k, v in r.items() if k != "tokens"} for r in recs] for n, recs in records.items()},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    table = markdown_table(result)
+    (out_dir / "results.md").write_text(table + "\n")
+    plot(result, out_dir / "results.png")
+    print(table)
+    print(f"[bench] wrote {out_dir}/results.json, results.md, results.png", file=sys.stderr)
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        f"{result['model']}, {result['num_prompts']} prompts (MT-Bench + HumanEval), {result['max_new_tokens']} new tokens,"
+        f" greedy, {result['threads']} threads, torch {result['torch']}; medians, interleaved runs after warm-up.",
+        "",
+        "| system | tok/s (median) | vs HF bf16 | identical to HF bf16 | prefix agreement | accepted/step | setup+warm-up s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    n = result["num_prompts"]
+    for name, row in result["summary"].items():
+        acc = f"{row['mean_accepted']:.2f}" if "mean_accepted" in row else "-"
+        lines.append(
+            f"| {name} | {row['median_tok_s']:.1f} | {row['ratio_vs_baseline']:.2f}x | {row['identical_to_baseline']}/{n}"
+            f" | {row['mean_prefix_agreement']:.0%} | {acc} | {row['setup_s']:.0f} |"
+        )
+    for name, why in result.get("skipped", {}).items():
+        lines.append(f"| {name} | skipped: {why} | | | | | |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["summary"])
+    speeds = [result["summary"][n]["median_tok_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    bars = ax.barh(names, speeds, color=["#888" if n == BASELINE else "#3a7" for n in names])
+    for bar, n in zip(bars, names):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {result['summary'][n]['ratio_vs_baseline']:.2f}x", va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s (median, end to end)")
+    ax.set_title(f"{result['model']}: greedy decode, {result['max_new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

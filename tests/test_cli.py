@@ -1,0 +1,51 @@
+import re
+
+import pytest
+
+from csd_compile.cli import main
+
+
+def _run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["generate", "--prompt", ""], "--prompt is empty"),
+        (["generate", "--prompt", "   "], "--prompt is empty"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "-3"], "must be >= 1, got -3"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "must be >= 1, got 0"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "ten"], "expected a positive integer, got 'ten'"),
+        (["generate", "--prompt", "hi", "--dtype", "fp16"], "invalid choice: 'fp16'"),
+        (["generate", "--prompt", "hi", "--model", "/no/such/model"], "'/no/such/model' is neither an embedded model"),
+        (["generate", "--prompt", "hi", "-o", "bits=5"], r"'bits'=5 is not supported"),
+        (["generate", "--prompt", "hi", "-o", "colour=blue"], "unknown csd option 'colour'"),
+        (["generate", "--prompt", "hi", "-o", "bits"], "expected KEY=VALUE"),
+        (["bench", "--systems", "hf-bf16,warp-drive"], r"unknown system\(s\) \['warp-drive'\]"),
+        (["bench", "--prompts", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(argv, pattern, capsys, monkeypatch):
+    import csd_compile.models.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded a model despite bad input"))
+    code, err = _run_cli(argv, capsys)
+    assert code == 2
+    assert re.search(pattern, err), err
+
+
+def test_file_that_is_not_a_model_is_reported(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    code, err = _run_cli(["generate", "--prompt", "hi", "--model", str(f), "--no-compile"], capsys)
+    assert code == 2 and "not a .gguf model" in err
+
+
+def test_bench_list(capsys):
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("hf-bf16", "hf-fp32", "hf-inductor-static", "hf-prompt-lookup", "csd", "llama.cpp"):
+        assert name in out

@@ -1,0 +1,70 @@
+import pytest
+from hypothesis import given, strategies as st
+
+from csd_compile.config import SUPPORTED_BITS, CSDConfig, OptionError
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = CSDConfig.from_options(None)
+    assert cfg == CSDConfig()
+    with pytest.raises(Exception):
+        cfg.bits = 4
+
+
+def test_lambda_key_maps_to_field():
+    cfg = CSDConfig.from_options({"lambda": 3, "tau": 0.5, "acceptance": "csd"})
+    assert (cfg.ocm_lambda, cfg.tau, cfg.acceptance) == (3, 0.5, "csd")
+    assert "lambda" in CSDConfig.option_keys() and "ocm_lambda" not in CSDConfig.option_keys()
+
+
+def test_unknown_key_names_it_and_lists_valid_ones():
+    with pytest.raises(OptionError, match=r"unknown csd option 'bitz'.*'bits'.*'group_size'"):
+        CSDConfig.from_options({"bitz": 4})
+
+
+def test_options_dict_is_not_mutated():
+    opts = {"bits": 4, "group_size": 32}
+    before = dict(opts)
+    CSDConfig.from_options(opts)
+    assert opts == before
+
+
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        ({"bits": 5}, r"'bits'=5 is not supported.*\[2, 3, 4, 8\]"),
+        ({"bits": "4"}, r"'bits'='4'"),
+        ({"bits": True}, r"'bits'=True"),
+        ({"group_size": 48}, r"'group_size'=48.*\[32, 64, 128\]"),
+        ({"group_size": 64.0}, r"'group_size'=64.0 has type float; expected int"),
+        ({"quantize_lm_head": 1}, r"'quantize_lm_head'=1 has type int; expected bool"),
+        ({"acceptance": "fuzzy"}, r"'acceptance'='fuzzy'.*\['exact', 'csd'\]"),
+        ({"lambda": -1}, r"'lambda'=-1 must be >= 0"),
+        ({"lambda": 2.5}, r"'lambda'=2.5 has type float"),
+        ({"tau": 0.0}, r"'tau'=0.0 must be in \(0, 1\]"),
+        ({"tau": 1.5}, r"'tau'=1.5 must be in \(0, 1\]"),
+        ({"tau": "high"}, r"'tau'='high' has type str"),
+        ({"avg_bits": 5.0}, r"'avg_bits' needs bits='dynamic'"),
+        ({"bits": "dynamic", "avg_bits": 1.0}, r"'avg_bits'=1.0 is outside \[2, 16\]"),
+        ({"bits": "dynamic", "avg_bits": float("nan")}, r"'avg_bits'=nan"),
+        ({"calibration": 3}, r"'calibration'=3 has type int"),
+    ],
+)
+def test_bad_values_raise_value_error_naming_them(options, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        CSDConfig.from_options(options)
+
+
+def test_options_must_be_a_mapping():
+    with pytest.raises(OptionError, match="options must be a dict, got list"):
+        CSDConfig.from_options([("bits", 4)])
+
+
+@given(bits=st.one_of(st.integers(-4, 20), st.sampled_from([None, "dynamic"])))
+def test_bits_accepts_exactly_the_ladder(bits):
+    ok = bits is None or bits == "dynamic" or bits in SUPPORTED_BITS
+    if ok:
+        assert CSDConfig.from_options({"bits": bits}).bits == bits
+    else:
+        with pytest.raises(OptionError):
+            CSDConfig.from_options({"bits": bits})
