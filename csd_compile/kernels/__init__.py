@@ -1,0 +1,3 @@
+"""Custom ops of csd-compile: one op per file (Triton kernel, CPU kernel, reference)."""
+
+from . import qlinear  # noqa: F401  (registers torch.ops.csd.qlinear)

@@ -1,0 +1,196 @@
+"""``csd::qlinear(x, qdata, scale, zero, bits)``: a linear layer on a nested quantized weight.
+
+``y = x @ W_b.T`` where ``W_b`` is the b-bit rung of the nested weight (see
+``csd_compile.quant.nested``) and ``b`` is read from the int tensor ``bits`` (0-d, or one entry of a
+per-layer plan) *inside* the op: changing it never recompiles and never syncs the host.
+
+- CUDA: a Triton kernel (``triton_op`` + ``wrap_triton``) that loads ``bits`` through a pointer,
+  dequantizes a [BLOCK_K, BLOCK_N] tile in registers and accumulates in fp32.
+- CPU: ``csd::qlinear_cpu``, an opaque op dispatching on the bit-width: bf16 activations with few
+  rows go through PyTorch's int4 CPU kernel, which reads the high-nibble plane as is (4-bit), a
+  shifted copy of it (3/2-bit), or both planes (8-bit = two int4 products); other cases dequantize
+  once and call ``F.linear``.
+- ``qlinear_ref``: the pure-torch reference every path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..quant.nested import check_bits, dequantize
+
+__all__ = ["qlinear", "qlinear_ref", "qlinear_triton", "check_qlinear_args"]
+
+# bf16 decode/verify rows served by the int4 CPU kernel; past this, one dequantize + GEMM wins
+# (the int4 kernel reuses no weights across rows).
+_INT4_MAX_ROWS = 4
+
+
+@triton.jit
+def _qlinear_kernel(
+    x_ptr, q_ptr, scale_ptr, zero_ptr, bits_ptr, out_ptr,
+    M, N, K, N_FULL,
+    stride_xm, stride_om,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.load(bits_ptr).to(tl.int32)
+    half_k = K // 2
+    # Byte offset and nibble shift of (n, k) in one plane of the CPU int4 layout (see nested.py).
+    in_full = rn < N_FULL
+    j = rn % 64
+    row_full = (rn // 64) * 64 * half_k + j % 32
+    nt = N - N_FULL
+    row_tail = N_FULL * half_k + (rn - N_FULL) // 2
+    row_off = tl.where(in_full, row_full, row_tail)
+    k_stride = tl.where(in_full, 32, nt // 2)
+    shift = tl.where(in_full, (j // 32) * 4, ((rn - N_FULL) % 2) * 4).to(tl.uint8)
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    step_mul = tl.exp2((8 - b).to(tl.float32))
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                    mask=(rm[:, None] < M) & k_mask[None, :], other=0.0).to(tl.float32)  # [BM, BK]
+        wmask = k_mask[:, None] & n_mask[None, :]
+        off = row_off[None, :] + rk[:, None] * k_stride[None, :]  # [BK, BN]
+        hi = (tl.load(q_ptr + off, mask=wmask, other=0) >> shift[None, :]) & 15
+        lo = (tl.load(q_ptr + N * half_k + off, mask=wmask & ((rn[None, :] * 0 + b) == 8), other=0) >> shift[None, :]) & 15
+        code = tl.where(b == 8, (hi.to(tl.int32) << 4) | lo.to(tl.int32), hi.to(tl.int32) >> (4 - tl.minimum(b, 4)))
+        g_off = rn[None, :] * (K // GROUP) + rk[:, None] // GROUP
+        s = tl.load(scale_ptr + g_off, mask=wmask, other=0.0) * step_mul
+        z = tl.load(zero_ptr + g_off, mask=wmask, other=0.0)
+        w = z + (code.to(tl.float32) + 0.5) * s  # [BK, BN]
+        # fp32 operands: exact for fp32 inputs; tf32 for 16-bit inputs (which tf32 holds exactly).
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & n_mask[None, :])
+
+
+def check_qlinear_args(x, qdata, scale, zero, bits) -> tuple[int, int, int]:
+    """Validate the op's arguments (no data is read); return ``(N, K, group_size)``."""
+    for name, t in (("x", x), ("qdata", qdata), ("scale", scale), ("zero", zero), ("bits", bits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"qlinear: {name} must be a tensor, got {type(t).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"qlinear: x must be floating point (bf16/fp16/fp32), got dtype {x.dtype}")
+    if qdata.dtype != torch.uint8 or qdata.dim() != 3 or qdata.shape[0] != 2:
+        raise ValueError(f"qlinear: qdata must be uint8 [2, N, K/2], got {qdata.dtype} {tuple(qdata.shape)}")
+    n, k = qdata.shape[1], 2 * qdata.shape[2]
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"qlinear: x has {tuple(x.shape)}; its last dim must be in_features={k}")
+    if scale.dim() != 2 or scale.shape[0] != n or scale.shape != zero.shape or k % max(scale.shape[1], 1):
+        raise ValueError(
+            f"qlinear: scale {tuple(scale.shape)} / zero {tuple(zero.shape)} must both be [N={n}, K/group]"
+        )
+    group = k // scale.shape[1]
+    if group not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"qlinear: group size {group} is not one of {list(SUPPORTED_GROUP_SIZES)}")
+    if bits.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        raise TypeError(f"qlinear: bits must be an integer tensor, got dtype {bits.dtype}")
+    if bits.dim() > 1 or bits.numel() != 1:
+        raise ValueError(
+            f"qlinear: bits must be a 0-d tensor (or one entry of a plan), got shape {tuple(bits.shape)}"
+        )
+    devs = {t.device for t in (x, qdata, scale, zero, bits)}
+    if len(devs) != 1:
+        raise ValueError(f"qlinear: x, qdata, scale, zero and bits must share a device, got {sorted(map(str, devs))}")
+    return n, k, group
+
+
+def qlinear_ref(x, qdata, scale, zero, bits) -> torch.Tensor:
+    """Pure-torch reference: dequantize the b-bit rung in fp32, ``F.linear`` in fp32, cast back."""
+    check_qlinear_args(x, qdata, scale, zero, bits)
+    w = dequantize(qdata, scale, zero, check_bits(int(bits.reshape(()))))
+    return F.linear(x.float(), w).to(x.dtype)
+
+
+def qlinear_triton(x, qdata, scale, zero, bits, *, block_m: int = 16, block_n: int = 32, block_k: int = 32):
+    """Launch the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    n, k, group = check_qlinear_args(x, qdata, scale, zero, bits)
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    wrap_triton(_qlinear_kernel)[grid](
+        x2, qdata, scale, zero, bits.reshape(()), out,
+        m, n, k, n // 64 * 64,
+        x2.stride(0), out.stride(0),
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _int4_scale_zeros(scale, zero, step, offset) -> torch.Tensor:
+    # PyTorch's int4 kernel decodes (c - 8) * S + Z; we want zero + (c + offset) * step.
+    s = scale * step
+    return torch.stack([s, zero + (offset + 8.0) * s], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
+
+
+def _qlinear_cpu_impl(x, qdata, scale, zero, bits) -> torch.Tensor:
+    n, k, group = check_qlinear_args(x, qdata, scale, zero, bits)
+    b = int(bits.reshape(()))  # a CPU tensor: reading it is not a device sync
+    if b not in SUPPORTED_BITS:
+        raise ValueError(f"qlinear: bits={b} is not supported; choose one of {list(SUPPORTED_BITS)}")
+    x2 = x.reshape(-1, k)
+    if x.dtype == torch.bfloat16 and n % 16 == 0 and x2.shape[0] <= _INT4_MAX_ROWS:
+        x2 = x2.contiguous()
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        if b == 8:
+            y = mm(x2, qdata[0], group, _int4_scale_zeros(scale, zero, 16.0, 0.5 / 16))
+            y = y + mm(x2, qdata[1], group, _int4_scale_zeros(scale, torch.zeros_like(zero), 1.0, 0.0))
+        else:
+            # 3/2-bit codes are shifted to the middle of the int4 range (+4 / +6 per nibble) so
+            # the bf16 zero term sits near the group centre instead of cancelling a large product.
+            if b == 4:
+                codes, off = qdata[0], 0
+            elif b == 3:
+                codes, off = ((qdata[0] >> 1) & 0x77) + 0x44, 4
+            else:
+                codes, off = ((qdata[0] >> 2) & 0x33) + 0x66, 6
+            y = mm(x2, codes, group, _int4_scale_zeros(scale, zero, float(2 ** (8 - b)), 0.5 - off))
+    else:
+        y = F.linear(x2, dequantize(qdata, scale, zero, b, dtype=x.dtype))
+    return y.reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("csd::qlinear_cpu", mutates_args=(), device_types="cpu")
+def _qlinear_cpu(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 bits: torch.Tensor) -> torch.Tensor:
+    """CPU kernel of ``csd::qlinear`` (opaque to the compiler so that it can branch on ``bits``)."""
+    return _qlinear_cpu_impl(x, qdata, scale, zero, bits)
+
+
+def _fake(x, qdata, scale, zero, bits):
+    n, _, _ = check_qlinear_args(x, qdata, scale, zero, bits)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+_qlinear_cpu.register_fake(_fake)
+
+
+@triton_op("csd::qlinear", mutates_args=())
+def qlinear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+            bits: torch.Tensor) -> torch.Tensor:
+    """``x @ W_b.T`` for the nested weight ``(qdata, scale, zero)`` at ``b = bits`` (int tensor).
+
+    Shapes: x [..., K], qdata uint8 [2, N, K/2], scale/zero float32 [N, K/group], bits int 0-d.
+    Returns [..., N] in x's dtype. No bias (add it outside). Supported bits: 2, 3, 4, 8.
+    """
+    if x.device.type == "cpu":
+        return torch.ops.csd.qlinear_cpu(x, qdata, scale, zero, bits)
+    return qlinear_triton(x, qdata, scale, zero, bits)
+
+
+qlinear.register_fake(_fake)

@@ -1,0 +1,144 @@
+"""``QLinear`` (a linear layer on the nested weight format), ``quantize_`` and ``set_bits``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
+from .nested import check_bits, quantize
+from .registry import lookup_compiled_quant
+
+__all__ = ["QLinear", "quantize_", "quantized_linears", "set_bits"]
+
+
+class QLinear(nn.Module):
+    """A linear layer whose weight is stored once in the nested format and run at ``bits``.
+
+    Buffers: ``qdata`` uint8 [2, N, K/2], ``scale``/``zero`` float32 [N, K/g], ``bits`` int32 0-d
+    (change it in place, e.g. with :func:`set_bits`; compiled code never recompiles for it).
+    ``bias`` is the original layer's Parameter (shared, not copied).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int, group_size: int = 64):
+        super().__init__()
+        check_bits(bits)
+        nw = quantize(weight, group_size)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.group_size = group_size
+        self.register_buffer("qdata", nw.qdata)
+        self.register_buffer("scale", nw.scale)
+        self.register_buffer("zero", nw.zero)
+        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int32, device=weight.device))
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int = 64) -> "QLinear":
+        """Quantize ``linear`` (its weight is read, not modified; its bias is shared)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        with torch.no_grad():
+            return cls(linear.weight, linear.bias, bits=bits, group_size=group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.csd.qlinear(x, self.qdata, self.scale, self.zero, self.bits)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bits={int(self.bits)}")
+
+
+def lm_head_of(model: nn.Module) -> nn.Module | None:
+    """The output projection of ``model``: HF's ``get_output_embeddings()``, else a linear whose
+    out_features equals the input embedding's vocabulary, else ``None``."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None:
+        return head
+    embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    vocab = {e.num_embeddings for e in embeds}
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features in vocab]
+    return heads[-1] if heads else None
+
+
+def quantize_(model: nn.Module, bits: int = 4, group_size: int = 64, quantize_lm_head: bool = False) -> nn.Module:
+    """Swap every ``nn.Linear`` of ``model`` for a :class:`QLinear` in place (torchao style).
+
+    The LM head (see :func:`lm_head_of`) stays full precision unless ``quantize_lm_head``. Layers
+    the format cannot hold (odd out_features, in_features not divisible by ``group_size``) stay
+    full precision, with one warning naming them. Returns ``model``.
+    """
+    check_bits(bits)
+    if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r} is not supported; choose one of {list(SUPPORTED_GROUP_SIZES)}")
+    if not isinstance(quantize_lm_head, bool):
+        raise TypeError(f"quantize_lm_head must be a bool, got {type(quantize_lm_head).__name__}")
+    head = None if quantize_lm_head else lm_head_of(model)
+    skipped = []
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child is head:
+                continue
+            n, k = child.weight.shape
+            if n % 2 or k % group_size:
+                skipped.append(f"{name + '.' if name else ''}{child_name} {tuple(child.weight.shape)}")
+                continue
+            setattr(parent, child_name, QLinear.from_linear(child, bits=bits, group_size=group_size))
+    if skipped:
+        warnings.warn(f"quantize_: left full precision (shape not divisible by group_size={group_size} "
+                      f"or odd out_features): {skipped}", stacklevel=2)
+    return model
+
+
+def quantized_linears(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(module name, bits tensor)`` of every quantized linear of ``model``, in module order.
+
+    Covers ``QLinear`` modules and ``nn.Linear`` layers quantized by the csd compile pass. This
+    order is the order of a per-layer plan given to :func:`set_bits`.
+    """
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            out.append((name, mod.bits))
+        elif isinstance(mod, nn.Linear):
+            out.extend((name, cq.bits) for cq in lookup_compiled_quant(mod.weight))
+    return out
+
+
+def set_bits(model: nn.Module, bits_or_plan: int | Sequence[int] | torch.Tensor) -> None:
+    """Set the bit-width of the quantized linears of ``model`` in place; never recompiles.
+
+    ``bits_or_plan``: an int (every layer), or a 1-D list/tensor with one entry per quantized
+    linear in :func:`quantized_linears` order. Entries must be in ``SUPPORTED_BITS``; a tensor plan
+    on the model's device is copied without a host sync (its values are then not checked).
+    """
+    targets = [b for _, b in quantized_linears(model)]
+    if not targets:
+        raise ValueError("set_bits: model has no quantized linears (use quantize_ or compile with options={'bits': ...})")
+    if isinstance(bits_or_plan, int) and not isinstance(bits_or_plan, bool):
+        check_bits(bits_or_plan)
+        for t in targets:
+            t.fill_(bits_or_plan)
+        return
+    if isinstance(bits_or_plan, torch.Tensor):
+        plan = bits_or_plan
+        if plan.is_floating_point() or plan.dtype == torch.bool:
+            raise TypeError(f"set_bits: a plan tensor must be integer, got dtype {plan.dtype}")
+        if plan.device.type == "cpu" and plan.dim() == 1:
+            for v in plan.tolist():
+                check_bits(v)
+    elif isinstance(bits_or_plan, Sequence) and not isinstance(bits_or_plan, str):
+        for v in bits_or_plan:
+            check_bits(v)
+        plan = torch.tensor(list(bits_or_plan), dtype=torch.int32)
+    else:
+        raise TypeError(f"set_bits: expected an int in {list(SUPPORTED_BITS)} or a 1-D plan, got {bits_or_plan!r}")
+    if plan.dim() != 1 or plan.numel() != len(targets):
+        raise ValueError(f"set_bits: plan shape {tuple(plan.shape)} must be [{len(targets)}] (one per quantized linear)")
+    plan = plan.to(device=targets[0].device, dtype=targets[0].dtype, non_blocking=True)
+    torch._foreach_copy_(targets, list(plan.unbind()))
