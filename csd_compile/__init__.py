@@ -7,6 +7,16 @@ without importing this package; import it for the helpers below.
 from .backend import CSDFallbackWarning, csd_backend
 from .config import CSDConfig, OptionError
 from .models import load_model
+from .quant import QLinear, quantize_, set_bits
 
-__all__ = ["CSDConfig", "CSDFallbackWarning", "OptionError", "csd_backend", "load_model"]
+__all__ = [
+    "CSDConfig",
+    "CSDFallbackWarning",
+    "OptionError",
+    "QLinear",
+    "csd_backend",
+    "load_model",
+    "quantize_",
+    "set_bits",
+]
 __version__ = "0.1.0"

@@ -43,4 +43,8 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 def pre_aot_passes(cfg: CSDConfig) -> list[tuple[str, PassFn]]:
     """The passes to run for ``cfg``, in order, as ``(name, fn)`` pairs."""
     passes: list[tuple[str, PassFn]] = []
+    if cfg.bits is not None:
+        from .quantize_linear import quantize_linear
+
+        passes.append(("quantize_linear", quantize_linear))
     return passes
