@@ -8,7 +8,8 @@ Terms (one row ``b`` of the batch; ``t*_i = argmax_v z_i(v)``, the first index o
   ``speculative/memory.py``), then **rescued** (accept ``x``, keep walking) iff its count *after*
   this occurrence exceeds ``lambda_`` AND ``z_i(x) - z_i(t*_i) >= log_tau`` (fp32, raw logits);
   otherwise the row **stops**: ``t*_i`` is emitted as the correction;
-* all ``K`` accepted: ``t*_K`` is emitted as the **bonus** token.
+* all ``K`` accepted: ``t*_K`` is emitted as the **bonus** token;
+* a draft of ``-1`` means "no proposal": rejected, never counted (as in ``greedy_accept``).
 
 Outputs: ``tokens[B, K+1]`` (accepted drafts, then the correction or bonus, then ``-1``) and
 ``num_accepted[B]`` (drafts accepted, rescued included). Counted pairs are exactly the mismatches at
@@ -86,6 +87,8 @@ def gate_ref(draft_tokens, target_logits, mem_keys, mem_counts, lambda_=6.0, log
     for b in range(B):
         for i in range(K):
             x, t = draft_tokens[b, i], t_star[b, i]
+            if x < 0:  # no proposal: rejected, nothing to count
+                break
             if x != t:
                 if update:
                     c = table_record_(mem_keys, mem_counts, x, t)
@@ -106,9 +109,10 @@ def csd_accept_torch(draft_tokens, target_logits, mem_keys, mem_counts, lambda_:
     t_star = target_logits.argmax(-1)  # [B, K+1]
     t_k = t_star[:, :K]
     z = target_logits[:, :K]
-    diff = z.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1).float() - z.gather(-1, t_k.unsqueeze(-1)).squeeze(-1).float()
-    frequent = table_lookup(mem_keys, mem_counts, draft_tokens, t_k) > lambda_
-    ok = (draft_tokens == t_k) | (frequent & (diff >= log_tau))  # [B, K]
+    safe = draft_tokens.clamp(min=0)
+    diff = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1).float() - z.gather(-1, t_k.unsqueeze(-1)).squeeze(-1).float()
+    frequent = table_lookup(mem_keys, mem_counts, safe, t_k) > lambda_
+    ok = (draft_tokens == t_k) | ((draft_tokens >= 0) & frequent & (diff >= log_tau))  # [B, K]
     n = ok.long().cumprod(-1).sum(-1)  # [B]
     return _outputs(draft_tokens, t_star, n), n
 
@@ -125,7 +129,8 @@ def _gate_cpu_walk(draft_tokens, target_logits, mem_keys, mem_counts, lambda_, l
     B, K = draft_tokens.shape
     t_star = target_logits.argmax(-1)  # [B, K+1], the V-wide work
     z = target_logits[:, :K]
-    diff = z.gather(-1, draft_tokens.unsqueeze(-1)).float() - z.gather(-1, t_star[:, :K].unsqueeze(-1)).float()
+    safe = draft_tokens.clamp(min=0).unsqueeze(-1)
+    diff = z.gather(-1, safe).float() - z.gather(-1, t_star[:, :K].unsqueeze(-1)).float()
     gate_ok = (diff.squeeze(-1) >= log_tau).tolist()
     drafts, tops = draft_tokens.tolist(), t_star.tolist()
     keys, counts = mem_keys.numpy(), mem_counts.numpy()  # views: updates land in the tensors
@@ -135,6 +140,8 @@ def _gate_cpu_walk(draft_tokens, target_logits, mem_keys, mem_counts, lambda_, l
         i = 0
         while i < K:
             x, t = drafts[b][i], tops[b][i]
+            if x < 0:
+                break
             if x != t:
                 s, key = bucket_of(x, t, S), pair_key(x, t)
                 row_k = keys[s].tolist()
@@ -191,11 +198,13 @@ def _gate_kernel(
                 t = tl.where(better, v0 + tl.argmax(z, 0, tie_break_left=True).to(tl.int64), t)
                 z_t = tl.where(better, bv, z_t)
             is_draft = i < K
-            x = tl.load(draft_ptr + b * K + i, mask=is_draft, other=0)
-            z_x = tl.load(row + x, mask=(x >= 0) & (x < V), other=float("-inf")).to(tl.float32)
-            todo = (active == 1) & (x != t) & is_draft
-            key = x * 2147483648 + t
-            h = ((x * 73856093) ^ (t * 19349663)) % S
+            x = tl.load(draft_ptr + b * K + i, mask=is_draft, other=-1)
+            valid = is_draft & (x >= 0)  # -1: no proposal, rejected and not counted
+            x_h = tl.maximum(x, 0)
+            z_x = tl.load(row + x_h, mask=x_h < V, other=float("-inf")).to(tl.float32)
+            todo = (active == 1) & (x != t) & valid
+            key = x_h * 2147483648 + t
+            h = ((x_h * 73856093) ^ (t * 19349663)) % S
             row_k = tl.load(keys_ptr + h * W + ways)
             row_c = tl.load(counts_ptr + h * W + ways)
             hit = (row_k == key).to(tl.int32)
@@ -214,7 +223,7 @@ def _gate_kernel(
                 tl.debug_barrier()  # the next pair may hit the same bucket
             else:
                 c = old
-            ok = is_draft & ((x == t) | ((c.to(tl.float32) > lambda_) & ((z_x - z_t) >= log_tau)))
+            ok = valid & ((x == t) | ((c.to(tl.float32) > lambda_) & ((z_x - z_t) >= log_tau)))
             tl.store(tokens_ptr + b * (K + 1) + i, tl.where(active == 1, tl.where(ok, x, t), -1))
             n += tl.where((active == 1) & ok, 1, 0)
             active = tl.where(ok, active, 0)

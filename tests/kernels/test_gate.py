@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import csd_compile.kernels.gate  # noqa: F401  (registers torch.ops.csd.gate)
 from csd_compile.kernels.gate import csd_accept_torch, exact_accept_torch, gate_ref, log_tau_of
+from csd_compile.speculative.acceptance import greedy_accept
 from csd_compile.speculative.memory import CorrectionMemory
 
 LOG_TAU = math.log(0.01)
@@ -91,6 +92,8 @@ def gate_cases(draw):
     rand = torch.randint(0, alphabet, (B, K), generator=g)
     agree = torch.rand(B, K, generator=g) < draw(st.sampled_from([0.3, 0.8]))
     draft = torch.where(agree, top, rand)
+    if draw(st.booleans()):  # rows proposing fewer than K drafts
+        draft = torch.where(torch.rand(B, K, generator=g) < 0.15, -1, draft)
     mem = CorrectionMemory(num_buckets=S, ways=W)
     npairs = draw(st.integers(0, 30))
     mem.record(torch.randint(0, alphabet, (npairs,), generator=g), torch.randint(0, V, (npairs,), generator=g))
@@ -115,6 +118,8 @@ def test_cpu_op_matches_reference(case):
     if lam == float("inf"):
         t4, n4 = exact_accept_torch(draft, logits)
         assert torch.equal(t1, t4) and torch.equal(n1, n4)
+        t5, n5 = greedy_accept(draft, logits)  # the engine's lossless rule
+        assert torch.equal(t1, t5) and torch.equal(n1, n5)
     # invariants: tokens are accepted drafts, then one target token, then -1
     K = draft.shape[1]
     for b in range(draft.shape[0]):

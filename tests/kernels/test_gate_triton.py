@@ -30,6 +30,7 @@ def _cases(draw):
     alphabet = min(V, 4)
     agree = torch.rand(B, K, generator=g) < 0.6
     draft = torch.where(agree, logits.argmax(-1)[:, :K], torch.randint(0, alphabet, (B, K), generator=g))
+    draft = torch.where(torch.rand(B, K, generator=g) < 0.1, -1, draft)  # "no proposal" slots
     mem = CorrectionMemory(num_buckets=S, ways=W)
     n = draw(st.integers(0, 12))
     mem.record(torch.randint(0, alphabet, (n,), generator=g), torch.randint(0, V, (n,), generator=g))
