@@ -55,7 +55,7 @@ def _qlinear_kernel(
     k_stride = tl.where(in_full, 32, nt // 2)
     shift = tl.where(in_full, (j // 32) * 4, ((rn - N_FULL) % 2) * 4).to(tl.uint8)
     n_mask = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.zeros is a jit helper: breaks late interpretation
     step_mul = tl.exp2((8 - b).to(tl.float32))
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -68,9 +68,9 @@ def _qlinear_kernel(
         lo = (tl.load(q_ptr + N * half_k + off, mask=wmask & ((rn[None, :] * 0 + b) == 8), other=0) >> shift[None, :]) & 15
         code = tl.where(b == 8, (hi.to(tl.int32) << 4) | lo.to(tl.int32), hi.to(tl.int32) >> (4 - tl.minimum(b, 4)))
         g_off = rn[None, :] * (K // GROUP) + rk[:, None] // GROUP
-        s = tl.load(scale_ptr + g_off, mask=wmask, other=0.0) * step_mul
+        s = tl.load(scale_ptr + g_off, mask=wmask, other=0.0)
         z = tl.load(zero_ptr + g_off, mask=wmask, other=0.0)
-        w = z + (code.to(tl.float32) + 0.5) * s  # [BK, BN]
+        w = z + ((code.to(tl.float32) + 0.5) * step_mul - 0.5) * s  # [BK, BN], bin centre
         # fp32 operands: exact for fp32 inputs; tf32 for 16-bit inputs (which tf32 holds exactly).
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -133,7 +133,7 @@ def qlinear_triton(x, qdata, scale, zero, bits, *, block_m: int = 16, block_n: i
 
 
 def _int4_scale_zeros(scale, zero, step, offset) -> torch.Tensor:
-    # PyTorch's int4 kernel decodes (c - 8) * S + Z; we want zero + (c + offset) * step.
+    # PyTorch's int4 kernel decodes (c - 8) * S + Z; we want zero + (c + offset) * S, S = scale * step.
     s = scale * step
     return torch.stack([s, zero + (offset + 8.0) * s], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
 
@@ -148,7 +148,7 @@ def _qlinear_cpu_impl(x, qdata, scale, zero, bits) -> torch.Tensor:
         x2 = x2.contiguous()
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         if b == 8:
-            y = mm(x2, qdata[0], group, _int4_scale_zeros(scale, zero, 16.0, 0.5 / 16))
+            y = mm(x2, qdata[0], group, _int4_scale_zeros(scale, zero, 16.0, 0.0))
             y = y + mm(x2, qdata[1], group, _int4_scale_zeros(scale, torch.zeros_like(zero), 1.0, 0.0))
         else:
             # 3/2-bit codes are shifted to the middle of the int4 range (+4 / +6 per nibble) so
@@ -159,7 +159,8 @@ def _qlinear_cpu_impl(x, qdata, scale, zero, bits) -> torch.Tensor:
                 codes, off = ((qdata[0] >> 1) & 0x77) + 0x44, 4
             else:
                 codes, off = ((qdata[0] >> 2) & 0x33) + 0x66, 6
-            y = mm(x2, codes, group, _int4_scale_zeros(scale, zero, float(2 ** (8 - b)), 0.5 - off))
+            # bin centre lo + ((c + 0.5) * m - 0.5) * s
+            y = mm(x2, codes, group, _int4_scale_zeros(scale, zero - 0.5 * scale, float(2 ** (8 - b)), 0.5 - off))
     else:
         y = F.linear(x2, dequantize(qdata, scale, zero, b, dtype=x.dtype))
     return y.reshape(*x.shape[:-1], n)

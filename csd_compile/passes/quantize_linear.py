@@ -88,8 +88,10 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     values = dict(zip(placeholders, example_inputs))
     linears = _weight_linears(gm, values)
     skip = set() if cfg.quantize_lm_head else _lm_heads(gm, linears, values)
-    fake_mode = torch._guards.detect_fake_mode(example_inputs) or torch._guards.detect_fake_mode(
-        [n.meta["val"] for n in gm.graph.nodes if "val" in n.meta])
+    # Dynamo's graph keeps fake values under "example_value", an FX/AOT graph under "val".
+    meta_keys = [k for k in ("val", "example_value") if any(k in n.meta for n in gm.graph.nodes)]
+    fake_mode = torch._guards.detect_fake_mode(
+        [n.meta[k] for n in gm.graph.nodes for k in meta_keys if k in n.meta])
     from torch._dynamo.source import ConstantSource
 
     name_to_source = getattr(gm, "_param_name_to_source", None)
@@ -110,7 +112,8 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
                     name_to_source[name] = ConstantSource(name)
                 a = gm.graph.get_attr(name)
                 if fake_mode is not None:
-                    a.meta["val"] = fake_mode.from_tensor(t, static_shapes=True)
+                    for k in meta_keys:
+                        a.meta[k] = fake_mode.from_tensor(t, static_shapes=True)
                 attrs.append(a)
             x = node.args[0]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

@@ -1,19 +1,21 @@
 """Nested ("any-precision") group-wise weight format: one stored copy serves bits 2, 3, 4 and 8.
 
-Quantization (per output row, per group of ``group_size`` input features) is asymmetric with the
-bin-midpoint rule: with ``lo = min(group)``, ``s = (max - min) / 256``, the 8-bit code is
-``q8 = clamp(floor((w - lo) / s), 0, 255)`` and it decodes to ``lo + (q8 + 0.5) * s``. The b-bit code
-is the top b bits of ``q8`` (``q8 >> (8 - b)``), which is exactly ``floor((w - lo) / (s * 2**(8-b)))``:
-the b-bit rung is a genuine b-bit midpoint quantizer over the same range, decoded with the per-rung
-scale ``s_b = s * 2**(8-b)`` and zero ``lo + s_b / 2`` derived from the two stored numbers. No rung
-needs extra storage, so memory is that of plain 8-bit group quantization (1 byte per weight plus
-two float32 numbers per group).
+Quantization (per output row, per group of ``group_size`` input features) is asymmetric: with
+``lo = min(group)`` and ``s = (max - min) / 255``, the 8-bit code is ``q8 = round((w - lo) / s)``,
+decoded as ``lo + q8 * s`` (plain 8-bit RTN, exact at both ends of the group). The b-bit code is
+the top b bits of ``q8`` (``c = q8 >> (8 - b)``); with ``m = 2**(8-b)`` it selects the bin of m
+consecutive 8-bit codes ``[c*m, c*m + m - 1]`` and decodes to that bin's centre
+``lo + (c*m + (m-1)/2) * s``, i.e. per-rung scale ``m * s`` and zero ``lo + (m-1)/2 * s``, both
+derived from the two stored numbers. Every rung is thus a uniform b-bit quantizer over the group's
+range with bins 256/255 of a direct b-bit RTN step and error at most half a bin. No rung needs
+extra storage: memory is that of plain 8-bit group quantization (1 byte per weight plus two
+float32 numbers per group).
 
 Storage (``NestedWeight``):
     qdata  uint8 [2, N, K/2]: plane 0 holds the high nibbles (the 4-bit codes), plane 1 the low
            nibbles, each packed two per byte in the layout of PyTorch's CPU int4 kernel
            (``aten._weight_int4pack_mm_for_cpu``), so the 4-bit rung feeds it with no copy.
-    scale  float32 [N, K/group_size]: ``s`` above (8-bit step).
+    scale  float32 [N, K/group_size]: ``s`` above (the 8-bit step).
     zero   float32 [N, K/group_size]: ``lo`` above (the group minimum).
 """
 
@@ -82,9 +84,9 @@ def _codes8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     n, k = weight.shape
     w = weight.detach().float().reshape(n, k // group_size, group_size)
     lo = w.amin(-1)
-    scale = (w.amax(-1) - lo) / 256.0  # [N, K/g]
+    scale = (w.amax(-1) - lo) / 255.0  # [N, K/g]
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.floor((w - lo[..., None]) / safe[..., None]).clamp_(0, 255)
+    q = torch.round((w - lo[..., None]) / safe[..., None]).clamp_(0, 255)
     return q.to(torch.uint8).reshape(n, k), scale, lo
 
 
@@ -104,8 +106,9 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> torc
 def _decode(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
     n, k = codes.shape
     g = k // scale.shape[-1]
-    step = scale * float(2 ** (8 - bits))  # [N, K/g]
-    w = lo[..., None] + (codes.reshape(n, k // g, g).float() + 0.5) * step[..., None]
+    m = float(2 ** (8 - bits))
+    # bin centre: lo + (c*m + (m-1)/2) * s = lo + ((c + 0.5) * m - 0.5) * s
+    w = lo[..., None] + ((codes.reshape(n, k // g, g).float() + 0.5) * m - 0.5) * scale[..., None]
     return w.reshape(n, k)
 
 
