@@ -74,4 +74,9 @@ def csd_backend(
 
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(compiled_gm, example_inputs)
+    patches = {}
+    if cfg.acceptance == "csd":
+        from .passes.fuse_gating import FuseGatingPass
+
+        patches["post_grad_custom_pre_pass"] = FuseGatingPass()
+    return compile_fx(compiled_gm, example_inputs, config_patches=patches or None)

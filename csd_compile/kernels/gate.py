@@ -74,7 +74,7 @@ def _outputs(draft_tokens, t_star, n):
     pos = torch.arange(K + 1, device=draft_tokens.device)
     padded = torch.cat([draft_tokens, draft_tokens.new_zeros(B, 1)], dim=1)
     n = n.unsqueeze(1)
-    return torch.where(pos < n, padded, torch.where(pos == n, t_star, -1))
+    return torch.where(pos < n, padded, torch.where(pos == n, t_star, torch.full_like(t_star, -1)))
 
 
 def gate_ref(draft_tokens, target_logits, mem_keys, mem_counts, lambda_=6.0, log_tau=math.log(0.01), update=True):
