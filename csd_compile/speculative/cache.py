@@ -1,0 +1,66 @@
+"""A static KV cache whose rows write at their own positions, and the attention mask that goes with it.
+
+Rows of a batch advance independently during speculative decoding (each accepts its own number of
+drafts), so one shared write offset (HF ``StaticCache``) does not fit. :class:`RowCache` keeps
+``[B, H, L, D]`` buffers per layer and scatters the new keys/values of row ``b`` at slots
+``start[b] .. start[b] + T - 1``. Rollback is free: a row's next write starts at its new length and
+overwrites the stale slots; :func:`row_mask` hides every slot at or past the query's own slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["RowCache", "row_mask"]
+
+
+class RowCache:
+    """Per-layer static key/value buffers with per-row write offsets (duck-types HF's ``Cache.update``).
+
+    Set :attr:`start` (``[B]`` int64, the slot of each row's first new token) before every forward.
+    """
+
+    is_compileable = True
+
+    def __init__(self, config, batch_size: int, max_len: int, *, dtype: torch.dtype, device=None):
+        n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (batch_size, n_kv, max_len, head_dim)
+        self.num_layers = config.num_hidden_layers
+        self.max_len = max_len
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.start = torch.zeros(batch_size, dtype=torch.int64, device=device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write ``key_states``/``value_states`` ``[B, H, T, D]`` at each row's slots; return the buffers."""
+        B, H, T, D = key_states.shape
+        slots = self.start.view(B, 1, 1, 1) + torch.arange(T, device=key_states.device).view(1, 1, T, 1)
+        idx = slots.expand(B, H, T, D)
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k.scatter_(2, idx, key_states.to(k.dtype))
+        v.scatter_(2, idx, value_states.to(v.dtype))
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+
+def row_mask(start: torch.Tensor, pad: torch.Tensor, num_queries: int, max_len: int, *, boolean: bool, dtype):
+    """Attention mask ``[B, 1, T, L]`` for queries at slots ``start[b] + t``: a query sees the slots
+    from its row's first real token (``pad[b]``) up to its own slot.
+
+    ``boolean=True`` gives True = attend (SDPA); otherwise an additive float mask in ``dtype``.
+    """
+    B = start.shape[0]
+    q = start.view(B, 1, 1) + torch.arange(num_queries, device=start.device).view(1, num_queries, 1)
+    j = torch.arange(max_len, device=start.device).view(1, 1, max_len)
+    visible = (j <= q) & (j >= pad.view(B, 1, 1))  # [B, T, L]
+    visible = visible.unsqueeze(1)
+    if boolean:
+        return visible
+    zero = torch.zeros((), dtype=dtype, device=start.device)
+    return torch.where(visible, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=start.device))

@@ -1,0 +1,151 @@
+"""Validation of ``generate``'s arguments: every bad value raises before any work is done."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GenerateArgs", "parse_args", "MAX_DRAFT_TOKENS"]
+
+MAX_DRAFT_TOKENS = 64
+# model kwargs HF's generate hands a custom_generate callable; not used by the speculative loop
+_HF_MODEL_KWARGS = {"use_cache", "logits_to_keep", "position_ids", "cache", "past_key_values", "synced_gpus"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateArgs:
+    """The checked arguments of one ``generate`` call."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    draft: Any
+    num_draft_tokens: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    eos: frozenset
+    pad_token_id: int
+    draft_bits: int
+    cache_len: int
+    backend: Any
+    options: Any
+    acceptance: Any
+
+
+def _as_ids(input_ids, attention_mask) -> torch.Tensor:
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids
+    elif isinstance(input_ids, Sequence) and input_ids and all(isinstance(r, Sequence) for r in input_ids):
+        lengths = {len(r) for r in input_ids}
+        if len(lengths) > 1 and attention_mask is None:
+            raise ValueError(
+                f"input_ids rows have unequal lengths {sorted(lengths)} and no attention_mask was given; "
+                "left-pad the rows and pass attention_mask (1 = token, 0 = padding)"
+            )
+        if len(lengths) > 1:
+            raise ValueError("input_ids rows have unequal lengths; left-pad them into a [B, S] tensor")
+        ids = torch.tensor([list(r) for r in input_ids], dtype=torch.int64)
+    else:
+        raise TypeError(f"input_ids must be a [B, S] int64 tensor or a list of id lists, got {type(input_ids).__name__}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be a [B, S] integer tensor with S >= 1, got shape {tuple(ids.shape)} {ids.dtype}")
+    return ids.to(torch.int64)
+
+
+def _check_mask(mask, ids: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return torch.ones_like(ids)
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(ids.shape)}, got {shape}")
+    m = mask.to(torch.int64).cpu()
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if bool((m[:, 1:] < m[:, :-1]).any()) or bool((m[:, -1] == 0).any()):
+        raise ValueError("attention_mask must be left padding (zeros, then ones, the last column all ones); "
+                         "tokenize with padding_side='left'")
+    return m
+
+
+def _eos_set(eos_token_id, target: nn.Module, generation_config) -> frozenset:
+    if eos_token_id is None and generation_config is not None:
+        eos_token_id = generation_config.eos_token_id
+    if eos_token_id is None:
+        gc = getattr(target, "generation_config", None)
+        eos_token_id = getattr(gc, "eos_token_id", None) or getattr(target.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.reshape(-1).tolist()
+    items = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return frozenset(items)
+
+
+def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, temperature, top_p, eos_token_id,
+               streamer, draft_bits, max_cache_len, backend, options, acceptance, generation_config,
+               kwargs: dict) -> GenerateArgs:
+    """Check everything ``generate`` was given; raise ``ValueError``/``TypeError`` naming the bad value."""
+    kwargs = dict(kwargs)
+    attention_mask = kwargs.pop("attention_mask", None)
+    max_new_tokens = kwargs.pop("max_new_tokens", None)
+    unknown = set(kwargs) - (_HF_MODEL_KWARGS if generation_config is not None else set())
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
+    if not (isinstance(draft, nn.Module) or (isinstance(draft, str) and draft in ("self", "ngram"))):
+        raise TypeError(f"draft must be 'self', 'ngram' or a model sharing the target's vocabulary, got {draft!r}")
+    if num_draft_tokens is None:
+        num_draft_tokens = 8 if draft == "ngram" else 4
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or not (
+        1 <= num_draft_tokens <= MAX_DRAFT_TOKENS
+    ):
+        raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an int in [1, {MAX_DRAFT_TOKENS}]")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0.0:
+        raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+    if draft == "self" and draft_bits not in (2, 3, 4, 8):
+        raise ValueError(f"draft_bits={draft_bits!r} is not supported; use one of [2, 3, 4, 8]")
+    if streamer is not None and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
+        raise TypeError(f"streamer must have put() and end(), got {type(streamer).__name__}")
+
+    ids = _as_ids(input_ids, attention_mask)
+    mask = _check_mask(attention_mask, ids)
+    if streamer is not None and ids.shape[0] != 1:
+        raise ValueError(f"a streamer needs batch size 1, got {ids.shape[0]} rows")
+    B, S = ids.shape
+    if max_new_tokens is None and generation_config is not None:
+        max_new_tokens = generation_config.max_new_tokens
+        if max_new_tokens is None and generation_config.max_length is not None:
+            max_new_tokens = generation_config.max_length - S
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+
+    limit = max_cache_len if max_cache_len is not None else getattr(target.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit < 2:
+        raise ValueError(f"max_cache_len={limit!r} must be an int >= 2")
+    if S + 1 > limit:
+        raise ValueError(f"the prompt ({S} tokens) is longer than the static cache ({limit} slots, one reserved)")
+    need = S + 1 + max_new_tokens + num_draft_tokens + 1  # + one reserved slot, + one step's overshoot
+    if need > limit:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} does not fit the static cache: the prompt ({S}) + "
+            f"max_new_tokens + num_draft_tokens ({num_draft_tokens}) + 2 = {need} > max_cache_len={limit}"
+        )
+    cache_len = min(limit, -(-need // 256) * 256)  # buckets of 256: other max_new_tokens reuse the graph
+
+    eos = _eos_set(eos_token_id, target, generation_config)
+    pad_id = getattr(target.config, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = min(eos) if eos else 0
+    if draft != "self":
+        draft_bits = 0
+    return GenerateArgs(ids, mask, draft, num_draft_tokens, max_new_tokens, float(temperature), float(top_p), eos,
+                        int(pad_id), draft_bits, cache_len, backend, options, acceptance)

@@ -1,0 +1,197 @@
+"""``csd_compile.generate``: the speculative decoding loop, standalone or as HF's ``custom_generate``.
+
+The loop is plain Python around one compiled draft-verify step (see ``step.py``): prefill eagerly,
+then call the step until every row has ``max_new_tokens`` tokens or hit EOS, reading the emitted
+tokens once per step. Compiled steps and caches live in an :class:`Engine`, kept per model (weakly)
+and per shape, so a second call with another ``max_new_tokens`` in the same cache bucket reuses them.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .cache import RowCache
+from .drafts import ModelDraft, NgramDraft, check_same_vocab, make_self_draft, vocab_size
+from .engine_args import GenerateArgs, parse_args
+from .step import build_step, prefill
+
+__all__ = ["Engine", "generate"]
+
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+class Engine:
+    """A compiled draft-verify step with its static caches, for one (model, draft, K, batch, cache length)."""
+
+    def __init__(self, target: nn.Module, draft, args: GenerateArgs, batch_size: int, max_len: int):
+        p = next(target.parameters())
+        self.target, self.draft, self.max_len = target, draft, max_len
+        self.cache = RowCache(target.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+        draft.allocate(batch_size, max_len, p.dtype, p.device)
+        step = build_step(target, self.cache, draft, temperature=args.temperature, top_p=args.top_p,
+                          acceptance=args.acceptance)
+        extra = {"options": args.options} if args.options else {}
+        self.step = step if args.backend is None else torch.compile(step, backend=args.backend, fullgraph=True, **extra)
+        self.device = p.device
+
+
+def _make_draft(target: nn.Module, args: GenerateArgs):
+    if isinstance(args.draft, str) and args.draft == "ngram":
+        return NgramDraft(args.num_draft_tokens, vocab_size(target))
+    if isinstance(args.draft, str) and args.draft == "self":
+        model = make_self_draft(target, bits=args.draft_bits)
+    else:
+        model = getattr(args.draft, "_orig_mod", args.draft)
+    return ModelDraft(model, args.num_draft_tokens, temperature=args.temperature, top_p=args.top_p)
+
+
+def _engine(target: nn.Module, args: GenerateArgs, batch_size: int, max_len: int) -> Engine:
+    per_model = _ENGINES.setdefault(target, {})
+    draft_key = args.draft if isinstance(args.draft, str) else id(args.draft)
+    key = (draft_key, args.draft_bits, args.num_draft_tokens, batch_size, max_len, args.temperature,
+           args.top_p, args.backend, repr(args.options), args.acceptance)
+    if key not in per_model:
+        per_model[key] = Engine(target, _make_draft(target, args), args, batch_size, max_len)
+    return per_model[key]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor | Sequence[Sequence[int]],
+    *,
+    draft: str | nn.Module = "self",
+    num_draft_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    streamer=None,
+    return_stats: bool = False,
+    adaptive: bool = False,
+    draft_bits: int = 4,
+    max_cache_len: int | None = None,
+    compile_backend: str | None = "csd",
+    compile_options: dict | None = None,
+    acceptance=None,
+    generation_config=None,
+    logits_processor=None,
+    stopping_criteria=None,
+    **kwargs,
+):
+    """Speculative decoding with a draft model, the target at low bits, or n-gram prompt lookup.
+
+    Works standalone, ``generate(model, ids, max_new_tokens=64, draft="ngram")``, and as
+    ``model.generate(ids, custom_generate=csd_compile.generate, draft="self", max_new_tokens=64)``
+    (then HF prepares the inputs and passes ``generation_config``; its ``max_new_tokens`` and EOS
+    are used). ``model`` may be a ``torch.compile``'d module (its original module is used; the step
+    is compiled on its own).
+
+    Args:
+        model: an HF causal LM (``input_ids``, ``attention_mask``, ``position_ids``, ``cache=`` forward).
+        input_ids: ``[B, S]`` int64 prompt ids, left-padded when rows differ (pass ``attention_mask``),
+            or a list of equal-length id lists.
+        draft: ``"self"`` (the target with ``draft_bits``-bit linears via ``csd_compile.quant.QLinear``),
+            ``"ngram"`` (prompt lookup), or a model sharing the target's vocabulary.
+        num_draft_tokens: ``K``, drafts per step (1..64); default 4 for model drafts, 8 for n-grams.
+        temperature: 0 = greedy (output identical to the target's greedy decoding); > 0 = lossless
+            speculative sampling from ``softmax(logits / temperature)`` restricted to ``top_p``.
+        top_p: nucleus mass in (0, 1].
+        eos_token_id: stop token(s); a row ends right after it. Default: the model's.
+        streamer: an HF streamer (``put`` / ``end``), batch 1 only; standalone calls only (HF's
+            ``generate`` keeps its streamer for itself).
+        return_stats: also return a dict ``mean_accepted``, ``tokens_per_target_forward``, ``steps``,
+            ``new_tokens``, ``tok_per_s``, ``seconds``.
+        adaptive: adapt the drafts used per step within ``K`` (+2 after a full acceptance, -1 after a
+            rejection); the compiled graph always has ``K`` slots.
+        draft_bits: bit-width of the ``"self"`` draft.
+        max_cache_len: static cache length; default ``config.max_position_embeddings``.
+        compile_backend: ``torch.compile`` backend of the step (``None`` runs it eagerly).
+        compile_options: ``options=`` of that ``torch.compile``.
+        acceptance: acceptance rule plugged into the step (see ``step.build_step``).
+        attention_mask / max_new_tokens: keyword arguments (through ``**kwargs``).
+
+    Returns:
+        ``ids [B, S + new]`` (prompt + new tokens, rows that stopped early padded with the pad/EOS id),
+        or ``(ids, stats)`` when ``return_stats``.
+    """
+    target = getattr(model, "_orig_mod", model)
+    args = parse_args(
+        target, input_ids, draft=draft, num_draft_tokens=num_draft_tokens, temperature=temperature,
+        top_p=top_p, eos_token_id=eos_token_id, streamer=streamer, draft_bits=draft_bits,
+        max_cache_len=max_cache_len, backend=compile_backend, options=compile_options,
+        acceptance=acceptance, generation_config=generation_config, kwargs=kwargs,
+    )
+    if not isinstance(args.draft, str):
+        check_same_vocab(target, args.draft)
+    B, S = args.input_ids.shape
+    eng = _engine(target, args, B, args.cache_len)
+    dev = eng.device
+
+    # internal layout: one extra pad slot on the left so every row has >= 2 slots
+    tokens = torch.zeros(B, args.cache_len, dtype=torch.int64, device=dev)
+    tokens[:, 1 : S + 1] = args.input_ids.to(dev)
+    pad = (1 + (1 - args.attention_mask.to(torch.int64)).sum(dim=1)).to(dev)  # [B]
+    length = torch.full((B,), S + 1, dtype=torch.int64, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    K = args.num_draft_tokens
+    k = torch.tensor(K, dtype=torch.int64, device=dev)
+
+    if streamer is not None:
+        streamer.put(args.input_ids.cpu())
+    t0 = time.perf_counter()
+    prefill(eng.target, eng.cache, eng.draft, tokens[:, : S + 1], pad)
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    steps = accepted = row_steps = 0
+    while not all(done):
+        out, n = eng.step(tokens, length, pad, active, k)
+        out_l, n_l = out.tolist(), n.tolist()  # the one host read per step
+        steps += 1
+        finished_now = []
+        for b in range(B):
+            if done[b]:
+                continue
+            row_steps += 1
+            accepted += n_l[b]
+            emitted = out_l[b][: n_l[b] + 1]
+            for j, t in enumerate(emitted):
+                new[b].append(t)
+                if t in args.eos or len(new[b]) >= args.max_new_tokens:
+                    done[b] = True
+                    finished_now.append(b)
+                    emitted = emitted[: j + 1]
+                    break
+            if streamer is not None and emitted:
+                streamer.put(torch.tensor(emitted))
+        if finished_now:
+            active[finished_now] = False
+        if adaptive:
+            live = [n_l[b] for b in range(B) if not done[b] or b in finished_now]
+            cur = int(k)
+            k.fill_(min(K, cur + 2) if live and max(live) >= cur else max(1, cur - 1))
+    seconds = time.perf_counter() - t0
+    if streamer is not None:
+        streamer.end()
+
+    width = max(len(r) for r in new)
+    fill = args.pad_token_id
+    rows = [r + [fill] * (width - len(r)) for r in new]
+    ids = torch.cat([args.input_ids.to(dev), torch.tensor(rows, dtype=torch.int64, device=dev)], dim=1)
+    if not return_stats:
+        return ids
+    total = sum(len(r) for r in new)
+    stats = {
+        "mean_accepted": accepted / max(row_steps, 1),
+        "tokens_per_target_forward": total / max(row_steps, 1),
+        "steps": steps,
+        "new_tokens": total,
+        "tok_per_s": total / seconds if seconds > 0 else float("inf"),
+        "seconds": seconds,
+        "num_draft_tokens": K,
+    }
+    return ids, stats
