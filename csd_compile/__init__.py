@@ -8,6 +8,7 @@ from .backend import CSDFallbackWarning, csd_backend
 from .config import CSDConfig, OptionError
 from .models import load_model
 from .quant import QLinear, quantize_, set_bits
+from .speculative import generate
 
 __all__ = [
     "CSDConfig",
@@ -15,6 +16,7 @@ __all__ = [
     "OptionError",
     "QLinear",
     "csd_backend",
+    "generate",
     "load_model",
     "quantize_",
     "set_bits",
