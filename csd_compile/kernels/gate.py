@@ -19,9 +19,11 @@ walked in order and each sees the counts left by the previous ones (the kernel i
 the ``B * K`` decisions; the V-wide argmaxes are the work). ``update=False`` reads the memory
 without changing it. ``lambda_ = inf`` (or a count never reached) gives exact greedy acceptance.
 
-Implementations: :func:`gate_ref` (pure torch, the specification), a CPU path (one vectorised
-argmax in torch, then the short walk over host memory: no device, so no sync to avoid), and a
-Triton kernel for CUDA (one program; also runs on CPU tensors under ``TRITON_INTERPRET=1``).
+Implementations: :func:`gate_ref` (pure torch, the specification); on CPU, the V-wide argmax and
+gate bits in plain torch (under ``torch.compile`` the op decomposes and Inductor fuses them: its
+vectorised argmax is ~5x faster than eager's in bf16) followed by ``csd::gate_walk``, the short
+sequential walk over host memory (no device, so no sync to avoid); on CUDA one Triton kernel
+(one program; it also runs on CPU tensors under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -125,14 +127,25 @@ def exact_accept_torch(draft_tokens, target_logits):
     return _outputs(draft_tokens, t_star, n), n
 
 
-def _gate_cpu_walk(draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_tau, update):
-    B, K = draft_tokens.shape
-    t_star = target_logits.argmax(-1)  # [B, K+1], the V-wide work
+def _cpu_gate_inputs(draft_tokens, target_logits, log_tau):
+    """The V-wide part of the CPU path, in traceable torch (Inductor fuses it under compile)."""
+    K = draft_tokens.shape[1]
+    t_star = target_logits.argmax(-1)  # [B, K+1]
     z = target_logits[:, :K]
     safe = draft_tokens.clamp(min=0).unsqueeze(-1)
     diff = z.gather(-1, safe).float() - z.gather(-1, t_star[:, :K].unsqueeze(-1)).float()
-    gate_ok = (diff.squeeze(-1) >= log_tau).tolist()
-    drafts, tops = draft_tokens.tolist(), t_star.tolist()
+    return t_star, diff.squeeze(-1) >= log_tau  # [B, K+1], [B, K]
+
+
+@torch.library.custom_op("csd::gate_walk", mutates_args={"mem_keys", "mem_counts"})
+def _gate_walk(
+    draft_tokens: torch.Tensor, t_star: torch.Tensor, gate_ok: torch.Tensor, mem_keys: torch.Tensor,
+    mem_counts: torch.Tensor, lambda_: float, update: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU: the sequential part of ``csd::gate`` (match, count, look-up, first-failure scan) given
+    ``t*`` and the gate bits; B * K scalar steps over host memory (opaque to the compiler)."""
+    B, K = draft_tokens.shape
+    drafts, tops, ok_bits = draft_tokens.tolist(), t_star.tolist(), gate_ok.tolist()
     keys, counts = mem_keys.numpy(), mem_counts.numpy()  # views: updates land in the tensors
     S = keys.shape[0]
     n = [0] * B
@@ -147,12 +160,11 @@ def _gate_cpu_walk(draft_tokens, target_logits, mem_keys, mem_counts, lambda_, l
                 row_k = keys[s].tolist()
                 hit = key in row_k
                 slot = row_k.index(key) if hit else (row_k.index(-1) if -1 in row_k else int(counts[s].argmin()))
-                old = int(counts[s, slot]) if hit else 0
-                c = old
+                c = int(counts[s, slot]) if hit else 0
                 if update:
-                    c = min(old + 1, COUNT_MAX) if hit else 1
+                    c = min(c + 1, COUNT_MAX) if hit else 1
                     keys[s, slot], counts[s, slot] = key, c
-                if not (c > lambda_ and gate_ok[b][i]):
+                if not (c > lambda_ and ok_bits[b][i]):
                     break
             i += 1
         n[b] = i
@@ -160,17 +172,8 @@ def _gate_cpu_walk(draft_tokens, target_logits, mem_keys, mem_counts, lambda_, l
     return _outputs(draft_tokens, t_star, n), n
 
 
-@torch.library.custom_op("csd::gate_cpu", mutates_args={"mem_keys", "mem_counts"})
-def _gate_cpu(
-    draft_tokens: torch.Tensor, target_logits: torch.Tensor, mem_keys: torch.Tensor, mem_counts: torch.Tensor,
-    lambda_: float, log_tau: float, update: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU kernel of ``csd::gate`` (opaque to the compiler)."""
-    return _gate_cpu_walk(draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_tau, update)
-
-
-@_gate_cpu.register_fake
-def _(draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_tau, update):
+@_gate_walk.register_fake
+def _(draft_tokens, t_star, gate_ok, mem_keys, mem_counts, lambda_, update):
     B, K = draft_tokens.shape
     return draft_tokens.new_empty(B, K + 1), draft_tokens.new_empty(B)
 
@@ -264,5 +267,7 @@ def gate(
     and updates ``mem_keys`` / ``mem_counts`` in place when ``update``."""
     check_gate_args(draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_tau)
     if target_logits.device.type == "cpu":
-        return torch.ops.csd.gate_cpu(draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_tau, update)
+        # decomposes under torch.compile: Inductor fuses the argmax/gather, the walk stays opaque
+        t_star, gate_ok = _cpu_gate_inputs(draft_tokens, target_logits, log_tau)
+        return torch.ops.csd.gate_walk(draft_tokens, t_star, gate_ok, mem_keys, mem_counts, lambda_, update)
     return _launch(wrap_triton, draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_tau, update)
