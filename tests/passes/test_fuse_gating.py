@@ -46,7 +46,7 @@ def _targets(gm):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("which", ["csd", "greedy", "exact"])
-def test_pass_replaces_plain_ops(which, dtype):
+def test_pass_replaces_plain_ops_with_one_gate(which, dtype):
     draft, logits, mem = _inputs(dtype)
     fn, args = {
         "csd": (_csd, (draft, logits, mem.keys, mem.counts)),
@@ -56,7 +56,7 @@ def test_pass_replaces_plain_ops(which, dtype):
     expected = fn(*args)
     gm = _aten_graph(fn, *args)
     assert PLAIN_OPS & set(_targets(gm))
-    assert fuse_gating(gm.graph) == 1
+    assert fuse_gating(gm.graph, cpu_walk=False) == 1
     gm.graph.lint()
     gm.recompile()
     targets = _targets(gm)
@@ -66,6 +66,23 @@ def test_pass_replaces_plain_ops(which, dtype):
     if which == "csd":
         assert gate.args[4:] == (LAMBDA, LOG_TAU, False)  # the graph's own constants, carried over
     got = gm(*args)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("which", ["csd", "greedy"])
+def test_pass_cpu_lowering(which):
+    draft, logits, mem = _inputs(torch.bfloat16, seed=2)
+    fn = _csd if which == "csd" else (lambda d, z, k, c: greedy_accept(d, z))
+    args = (draft, logits, mem.keys, mem.counts)
+    gm = _aten_graph(fn, *args)
+    assert fuse_gating(gm.graph) == 1
+    gm.graph.lint()
+    gm.recompile()
+    targets = _targets(gm)
+    assert targets.count("csd.gate_walk.default") == 1 and targets.count("aten.argmax.default") == 1
+    gone = {"aten.cumprod.default", "aten.where.self", "aten.bitwise_xor.Tensor", "aten.index.Tensor", "aten.cat.default"}
+    assert not gone & set(targets), targets
+    got, expected = gm(*args), fn(*args)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
@@ -99,7 +116,8 @@ def test_backend_fuses_when_acceptance_is_csd(which):
     with torch.no_grad():
         got, (code, *_) = run_and_get_code(compiled, draft, logits, mem.keys, mem.counts)
     assert counters["inductor"]["pattern_matcher_count"] >= 1
-    assert "torch.ops.csd.gate.default(" in code and "argmax" not in code
+    # CPU lowering: one opaque walk, the argmax in Inductor's C++ kernel, the plain tail gone
+    assert "torch.ops.csd.gate_walk.default(" in code and "cumprod" not in code
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
