@@ -259,3 +259,77 @@ class CorrectionMemory:
         mem.keys.copy_(keys)
         mem.counts.copy_(counts)
         return mem
+
+
+@torch.no_grad()
+def seed_from_prompts(
+    memory: CorrectionMemory,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Any,
+    *,
+    draft: Any = "self",
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> int:
+    """Seed ``memory`` offline: count the (draft, target) disagreements along the target's own text.
+
+    For each prompt the target continues greedily for ``max_new_tokens``; then both models read
+    that text once (teacher forcing) and every generated position where the draft's top token
+    differs from the target's is recorded with the update rule. Along the target's greedy text
+    these are exactly the pairs the online step would count with exact acceptance (each such
+    position is one the verify walk reaches). Statistics only: no weights change.
+
+    Args:
+        memory: the table to add to; its ``fingerprint`` is set from ``tokenizer`` if unset and
+            must match it otherwise.
+        model: the target (a transformers causal LM).
+        tokenizer: the target's tokenizer; encodes string prompts.
+        prompts: strings, or token-id lists / 1-D tensors.
+        draft: ``"self"`` (the target at 4 bits, ``make_self_draft``) or a causal LM sharing the vocabulary.
+        max_new_tokens: generated tokens per prompt (> 0).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The number of pairs recorded.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+    if isinstance(prompts, (str, torch.Tensor)):
+        prompts = [prompts]
+    prompts = list(prompts)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if memory.fingerprint not in (None, fingerprint):
+        raise ValueError("memory belongs to another tokenizer (fingerprint mismatch); seed a fresh CorrectionMemory")
+    if isinstance(draft, str):
+        if draft != "self":
+            raise ValueError(f"draft={draft!r} is not supported; use 'self' or a model")
+        from .drafts import make_self_draft
+
+        draft = make_self_draft(model)
+    elif not callable(draft):
+        raise TypeError(f"draft must be 'self' or a causal LM, got {type(draft).__name__}")
+    from tqdm.auto import tqdm
+
+    memory.fingerprint = fingerprint
+    device = next(model.parameters()).device
+    recorded = 0
+    for prompt in tqdm(prompts, desc="seed OCM", unit="prompt", disable=not progress):
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+        else:
+            ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
+        ids = ids.to(device)
+        n_prompt = ids.shape[1]
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", 0)
+        text = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad,
+        )  # [1, n_prompt + new]
+        t_star = model(text).logits.argmax(-1)[0, n_prompt - 1 : -1]  # target's top at each generated slot
+        d_top = draft(text).logits.argmax(-1)[0, n_prompt - 1 : -1]
+        miss = d_top != t_star
+        memory.record(d_top[miss].to(memory.keys.device), t_star[miss].to(memory.keys.device))
+        recorded += int(miss.sum())
+    return recorded

@@ -165,3 +165,33 @@ def test_bad_arguments(kwargs):
 def test_save_without_fingerprint_is_error(tmp_path):
     with pytest.raises(ValueError, match="fingerprint"):
         CorrectionMemory(num_buckets=2, ways=1).save(tmp_path / "m.ocm")
+
+
+def test_seed_from_prompts_counts_disagreements():
+    from tests.conftest import make_tiny_llama
+
+    from csd_compile.speculative.memory import seed_from_prompts
+
+    target, draft = make_tiny_llama(0), make_tiny_llama(1)
+    tok = _Tok({f"t{i}": i for i in range(128)})
+    prompts = [[5, 17, 3, 99], torch.tensor([1, 2, 3, 4, 5, 6])]
+    mem = CorrectionMemory(num_buckets=1024, ways=8)
+    n = seed_from_prompts(mem, target, tok, prompts, draft=draft, max_new_tokens=8, progress=False)
+    # independent count: the same disagreements, computed here
+    expected = []
+    for p in prompts:
+        ids = torch.as_tensor(p).reshape(1, -1)
+        with torch.no_grad():
+            text = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+            t = target(text).logits.argmax(-1)[0, ids.shape[1] - 1 : -1]
+            d = draft(text).logits.argmax(-1)[0, ids.shape[1] - 1 : -1]
+        expected += [(int(a), int(b)) for a, b in zip(d, t) if a != b]
+    assert n == len(expected) > 0
+    assert int(mem.counts.sum()) == n  # big table: nothing evicted
+    for a, b in set(expected):
+        assert int(mem.count(torch.tensor(a), torch.tensor(b))) == expected.count((a, b))
+    assert mem.fingerprint == tokenizer_fingerprint(tok)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        seed_from_prompts(mem, target, TOK_B, prompts, draft=draft, max_new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        seed_from_prompts(mem, target, tok, prompts, draft=draft, max_new_tokens=0, progress=False)
