@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..quant.nested import check_bits, dequantize
@@ -138,6 +139,33 @@ def _int4_scale_zeros(scale, zero, step, offset) -> torch.Tensor:
     return torch.stack([s, zero + (offset + 8.0) * s], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
 
 
+# scale tensor -> ((bits, versions), int4 scale/zero tensors of that rung). Building them costs
+# about two int4 products at decode sizes, so each layer keeps its current rung's (bf16,
+# 1/16 byte per weight; 1/8 at 8 bits): switching rungs rebuilds them, staying on one is free.
+_SZ_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors track no version (and cannot be changed in place)
+        return -1
+
+
+def _rung_scale_zeros(scale, zero, b) -> tuple[torch.Tensor, ...]:
+    key = (b, _version(scale), _version(zero), zero.data_ptr())
+    hit = _SZ_CACHE.get(scale)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    if b == 8:  # q8 = 16 * hi + lo: lo + q8 * s
+        sz = (_int4_scale_zeros(scale, zero, 16.0, 0.0), _int4_scale_zeros(scale, torch.zeros_like(zero), 1.0, 0.0))
+    else:  # bin centre lo + ((c + 0.5) * m - 0.5) * s, codes stored shifted by +off (see below)
+        off = {4: 0, 3: 4, 2: 6}[b]
+        sz = (_int4_scale_zeros(scale, zero - 0.5 * scale, float(2 ** (8 - b)), 0.5 - off),)
+    _SZ_CACHE[scale] = (key, sz)
+    return sz
+
+
 def _qlinear_cpu_impl(x, qdata, scale, zero, bits) -> torch.Tensor:
     n, k, group = check_qlinear_args(x, qdata, scale, zero, bits)
     b = int(bits.reshape(()))  # a CPU tensor: reading it is not a device sync
@@ -147,20 +175,19 @@ def _qlinear_cpu_impl(x, qdata, scale, zero, bits) -> torch.Tensor:
     if x.dtype == torch.bfloat16 and n % 16 == 0 and x2.shape[0] <= _INT4_MAX_ROWS:
         x2 = x2.contiguous()
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        sz = _rung_scale_zeros(scale, zero, b)
         if b == 8:
-            y = mm(x2, qdata[0], group, _int4_scale_zeros(scale, zero, 16.0, 0.0))
-            y = y + mm(x2, qdata[1], group, _int4_scale_zeros(scale, torch.zeros_like(zero), 1.0, 0.0))
+            y = mm(x2, qdata[0], group, sz[0]) + mm(x2, qdata[1], group, sz[1])
         else:
             # 3/2-bit codes are shifted to the middle of the int4 range (+4 / +6 per nibble) so
             # the bf16 zero term sits near the group centre instead of cancelling a large product.
             if b == 4:
-                codes, off = qdata[0], 0
+                codes = qdata[0]
             elif b == 3:
-                codes, off = ((qdata[0] >> 1) & 0x77) + 0x44, 4
+                codes = ((qdata[0] >> 1) & 0x77) + 0x44
             else:
-                codes, off = ((qdata[0] >> 2) & 0x33) + 0x66, 6
-            # bin centre lo + ((c + 0.5) * m - 0.5) * s
-            y = mm(x2, codes, group, _int4_scale_zeros(scale, zero - 0.5 * scale, float(2 ** (8 - b)), 0.5 - off))
+                codes = ((qdata[0] >> 2) & 0x33) + 0x66
+            y = mm(x2, codes, group, sz[0])
     else:
         y = F.linear(x2, dequantize(qdata, scale, zero, b, dtype=x.dtype))
     return y.reshape(*x.shape[:-1], n)

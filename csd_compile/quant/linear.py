@@ -45,7 +45,9 @@ class QLinear(nn.Module):
             return cls(linear.weight, linear.bias, bits=bits, group_size=group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.csd.qlinear(x, self.qdata, self.scale, self.zero, self.bits)
+        # on CPU call the CPU kernel directly: one dispatch instead of two (same op underneath)
+        op = torch.ops.csd.qlinear_cpu if self.qdata.device.type == "cpu" else torch.ops.csd.qlinear
+        y = op(x, self.qdata, self.scale, self.zero, self.bits)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
