@@ -37,7 +37,10 @@ from torch.library import triton_op, wrap_triton
 
 from ..speculative.memory import COUNT_MAX, bucket_of, pair_key, table_lookup, table_record_
 
-__all__ = ["check_gate_args", "csd_accept_torch", "exact_accept_torch", "gate_ref", "gate_triton", "log_tau_of"]
+__all__ = [
+    "check_gate_args", "csd_accept_torch", "exact_accept_torch", "gate_ref", "gate_triton", "log_tau_of",
+    "make_csd_accept",
+]
 
 _LAMBDA_CAP = float(2**31)  # counts saturate at 2**30: any lambda above never rescues
 
@@ -271,3 +274,22 @@ def gate(
         t_star, gate_ok = _cpu_gate_inputs(draft_tokens, target_logits, log_tau)
         return torch.ops.csd.gate_walk(draft_tokens, t_star, gate_ok, mem_keys, mem_counts, lambda_, update)
     return _launch(wrap_triton, draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_tau, update)
+
+
+def make_csd_accept(memory, tau: float = 0.01, *, lambda_: float | None = None, update: bool = True):
+    """A greedy acceptance rule ``accept(draft_tokens, target_logits) -> (tokens, num_accepted)``
+    backed by ``torch.ops.csd.gate`` and ``memory`` (a ``CorrectionMemory``), for the step builder.
+
+    Works inside a ``fullgraph`` compiled step: the memory tensors become graph inputs updated in
+    place. ``lambda_`` defaults to ``memory.lambda_``; ``float('inf')`` gives exact acceptance.
+    """
+    log_tau = log_tau_of(tau)
+    lam = memory.lambda_ if lambda_ is None else lambda_
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
+        raise ValueError(f"lambda_={lam!r} must be a number >= 0 (inf disables rescue)")
+    lam = float(lam)
+
+    def accept(draft_tokens, target_logits):
+        return torch.ops.csd.gate(draft_tokens, target_logits, memory.keys, memory.counts, lam, log_tau, update)
+
+    return accept

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import csd_compile.kernels.gate  # noqa: F401  (registers torch.ops.csd.gate)
-from csd_compile.kernels.gate import csd_accept_torch, exact_accept_torch, gate_ref, log_tau_of
+from csd_compile.kernels.gate import csd_accept_torch, exact_accept_torch, gate_ref, log_tau_of, make_csd_accept
 from csd_compile.speculative.acceptance import greedy_accept
 from csd_compile.speculative.memory import CorrectionMemory
 
@@ -201,3 +201,46 @@ def test_bad_input(change, err):
     for fn in (torch.ops.csd.gate, gate_ref):
         with pytest.raises(err):
             fn(args["draft"], args["logits"], args["keys"], args["counts"], args["lambda_"], args["log_tau"], True)
+
+
+@torch._functorch.config.patch(enable_autograd_cache=False)
+@torch._inductor.config.patch(fx_graph_cache=False)
+def test_make_csd_accept_compiled_closure_updates_memory():
+    draft, logits, mem = _table_case()
+    ref_mem = CorrectionMemory(num_buckets=16, ways=4)
+    ref_mem.keys.copy_(mem.keys), ref_mem.counts.copy_(mem.counts)
+    accept = torch.compile(make_csd_accept(mem, tau=0.01), fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):  # the second call sees the first call's counts
+            got = accept(draft, logits)
+            ref = gate_ref(draft, logits, ref_mem.keys, ref_mem.counts, 6.0, LOG_TAU, True)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert torch.equal(mem.counts, ref_mem.counts) and torch.equal(mem.keys, ref_mem.keys)
+
+
+@pytest.mark.parametrize("kwargs", [dict(tau=0.0), dict(tau=2.0), dict(lambda_=-1)])
+def test_make_csd_accept_bad_args(kwargs):
+    with pytest.raises(ValueError):
+        make_csd_accept(CorrectionMemory(num_buckets=2, ways=1), **kwargs)
+
+
+def test_engine_integration_exact_then_rescue():
+    """Plugged into the speculative engine: lambda=inf is HF greedy; the compiled csd step rescues."""
+    from torch._dynamo.utils import counters
+
+    from csd_compile.speculative import generate
+    from tests.conftest import make_tiny_llama
+
+    target = make_tiny_llama(0)
+    ids = torch.tensor([[5, 9, 17, 5, 9, 17, 40, 5, 9, 17, 41, 5, 9]])
+    ref = target.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+    kw = dict(draft="ngram", num_draft_tokens=4, max_new_tokens=30, eos_token_id=[], return_stats=True)
+    mem = CorrectionMemory(num_buckets=64, ways=4)
+    out, exact = generate(target, ids, compile_backend=None, acceptance=make_csd_accept(mem, lambda_=float("inf")), **kw)
+    assert torch.equal(out, ref)
+    assert int(mem.counts.sum()) > 0  # counted even when rescue is off
+    mem = CorrectionMemory(num_buckets=64, ways=4)
+    counters.clear()
+    _, csd = generate(target, ids, compile_backend="csd", acceptance=make_csd_accept(mem, lambda_=0, tau=1e-4), **kw)
+    assert sum(counters["graph_break"].values()) == 0
+    assert csd["mean_accepted"] > exact["mean_accepted"] and int(mem.counts.sum()) > 0
