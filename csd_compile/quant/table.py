@@ -1,0 +1,204 @@
+"""The precision-requirement table: per-layer KL sensitivity per rung, as a versioned JSON file.
+
+Written by :func:`csd_compile.calibrate` (``csd-compile calibrate``), read by the dynamic-precision
+policy. One file per model; it carries the model's fingerprint so that a table made for another
+model is refused. Format (``format`` = ``"csd-precision-table"``, ``version`` = 1)::
+
+    {
+      "format": "csd-precision-table", "version": 1,
+      "fingerprint": "<sha256 prefix of the layer names/shapes and a few weight values>",
+      "ladder": [2, 3, 4, 8],
+      "layers": [{"name": "model.layers.0.self_attn.q_proj", "numel": 331776,
+                  "kl": [kl@2, kl@3, kl@4, kl@8]}, ...],        # quantized-linear order
+      "entropy_quantiles": [...],   # full-precision next-token entropies (nats) at q = 0, 1/16 .. 1
+      "settings": {"group_size": 64, "window": 64, "num_windows": 4, "text": "...", ...}
+    }
+
+``kl[r]`` is the mean KL(p_full || p_lowered) in nats over the calibration positions when only
+that layer runs at ``ladder[r]`` bits (every other layer full precision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import SUPPORTED_BITS
+
+__all__ = ["PrecisionTable", "TableError", "model_fingerprint", "quantizable_linears"]
+
+FORMAT = "csd-precision-table"
+VERSION = 1
+
+
+class TableError(ValueError):
+    """A precision-requirement table that is corrupt, of an unknown version, or for another model."""
+
+
+def quantizable_linears(model: nn.Module, group_size: int = 64) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the linears ``quantize_`` would quantize, in module order.
+
+    Plain ``nn.Linear`` layers except the LM head and shapes the nested format cannot hold, plus
+    layers already turned into ``QLinear``: the order of a per-layer plan for ``set_bits``.
+    """
+    from .linear import QLinear, lm_head_of
+
+    head = lm_head_of(model)
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            out.append((name, mod))
+        elif type(mod) is nn.Linear and mod is not head:
+            n, k = mod.weight.shape
+            if n % 2 == 0 and k % group_size == 0:
+                out.append((name, mod))
+    return out
+
+
+def _group_minima(mod: nn.Module, group_size: int, rows: int = 8) -> torch.Tensor:
+    """Group minima of the first ``rows`` output rows, in bf16: the same for the checkpoint in
+    bf16 or fp32, and for a ``QLinear`` (whose ``zero`` stores exactly these minima)."""
+    from .linear import QLinear
+
+    if isinstance(mod, QLinear):
+        lo = mod.zero[:rows]
+    else:
+        w = mod.weight[:rows].detach().float()
+        lo = w.reshape(w.shape[0], -1, group_size).amin(-1)
+    return lo.to(torch.bfloat16).float().cpu()
+
+
+def model_fingerprint(model: nn.Module, group_size: int = 64) -> str:
+    """A short hash of ``model``'s quantizable layers (names, shapes) and of some weight values.
+
+    The values are the bf16-rounded group minima of the first rows of the first, middle and last
+    layer, so the same checkpoint matches in bf16, in fp32 and after ``quantize_``.
+    """
+    layers = quantizable_linears(model, group_size)
+    h = hashlib.sha256()
+    h.update(json.dumps([[name, list(_shape(mod))] for name, mod in layers]).encode())
+    picks = sorted({0, len(layers) // 2, len(layers) - 1}) if layers else []
+    with torch.no_grad():
+        for i in picks:
+            h.update(_group_minima(layers[i][1], group_size).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _shape(mod: nn.Module) -> tuple[int, int]:
+    return (mod.out_features, mod.in_features)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionTable:
+    """Per-layer KL sensitivity of a model for each rung of a bit ladder.
+
+    Attributes:
+        fingerprint: :func:`model_fingerprint` of the calibrated model.
+        ladder: the rungs, increasing, e.g. ``(2, 3, 4, 8)``.
+        names: quantized-linear names, in plan order.
+        numels: weight count of each layer (for parameter-weighted average bits).
+        kl: ``kl[i][r]`` = mean KL (nats) with only layer ``i`` at ``ladder[r]`` bits.
+        entropy_quantiles: full-precision next-token entropy quantiles (nats), 17 values at
+            q = 0, 1/16, ..., 1, over the calibration positions.
+        settings: how the table was made (group size, windows, text, ...).
+    """
+
+    fingerprint: str
+    ladder: tuple[int, ...]
+    names: tuple[str, ...]
+    numels: tuple[int, ...]
+    kl: tuple[tuple[float, ...], ...]
+    entropy_quantiles: tuple[float, ...]
+    settings: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ladder = tuple(self.ladder)
+        if not ladder or any(b not in SUPPORTED_BITS for b in ladder) or list(ladder) != sorted(set(ladder)):
+            raise TableError(f"table ladder {list(ladder)} must be increasing rungs from {list(SUPPORTED_BITS)}")
+        n = len(self.names)
+        if n == 0 or len(self.numels) != n or len(self.kl) != n:
+            raise TableError(f"table has {n} names, {len(self.numels)} numels and {len(self.kl)} kl rows; "
+                             "they must be equal and non-zero")
+        for name, row in zip(self.names, self.kl):
+            if len(row) != len(ladder) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in row):
+                raise TableError(f"table row for {name!r} must hold {len(ladder)} finite KL values, got {row!r}")
+        q = self.entropy_quantiles
+        if len(q) < 2 or list(q) != sorted(q) or not all(math.isfinite(v) for v in q):
+            raise TableError(f"table entropy_quantiles must be >= 2 increasing finite values, got {list(q)!r}")
+
+    @property
+    def group_size(self) -> int:
+        return int(self.settings.get("group_size", 64))
+
+    def to_json(self) -> dict:
+        """The JSON document (see the module docstring)."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": self.fingerprint,
+            "ladder": list(self.ladder),
+            "layers": [{"name": n, "numel": c, "kl": list(r)} for n, c, r in zip(self.names, self.numels, self.kl)],
+            "entropy_quantiles": list(self.entropy_quantiles),
+            "settings": dict(self.settings),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the table to ``path`` (JSON)."""
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+
+    @classmethod
+    def from_json(cls, doc: Any, source: str = "table") -> "PrecisionTable":
+        """Parse a JSON document; :class:`TableError` if it is not a valid version-1 table."""
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise TableError(f"{source} is not a csd precision table (no format={FORMAT!r}); "
+                             "make one with `csd-compile calibrate --model M --data D --out F`")
+        if doc.get("version") != VERSION:
+            raise TableError(f"{source} has table version {doc.get('version')!r}; this csd-compile reads version {VERSION}")
+        try:
+            layers = doc["layers"]
+            return cls(
+                fingerprint=str(doc["fingerprint"]),
+                ladder=tuple(int(b) for b in doc["ladder"]),
+                names=tuple(str(l["name"]) for l in layers),
+                numels=tuple(int(l["numel"]) for l in layers),
+                kl=tuple(tuple(float(v) for v in l["kl"]) for l in layers),
+                entropy_quantiles=tuple(float(v) for v in doc["entropy_quantiles"]),
+                settings=dict(doc.get("settings", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, TableError):
+                raise
+            raise TableError(f"{source} is a corrupt precision table ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "PrecisionTable":
+        """Read a table; with ``model``, also check it was made for that model (fingerprint)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"precision table {path!r} not found; make one with "
+                                    "`csd-compile calibrate --model M --data D --out F`")
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TableError(f"precision table {path!r} is corrupt (not JSON: {e})") from None
+        table = cls.from_json(doc, source=f"precision table {path!r}")
+        if model is not None:
+            table.check_model(model)
+        return table
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`TableError` unless this table was calibrated on ``model``."""
+        fp = model_fingerprint(model, self.group_size)
+        if fp != self.fingerprint:
+            raise TableError(
+                f"precision table was calibrated for another model (fingerprint {self.fingerprint}, "
+                f"this model {fp}); run `csd-compile calibrate` for this model")
