@@ -20,6 +20,9 @@ if it was itself seen more than ``lambda`` times (evictions can only *lower* a c
 Memory is ``S * W * 12`` bytes whatever the vocabulary (default 4096 x 8: 384 KiB). ``decay()``
 halves all counts (an optional aging step for long sessions).
 
+Offline seeding: :func:`seed_from_prompts` counts the draft's disagreements with the target along
+the target's own greedy text (what the online step would count under exact acceptance).
+
 Files: ``torch.save`` of ``{"header": json, "keys": ..., "counts": ...}``; the JSON header holds the
 format name, ``FORMAT_VERSION``, the table geometry and the tokenizer fingerprint. Loading checks all
 of them and raises :class:`MemoryFileError` (a ``ValueError``) rather than ever starting from zero.
@@ -41,6 +44,7 @@ __all__ = [
     "MemoryFileError",
     "bucket_of",
     "pair_key",
+    "seed_from_prompts",
     "table_lookup",
     "table_record_",
     "tokenizer_fingerprint",
