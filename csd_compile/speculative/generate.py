@@ -2,14 +2,13 @@
 
 The loop is plain Python around one compiled draft-verify step (see ``step.py``): prefill eagerly,
 then call the step until every row has ``max_new_tokens`` tokens or hit EOS, reading the emitted
-tokens once per step. Compiled steps and caches live in an :class:`Engine`, kept per model (weakly)
-and per shape, so a second call with another ``max_new_tokens`` in the same cache bucket reuses them.
+tokens once per step. Compiled steps and caches live in an :class:`Engine`, kept on the model
+(per draft and shape), so a second call with another ``max_new_tokens`` in the same cache bucket reuses them.
 """
 
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +21,15 @@ from .step import build_step, prefill
 
 __all__ = ["Engine", "generate"]
 
-_ENGINES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_STORE_ATTR = "_csd_speculative_engines"
+
+
+class _EngineStore(dict):
+    """Engines of one model, kept on the model itself (their lifetime is the model's); a deep copy
+    of the model starts with none rather than copying compiled code and caches."""
+
+    def __deepcopy__(self, memo):
+        return _EngineStore()
 
 
 class Engine:
@@ -51,7 +58,10 @@ def _make_draft(target: nn.Module, args: GenerateArgs):
 
 
 def _engine(target: nn.Module, args: GenerateArgs, batch_size: int, max_len: int) -> Engine:
-    per_model = _ENGINES.setdefault(target, {})
+    per_model = target.__dict__.get(_STORE_ATTR)
+    if per_model is None:
+        per_model = _EngineStore()
+        target.__dict__[_STORE_ATTR] = per_model
     draft_key = args.draft if isinstance(args.draft, str) else id(args.draft)
     key = (draft_key, args.draft_bits, args.num_draft_tokens, batch_size, max_len, args.temperature,
            args.top_p, args.backend, repr(args.options), args.acceptance)
