@@ -17,8 +17,9 @@ Patterns (traced for fp32, bf16 and fp16 logits):
 
 The counting gate (``update=True``) has sequential semantics no vectorised torch expresses, so a
 step that wants counting calls ``torch.ops.csd.gate`` itself (``kernels.gate.make_csd_accept``);
-this pass only fuses what can be written in plain torch. The pattern matcher re-traces every match with its real shapes before
-replacing it, so a graph that differs (other slices, other dtypes) is left alone.
+this pass only fuses what can be written in plain torch. The pattern matcher re-traces every
+match with its real shapes before replacing it, so a graph that differs (other slices, other
+dtypes) is left alone.
 """
 
 from __future__ import annotations
