@@ -1,0 +1,205 @@
+"""FlexQuant frontier: dynamic precision vs static plans (average bits vs perplexity vs tok/s).
+
+Rows (each ``row(model, tokenizer, prompts, max_new_tokens) -> dict`` with ``tok_s``, ``texts``,
+``ids``, ``avg_bits``, ``ppl``; the model passed in is the unquantized bf16 model, never modified):
+
+- ``full``: the bf16 model as is (reference for perplexity and greedy agreement);
+- ``static8`` / ``static4``: every quantized linear at 8 / 4 bits;
+- ``sensitivity``: one static mixed plan from the precision table at the same average bits as
+  the dynamic policy (layers lowered least-sensitive first, no entropy);
+- ``random``: a static plan with the same average, layers lowered in a random order;
+- ``dynamic``: the entropy-driven policy (``enable_dynamic_precision``).
+
+Quality: perplexity on a slice of the Britannica text scored token by token (the dynamic plan of
+each token comes from the previous token's output, as in decoding) and greedy agreement with the
+full model on HumanEval prompts (matching prefix / max_new_tokens). Speed: HF eager greedy
+generate, batch 1. Run: ``python -m benchmarks.dynamic_rows --table T --avg-bits 6 --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from csd_compile.quant import quantize_, set_bits
+from csd_compile.quant.calibrate import calibration_text
+from csd_compile.quant.policy import enable_dynamic_precision, plan_for_budget, weighted_average
+from csd_compile.quant.table import PrecisionTable
+
+__all__ = ["frontier", "make_rows", "perplexity", "plot_frontier", "greedy_agreement"]
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens):
+    texts, ids_out, n_tok, elapsed = [], [], 0, 0.0
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="pt")["input_ids"]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+        elapsed += time.perf_counter() - t0
+        new = out[0, ids.shape[1]:].tolist()
+        n_tok += len(new)
+        ids_out.append(new)
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    return {"tok_s": n_tok / elapsed, "texts": texts, "ids": ids_out}
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str | None = None, *, context: int = 16, tokens: int = 96,
+               offset: int = 60_000) -> float:
+    """Perplexity of ``tokens`` tokens after ``context`` tokens, scored one token at a time."""
+    text = calibration_text()[offset:] if text is None else text
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : context + tokens + 1]
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    nll, n = 0.0, 0
+    for i in range(ids.shape[1] - 1):
+        logits = model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits[:, -1].float()
+        if i >= context:
+            nll -= float(torch.log_softmax(logits, -1)[0, ids[0, i + 1]])
+            n += 1
+    return float(torch.exp(torch.tensor(nll / n)))
+
+
+def greedy_agreement(ref_ids: list[list[int]], ids: list[list[int]]) -> float:
+    """Mean over prompts of (length of the common prefix) / (reference length)."""
+    fr = []
+    for a, b in zip(ref_ids, ids):
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        fr.append(k / max(len(a), 1))
+    return sum(fr) / len(fr)
+
+
+def _static(plan_fn):
+    def row(model, tokenizer, prompts, max_new_tokens):
+        m = copy.deepcopy(model)
+        quantize_(m, bits=8)
+        plan = plan_fn(m)
+        set_bits(m, plan)
+        out = _generate(m, tokenizer, prompts, max_new_tokens)
+        out["ppl"] = perplexity(m, tokenizer)
+        out["plan"] = plan if isinstance(plan, int) else list(plan)
+        return out
+    return row
+
+
+def make_rows(table: PrecisionTable, avg_bits: float, *, seed: int = 0, num_buckets: int = 8, spread: float = 1.5):
+    """``{name: row}`` for the frontier at the dynamic policy's budget ``avg_bits``."""
+    avg_of = lambda plan: weighted_average(table, plan)  # noqa: E731
+    sens_plan = plan_for_budget(table, avg_bits)
+    rng = random.Random(seed)
+    rand_kl = tuple(tuple(sorted((rng.random() for _ in table.ladder), reverse=True)) for _ in table.names)
+    rand_table = PrecisionTable(table.fingerprint, table.ladder, table.names, table.numels, rand_kl,
+                                table.entropy_quantiles, table.settings)
+    rand_plan = plan_for_budget(rand_table, avg_bits)
+
+    def full(model, tokenizer, prompts, max_new_tokens):
+        out = _generate(model, tokenizer, prompts, max_new_tokens)
+        return out | {"ppl": perplexity(model, tokenizer), "avg_bits": 16.0}
+
+    def with_avg(row, avg):
+        def wrapped(*a):
+            return row(*a) | {"avg_bits": avg}
+        return wrapped
+
+    def dynamic(model, tokenizer, prompts, max_new_tokens):
+        m = copy.deepcopy(model)
+        policy = enable_dynamic_precision(m, table, avg_bits, num_buckets=num_buckets, spread=spread)
+        plans = []
+        head = m.get_output_embeddings()
+        handle = head.register_forward_hook(lambda *_: plans.append(policy.plan.clone()))  # no sync
+        out = _generate(m, tokenizer, prompts, max_new_tokens)
+        used = [avg_of(p.tolist()) for p in plans]
+        plans.clear()
+        out["ppl"] = perplexity(m, tokenizer)
+        used_ppl = [avg_of(p.tolist()) for p in plans]
+        handle.remove()
+        return out | {"avg_bits": sum(used) / len(used), "avg_bits_ppl": sum(used_ppl) / len(used_ppl)}
+
+    return {
+        "full": full,
+        "static8": with_avg(_static(lambda m: 8), 8.0),
+        "static4": with_avg(_static(lambda m: 4), 4.0),
+        "sensitivity": with_avg(_static(lambda m: sens_plan), avg_of(sens_plan)),
+        "random": with_avg(_static(lambda m: rand_plan), avg_of(rand_plan)),
+        "dynamic": dynamic,
+    }
+
+
+def frontier(model, tokenizer, table: PrecisionTable, prompts: list[str], max_new_tokens: int,
+             avg_bits: float, **kw) -> list[dict]:
+    """Run every row of :func:`make_rows`; add greedy agreement with the ``full`` row."""
+    results = []
+    for name, row in make_rows(table, avg_bits, **kw).items():
+        r = row(model, tokenizer, prompts, max_new_tokens)
+        results.append({"name": name} | r)
+    ref = results[0]["ids"]
+    for r in results:
+        r["agreement"] = greedy_agreement(ref, r["ids"])
+    return results
+
+
+def plot_frontier(results: list[dict], path: str | Path) -> None:
+    """Two panels: perplexity and tok/s against average bits, one labelled point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "ppl", "perplexity (Britannica)"), (axes[1], "tok_s", "tok/s (eager, bs 1)")):
+        for r in results:
+            ax.scatter(r["avg_bits"], r[key])
+            ax.annotate(r["name"], (r["avg_bits"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("average weight bits")
+        ax.set_ylabel(label)
+    fig.suptitle("FlexQuant frontier, SmolLM2-135M bf16 (shared 2-core CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(results: list[dict]) -> str:
+    """A markdown table of the results."""
+    lines = ["| row | avg bits | perplexity | greedy agreement | tok/s |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['avg_bits']:.2f} | {r['ppl']:.2f} | {r['agreement']:.2f} | {r['tok_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--table", required=True)
+    ap.add_argument("--avg-bits", type=float, default=6.0)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args(argv)
+    from benchmarks.prompts import humaneval_problems
+    from csd_compile import load_model
+
+    model, tokenizer = load_model("smollm2-135m-instruct", dtype="bf16")
+    table = PrecisionTable.load(args.table, model)
+    probs = humaneval_problems()
+    prompts = [probs[(i * len(probs)) // args.prompts]["prompt"] for i in range(args.prompts)]
+    results = frontier(model, tokenizer, table, prompts, args.max_new_tokens, args.avg_bits)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dynamic_frontier.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k not in ("ids",)} for r in results], indent=1))
+    plot_frontier(results, out / "dynamic_frontier.png")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
