@@ -8,14 +8,21 @@ from .backend import CSDFallbackWarning, csd_backend
 from .config import CSDConfig, OptionError
 from .models import load_model
 from .quant import QLinear, quantize_, set_bits
+from .quant.calibrate import calibrate
+from .quant.policy import DynamicPrecisionPolicy, enable_dynamic_precision
+from .quant.table import PrecisionTable
 from .speculative import generate
 
 __all__ = [
     "CSDConfig",
     "CSDFallbackWarning",
+    "DynamicPrecisionPolicy",
     "OptionError",
+    "PrecisionTable",
     "QLinear",
+    "calibrate",
     "csd_backend",
+    "enable_dynamic_precision",
     "generate",
     "load_model",
     "quantize_",
