@@ -27,6 +27,7 @@ __all__ = [
     "row_nested_b8",
     "row_csd_compiled_b4",
     "row_csd_compiled_b8",
+    "row_inductor_bf16",
 ]
 
 
@@ -81,6 +82,16 @@ def _compiled_row(bits):
     return row
 
 
+def row_inductor_bf16(model, tokenizer, prompts, max_new_tokens) -> dict:
+    """HF greedy, static cache, decode step compiled by plain Inductor, bf16 (unquantized)."""
+    from csd_compile.models.hf_generate import compile_config
+
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    kw = dict(cache_implementation="static", max_cache_len=256, compile_config=compile_config(None, backend="inductor"))
+    _decode_rows(m, tokenizer, prompts[:1], max_new_tokens, **kw)
+    return _decode_rows(m, tokenizer, prompts, max_new_tokens, **kw) | {"bits": 16}
+
+
 row_csd_compiled_b8 = _compiled_row(8)
 row_csd_compiled_b4 = _compiled_row(4)
 
@@ -119,10 +130,12 @@ if __name__ == "__main__":  # python -m benchmarks.quant_rows
 
     model, tok = load_model("smollm2-135m-instruct", dtype="bf16")
     if "ppl" in sys.argv[1:]:
-        for r in perplexity_table(model, tok, max_tokens=2048):
+        for r in perplexity_table(model, tok, max_tokens=1024):
             print(r, flush=True)
     else:
         prompts = ["The history of the printing press", "def fibonacci(n):", "Explain photosynthesis simply."]
-        for name in ("row_bf16_eager", "row_nested_b8", "row_nested_b4", "row_nested_b3", "row_nested_b2"):
+        names = [a for a in sys.argv[1:] if a.startswith("row_")] or [
+            "row_bf16_eager", "row_nested_b8", "row_nested_b4", "row_nested_b3", "row_nested_b2"]
+        for name in names:
             r = globals()[name](model, tok, prompts, 64)
             print(name, round(r["tok_s"], 2), repr(r["texts"][0][:60]), flush=True)
