@@ -93,15 +93,19 @@ def _static(plan_fn):
     return row
 
 
-def make_rows(table: PrecisionTable, avg_bits: float, *, seed: int = 0, num_buckets: int = 8, spread: float = 1.5):
-    """``{name: row}`` for the frontier at the dynamic policy's budget ``avg_bits``."""
-    avg_of = lambda plan: weighted_average(table, plan)  # noqa: E731
-    sens_plan = plan_for_budget(table, avg_bits)
-    rng = random.Random(seed)
-    rand_kl = tuple(tuple(sorted((rng.random() for _ in table.ladder), reverse=True)) for _ in table.names)
-    rand_table = PrecisionTable(table.fingerprint, table.ladder, table.names, table.numels, rand_kl,
-                                table.entropy_quantiles, table.settings)
-    rand_plan = plan_for_budget(rand_table, avg_bits)
+def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, num_buckets: int = 8, spread: float = 1.5):
+    """``{name: row}`` for the frontier at the dynamic policy's budget ``avg_bits`` (without a
+    table: only ``full``, ``static8`` and ``static4``)."""
+    if table is None:  # only the rows that need no precision table
+        avg_of = sens_plan = rand_plan = None
+    else:
+        avg_of = lambda plan: weighted_average(table, plan)  # noqa: E731
+        sens_plan = plan_for_budget(table, avg_bits)
+        rng = random.Random(seed)
+        rand_kl = tuple(tuple(sorted((rng.random() for _ in table.ladder), reverse=True)) for _ in table.names)
+        rand_table = PrecisionTable(table.fingerprint, table.ladder, table.names, table.numels, rand_kl,
+                                    table.entropy_quantiles, table.settings)
+        rand_plan = plan_for_budget(rand_table, avg_bits)
 
     def full(model, tokenizer, prompts, max_new_tokens):
         out = _generate(model, tokenizer, prompts, max_new_tokens)
@@ -126,26 +130,37 @@ def make_rows(table: PrecisionTable, avg_bits: float, *, seed: int = 0, num_buck
         handle.remove()
         return out | {"avg_bits": sum(used) / len(used), "avg_bits_ppl": sum(used_ppl) / len(used_ppl)}
 
-    return {
+    rows = {
         "full": full,
         "static8": with_avg(_static(lambda m: 8), 8.0),
         "static4": with_avg(_static(lambda m: 4), 4.0),
+    }
+    if table is None:
+        return rows
+    return rows | {
         "sensitivity": with_avg(_static(lambda m: sens_plan), avg_of(sens_plan)),
         "random": with_avg(_static(lambda m: rand_plan), avg_of(rand_plan)),
         "dynamic": dynamic,
     }
 
 
-def frontier(model, tokenizer, table: PrecisionTable, prompts: list[str], max_new_tokens: int,
-             avg_bits: float, **kw) -> list[dict]:
-    """Run every row of :func:`make_rows`; add greedy agreement with the ``full`` row."""
-    results = []
-    for name, row in make_rows(table, avg_bits, **kw).items():
-        r = row(model, tokenizer, prompts, max_new_tokens)
-        results.append({"name": name} | r)
-    ref = results[0]["ids"]
+def frontier(model, tokenizer, table: PrecisionTable | None, prompts: list[str], max_new_tokens: int,
+             avg_bits: float, *, rows: list[str] | None = None, previous: list[dict] = (), **kw) -> list[dict]:
+    """Run the rows of :func:`make_rows` (all, or those named in ``rows``) after the ``previous``
+    results; add greedy agreement with the ``full`` row."""
+    table_rows = make_rows(table, avg_bits, **kw)
+    unknown = set(rows or ()) - set(table_rows)
+    if unknown:
+        raise ValueError(f"unknown rows {sorted(unknown)}; choose from {list(table_rows)}")
+    results = list(previous)
+    for name, row in table_rows.items():
+        if rows is None or name in rows:
+            r = row(model, tokenizer, prompts, max_new_tokens)
+            results.append({"name": name} | r)
+            print(f"{name}: ppl {r['ppl']:.3f} avg_bits {r['avg_bits']:.2f} tok/s {r['tok_s']:.2f}", flush=True)
+    ref = next((r["ids"] for r in results if r["name"] == "full"), None)
     for r in results:
-        r["agreement"] = greedy_agreement(ref, r["ids"])
+        r["agreement"] = greedy_agreement(ref, r["ids"]) if ref is not None else float("nan")
     return results
 
 
@@ -179,24 +194,33 @@ def markdown(results: list[dict]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--table", required=True)
+    ap.add_argument("--table", default=None, help="precision table (needed by sensitivity/random/dynamic)")
     ap.add_argument("--avg-bits", type=float, default=6.0)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--ppl-tokens", type=int, default=96)
+    ap.add_argument("--rows", nargs="*", default=None, help="rows to run (default: all)")
+    ap.add_argument("--previous", default=None, help="JSON results of an earlier run to merge")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
+    global perplexity
+    import functools
+
+    perplexity = functools.partial(perplexity, tokens=args.ppl_tokens)
     from benchmarks.prompts import humaneval_problems
     from csd_compile import load_model
 
     model, tokenizer = load_model("smollm2-135m-instruct", dtype="bf16")
-    table = PrecisionTable.load(args.table, model)
+    table = PrecisionTable.load(args.table, model) if args.table else None
     probs = humaneval_problems()
     prompts = [probs[(i * len(probs)) // args.prompts]["prompt"] for i in range(args.prompts)]
-    results = frontier(model, tokenizer, table, prompts, args.max_new_tokens, args.avg_bits)
+    previous = json.loads(Path(args.previous).read_text()) if args.previous else []
+    results = frontier(model, tokenizer, table, prompts, args.max_new_tokens, args.avg_bits, rows=args.rows,
+                       previous=previous)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dynamic_frontier.json").write_text(json.dumps(
-        [{k: v for k, v in r.items() if k not in ("ids",)} for r in results], indent=1))
+        results, indent=1))
     plot_frontier(results, out / "dynamic_frontier.png")
     print(markdown(results))
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import SUPPORTED_BITS
 
-__all__ = ["PrecisionTable", "TableError", "model_fingerprint", "quantizable_linears"]
+__all__ = ["PrecisionTable", "TableError", "model_fingerprint", "quantizable_linears", "weights_fingerprint"]
 
 FORMAT = "csd-precision-table"
 VERSION = 1
@@ -82,12 +82,26 @@ def model_fingerprint(model: nn.Module, group_size: int = 64) -> str:
     layer, so the same checkpoint matches in bf16, in fp32 and after ``quantize_``.
     """
     layers = quantizable_linears(model, group_size)
+    return _fingerprint([(n, _shape(m)) for n, m in layers], lambda i: _group_minima(layers[i][1], group_size))
+
+
+def weights_fingerprint(named_weights: list[tuple[str, torch.Tensor]], group_size: int = 64) -> str:
+    """:func:`model_fingerprint` from ``(module name, weight [N, K])`` pairs in module order, for
+    code that sees weights but not modules (a compile pass); names without the ``.weight``."""
+    def minima(i: int) -> torch.Tensor:
+        w = named_weights[i][1][:8].detach().float()
+        return w.reshape(w.shape[0], -1, group_size).amin(-1).to(torch.bfloat16).float().cpu()
+
+    return _fingerprint([(n, tuple(w.shape)) for n, w in named_weights], minima)
+
+
+def _fingerprint(shapes: list[tuple[str, tuple[int, int]]], minima) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([[name, list(_shape(mod))] for name, mod in layers]).encode())
-    picks = sorted({0, len(layers) // 2, len(layers) - 1}) if layers else []
+    h.update(json.dumps([[name, list(shape)] for name, shape in shapes]).encode())
+    picks = sorted({0, len(shapes) // 2, len(shapes) - 1}) if shapes else []
     with torch.no_grad():
         for i in picks:
-            h.update(_group_minima(layers[i][1], group_size).numpy().tobytes())
+            h.update(minima(i).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

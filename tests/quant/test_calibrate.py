@@ -156,3 +156,15 @@ def test_positions_scores_the_last_tokens_only(table_and_model):
     assert all(r[0] > 0 for r in t.kl)
     with pytest.raises(ValueError, match="positions"):
         calibrate(model, char_tokenizer, TEXT, window=16, positions=17, progress=False)
+
+
+def test_fingerprint_is_dtype_and_quantization_invariant():
+    from csd_compile.quant import quantize_
+    from csd_compile.quant.table import weights_fingerprint
+
+    fp = model_fingerprint(make_tiny_llama(seed=8))
+    assert model_fingerprint(make_tiny_llama(seed=8, dtype=torch.bfloat16)) == fp
+    assert model_fingerprint(quantize_(make_tiny_llama(seed=8), bits=4)) == fp
+    m = make_tiny_llama(seed=8)
+    assert weights_fingerprint([(n, l.weight) for n, l in quantizable_linears(m)]) == fp
+    assert model_fingerprint(make_tiny_llama(seed=9)) != fp
