@@ -36,6 +36,7 @@ from .table import PrecisionTable, TableError
 
 __all__ = [
     "DynamicPrecisionPolicy",
+    "bucket_plans",
     "check_avg_bits",
     "check_dynamic_options",
     "enable_dynamic_precision",
@@ -43,6 +44,7 @@ __all__ = [
     "next_token_entropy",
     "plan_for_budget",
     "static_plan",
+    "weighted_average",
 ]
 
 CALIBRATE_HINT = "csd-compile calibrate --model M --data britannica --out table.json"
@@ -222,7 +224,7 @@ class DynamicPrecisionPolicy(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         """Entropy of the last position (max over the batch: one plan serves the batch) -> plan."""
-        h = next_token_entropy(logits).amax()
+        h = next_token_entropy(logits.detach()).amax()
         self.entropy.copy_(h)
         bucket = torch.bucketize(h.reshape(1), self.edges)  # [1], a tensor index: no host sync
         self.plan.copy_(self.plans.index_select(0, bucket)[0])
