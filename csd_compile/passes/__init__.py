@@ -35,6 +35,10 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     new.meta = dict(gm.meta)
+    # AOT autograd reads Dynamo's per-placeholder source; deepcopy of the graph drops that attribute.
+    for old, node in zip(gm.graph.find_nodes(op="placeholder"), new.graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            node._dynamo_source = old._dynamo_source
     if hasattr(gm, "_param_name_to_source"):
         new._param_name_to_source = dict(gm._param_name_to_source)
     return new

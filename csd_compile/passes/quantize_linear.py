@@ -82,9 +82,6 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     init_bits = cfg.bits if isinstance(cfg.bits, int) else 8  # "dynamic": the policy sets it later
     group = cfg.group_size
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for n in placeholders:  # a deep-copied graph loses this node attribute; AOT autograd needs it
-        if not hasattr(n, "_dynamo_source") and "grapharg" in n.meta:
-            n._dynamo_source = n.meta["grapharg"].source
     values = dict(zip(placeholders, example_inputs))
     linears = _weight_linears(gm, values)
     skip = set() if cfg.quantize_lm_head else _lm_heads(gm, linears, values)
