@@ -87,3 +87,50 @@ def llama_cpp(ctx):
         return {"ids": torch.tensor([prompt + new])}
 
     return run
+
+
+def _csd_generate_runner(model, ctx: BenchContext, **kw):
+    import csd_compile
+
+    eos = ctx.tokenizer.eos_token_id
+
+    def run(ids):
+        out, stats = csd_compile.generate(
+            model, ids, max_new_tokens=ctx.max_new_tokens, eos_token_id=eos, return_stats=True,
+            max_cache_len=ctx.max_cache_len, **kw,
+        )
+        return {"ids": out, "mean_accepted": stats["mean_accepted"],
+                "tokens_per_target_forward": stats["tokens_per_target_forward"]}
+
+    return run
+
+
+@system("csd-ngram", "csd_compile.generate, lossless, n-gram prompt-lookup draft, bf16")
+def csd_ngram(ctx):
+    return _csd_generate_runner(ctx.load("bf16"), ctx, draft="ngram")
+
+
+@system("csd-self4", "csd_compile.generate, lossless, the model itself at 4 bits as draft, bf16")
+def csd_self4(ctx):
+    return _csd_generate_runner(ctx.load("bf16"), ctx, draft="self", draft_bits=4)
+
+
+@system("hf-assisted-q4", "HF assisted generation, assistant = the model at 4 bits (csd QLinear), bf16")
+def hf_assisted_q4(ctx):
+    import copy
+
+    from csd_compile.quant import quantize_
+
+    model = ctx.load("bf16")
+    assistant = quantize_(copy.deepcopy(model), bits=4, group_size=64)
+    return _hf_runner(model, ctx, assistant_model=assistant)
+
+
+@system("csd-int8", "HF greedy, static cache, backend='csd' with options bits=8 (weights at 8 bits)")
+def csd_int8(ctx):
+    return _static_compiled(ctx, "csd", {"bits": 8})
+
+
+@system("csd-int4", "HF greedy, static cache, backend='csd' with options bits=4 (weights at 4 bits)")
+def csd_int4(ctx):
+    return _static_compiled(ctx, "csd", {"bits": 4})
