@@ -148,9 +148,9 @@ def calibrate(
     *,
     ladder: Sequence[int] = SUPPORTED_BITS,
     group_size: int = 64,
-    window: int = 64,
+    window: int = 32,
     num_windows: int = 4,
-    positions: int | None = None,
+    positions: int | None = 16,
     out: str | os.PathLike | None = None,
     progress: bool = True,
     fake_quantize: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
@@ -265,8 +265,8 @@ def _progress(total: int, enabled: bool):
 
 
 def calibrate_main(model_name: str, data: str = "britannica", out: str | os.PathLike = "precision_table.json", *,
-                   dtype: str = "bf16", ladder: Sequence[int] = SUPPORTED_BITS, window: int = 64,
-                   num_windows: int = 4, positions: int | None = None, group_size: int = 64,
+                   dtype: str = "bf16", ladder: Sequence[int] = SUPPORTED_BITS, window: int = 32,
+                   num_windows: int = 4, positions: int | None = 16, group_size: int = 64,
                    progress: bool = True) -> PrecisionTable:
     """The core of ``csd-compile calibrate --model M --data D --out F`` (no argparse here).
 
