@@ -150,7 +150,7 @@ def calibrate(
     group_size: int = 64,
     window: int = 32,
     num_windows: int = 4,
-    positions: int | None = 16,
+    positions: int | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
     fake_quantize: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
@@ -165,7 +165,8 @@ def calibrate(
         group_size: quantization group size (one of ``SUPPORTED_GROUP_SIZES``).
         window, num_windows: the batch run per variant: ``num_windows`` windows of ``window`` tokens.
         positions: score the next-token distributions of the last ``positions`` tokens of each
-            window (``None`` = all); fewer skips most of the LM head's cost (HF ``logits_to_keep``).
+            window (``None`` = the last ``min(16, window)``); fewer skips most of the LM head's cost
+            (HF ``logits_to_keep``); ``positions=window`` scores every position.
         out: if given, the JSON table is written there.
         progress: show a tqdm progress bar.
         fake_quantize: ``(weight, bits, group_size) -> weight`` (default: the nested format's).
@@ -181,7 +182,7 @@ def calibrate(
             raise ValueError(f"{key}={v!r} must be a positive int")
     if window < 2:
         raise ValueError(f"window={window} must be >= 2 tokens")
-    keep = window if positions is None else positions
+    keep = min(16, window) if positions is None else positions
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= window:
         raise ValueError(f"positions={positions!r} must be an int in [1, window={window}] or None")
     keep = 0 if keep == window else keep
@@ -266,7 +267,7 @@ def _progress(total: int, enabled: bool):
 
 def calibrate_main(model_name: str, data: str = "britannica", out: str | os.PathLike = "precision_table.json", *,
                    dtype: str = "bf16", ladder: Sequence[int] = SUPPORTED_BITS, window: int = 32,
-                   num_windows: int = 4, positions: int | None = 16, group_size: int = 64,
+                   num_windows: int = 4, positions: int | None = None, group_size: int = 64,
                    progress: bool = True) -> PrecisionTable:
     """The core of ``csd-compile calibrate --model M --data D --out F`` (no argparse here).
 
