@@ -128,7 +128,8 @@ def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, n
         out["ppl"] = perplexity(m, tokenizer)
         used_ppl = [avg_of(p.tolist()) for p in plans]
         handle.remove()
-        return out | {"avg_bits": sum(used) / len(used), "avg_bits_ppl": sum(used_ppl) / len(used_ppl)}
+        mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+        return out | {"avg_bits": mean(used), "avg_bits_ppl": mean(used_ppl)}
 
     rows = {
         "full": full,
