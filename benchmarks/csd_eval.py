@@ -1,0 +1,325 @@
+"""CSD evaluation: exact vs csd acceptance with the same draft ("self", 4 bits) on HumanEval prompts.
+
+For each problem both modes generate (order alternating per problem, so tok/s is measured
+interleaved); the csd memory is seeded offline from held-out prompts (``calibration_prompts`` +
+``seed_from_prompts``) and then keeps learning online. Reported per mode: mean accepted length,
+median tok/s, HumanEval pass@1 (each completion run against its tests in a sandboxed subprocess),
+the full-precision target's mean log-likelihood per generated token (teacher-forced on the mode's own
+output), and the emitted tokens that differ from the fp32 target's argmax (for csd: the rescued
+pairs; for exact: the bf16-vs-fp32 near-tie noise floor), decoded and put in coarse categories.
+
+    python -m benchmarks.csd_eval --problems 12 --max-new-tokens 160 --out results/csd_eval
+
+Writes ``DIR/csd_eval.json`` and ``DIR/csd_eval.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "build_program", "extract_code", "main", "run_sandboxed", "token_category", "mean_loglik", "divergent_pairs",
+]
+
+_SANDBOX_PREAMBLE = '''\
+import socket as _s
+def _no_net(*a, **k):
+    raise OSError("network disabled in the pass@1 sandbox")
+_s.socket = _no_net
+_s.create_connection = _no_net
+_s.getaddrinfo = _no_net
+del _s
+'''
+
+
+def extract_code(reply: str) -> str:
+    """The code of a chat reply: the first fenced block (```python or ```), else the whole reply.
+
+    An unterminated fence (the reply was cut by ``max_new_tokens``) yields everything after it.
+    """
+    if not isinstance(reply, str):
+        raise TypeError(f"reply must be a str, got {type(reply).__name__}")
+    m = re.search(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", reply, flags=re.S)
+    return m.group(1) if m else reply
+
+
+def build_program(problem: dict, reply: str) -> str:
+    """The test program for ``problem`` (a HumanEval record) and a model ``reply``.
+
+    If the extracted code defines the entry point it follows the problem's prompt (so the prompt's
+    imports are there and the model's definition wins); otherwise it is taken as the body that
+    continues the prompt. Then the problem's ``test`` and ``check(entry_point)``.
+    """
+    missing = {"prompt", "test", "entry_point"} - set(problem)
+    if missing:
+        raise ValueError(f"problem is missing HumanEval fields {sorted(missing)}")
+    code = extract_code(reply)
+    entry = problem["entry_point"]
+    if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, flags=re.M):
+        body = problem["prompt"] + "\n    pass\n\n" + code
+    else:
+        body = problem["prompt"] + code
+    return f"{body}\n\n{problem['test']}\n\ncheck({entry})\n"
+
+
+def _limits(cpu_s: int, mem_bytes: int):
+    def apply():  # runs in the child before exec
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
+        resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        os.setsid()
+
+    return apply
+
+
+def run_sandboxed(program: str, timeout: float = 10.0, mem_mb: int = 1024) -> dict:
+    """Run ``program`` in ``python -I`` in a fresh temporary directory with resource limits.
+
+    Sandbox: isolated mode (no user site, no env vars), an empty environment, cwd = a temporary
+    directory deleted afterwards, CPU-time / address-space / file-size limits, a wall-clock
+    ``timeout``, and sockets disabled by a preamble. Returns ``{"passed", "returncode", "timeout",
+    "stderr"}`` (``passed`` iff exit status 0 within the timeout).
+    """
+    if not isinstance(program, str):
+        raise TypeError(f"program must be a str, got {type(program).__name__}")
+    if not timeout > 0:
+        raise ValueError(f"timeout={timeout!r} must be > 0 seconds")
+    with tempfile.TemporaryDirectory(prefix="csd-pass1-") as tmp:
+        path = Path(tmp) / "prog.py"
+        path.write_text(_SANDBOX_PREAMBLE + program)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-I", str(path)], cwd=tmp, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                text=True, timeout=timeout, preexec_fn=_limits(int(timeout) + 1, mem_mb << 20),
+            )
+        except subprocess.TimeoutExpired:
+            return {"passed": False, "returncode": None, "timeout": True, "stderr": ""}
+    return {"passed": proc.returncode == 0, "returncode": proc.returncode, "timeout": False, "stderr": proc.stderr[-500:]}
+
+
+def token_category(draft_text: str, target_text: str) -> str:
+    """A coarse category of a (emitted, target-argmax) pair of decoded tokens.
+
+    ``whitespace``: they differ only in whitespace; ``punctuation``: both are punctuation (after
+    stripping, at least one non-empty); ``formatting``: either holds a newline, backtick, ``#`` or
+    ``*``, or one is pure whitespace; ``synonym``: both are (stripped) alphabetic words;
+    ``other`` otherwise (numbers, identifiers, mixed).
+    """
+    a, b = draft_text, target_text
+    sa, sb = a.strip(), b.strip()
+    if sa == sb:
+        return "whitespace"
+    punct = set(string.punctuation)
+    if (sa or sb) and all(c in punct for c in sa + sb):
+        return "punctuation"
+    if any(c in s for s in (a, b) for c in "\n`#*") or not sa or not sb:
+        return "formatting"
+    if sa.isalpha() and sb.isalpha():
+        return "synonym"
+    return "other"
+
+
+@torch.no_grad()
+def _teacher_forced(model, ids: torch.Tensor, n_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the generated tokens and the model's argmax at those positions (1-D each)."""
+    logits = model(ids).logits[0, n_prompt - 1 : -1].float()
+    gen = ids[0, n_prompt:]
+    logp = torch.log_softmax(logits, -1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
+    return logp, logits.argmax(-1)
+
+
+def mean_loglik(logps: list[torch.Tensor]) -> float:
+    """Mean log-likelihood per token over several sequences' per-token log-probs."""
+    total = sum(float(x.sum()) for x in logps)
+    count = sum(x.numel() for x in logps)
+    if count == 0:
+        raise ValueError("no generated tokens to score")
+    return total / count
+
+
+def divergent_pairs(emitted: torch.Tensor, argmax: torch.Tensor) -> Counter:
+    """``Counter`` of (emitted, argmax) id pairs where they differ."""
+    miss = emitted != argmax
+    return Counter(zip(emitted[miss].tolist(), argmax[miss].tolist()))
+
+
+def _strip_tail(new: torch.Tensor, eos: set[int]) -> torch.Tensor:
+    out = new.tolist()
+    for j, t in enumerate(out):
+        if t in eos:
+            return new[: j + 1]
+    return new
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.csd_eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", type=int, default=12, help="HumanEval problems (spread over the set)")
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--seed-prompts", type=int, default=8, help="held-out prompts to seed the memory")
+    ap.add_argument("--seed-tokens", type=int, default=48, help="tokens per seeding prompt")
+    ap.add_argument("--lambda", dest="lambda_", type=float, default=6.0)
+    ap.add_argument("--tau", type=float, default=0.01)
+    ap.add_argument("--num-draft-tokens", type=int, default=6)
+    ap.add_argument("--backend", default="csd", help="step compile backend; 'none' runs eagerly")
+    ap.add_argument("--timeout", type=float, default=10.0, help="pass@1 sandbox timeout (s)")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    for name in ("problems", "max_new_tokens", "seed_prompts", "seed_tokens", "num_draft_tokens"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be >= 1")
+    if not a.lambda_ >= 0:
+        ap.error(f"--lambda={a.lambda_} must be >= 0")
+    if not 0 < a.tau <= 1:
+        ap.error(f"--tau={a.tau} must be in (0, 1]")
+    return a
+
+
+def main(argv=None) -> dict:
+    """Run the evaluation (CLI in the module docstring); returns the JSON result."""
+    a = _parse(argv)
+    from csd_compile import load_model
+    from csd_compile.data import _code_prompt, _spread, calibration_prompts, humaneval_problems
+    from csd_compile.kernels.gate import make_csd_accept
+    from csd_compile.models.hf_generate import encode_prompt
+    from csd_compile.speculative import generate
+    from csd_compile.speculative.memory import CorrectionMemory, seed_from_prompts, tokenizer_fingerprint
+
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(f"[csd_eval {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2-135m-instruct", dtype="bf16")
+    ref, _ = load_model("smollm2-135m-instruct", dtype="fp32")
+    model.eval(), ref.eval()
+    enc = lambda text: encode_prompt(tok, text, chat=True)  # noqa: E731
+
+    memory = CorrectionMemory(lambda_=a.lambda_, fingerprint=tokenizer_fingerprint(tok))
+    t0 = time.perf_counter()
+    seeds = [enc(p)[0] for p in calibration_prompts(a.seed_prompts)]
+    recorded = seed_from_prompts(memory, model, tok, seeds, draft="self", max_new_tokens=a.seed_tokens, progress=False)
+    seeded_frequent = sum(1 for _, _, c in memory.top_pairs(memory.capacity) if c > a.lambda_)
+    log(f"seeded memory: {recorded} pairs recorded, {seeded_frequent} frequent, {time.perf_counter() - t0:.0f}s")
+
+    backend = None if a.backend == "none" else a.backend
+    accept = {"exact": None, "csd": make_csd_accept(memory, tau=a.tau)}
+    kw = dict(draft="self", draft_bits=4, num_draft_tokens=a.num_draft_tokens, compile_backend=backend)
+    warm = enc(calibration_prompts(a.seed_prompts + 1)[-1])
+    for mode in ("exact", "csd"):  # compile both steps once (the warm-up also feeds the csd memory)
+        t0 = time.perf_counter()
+        generate(model, warm, max_new_tokens=16, acceptance=accept[mode], **kw)
+        log(f"{mode}: warm-up/compile {time.perf_counter() - t0:.0f}s")
+
+    problems = _spread(humaneval_problems(), a.problems)
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    rows = {m: [] for m in ("exact", "csd")}
+    for i, prob in enumerate(problems):
+        ids = enc(_code_prompt(prob))
+        for mode in (("exact", "csd") if i % 2 == 0 else ("csd", "exact")):
+            out, st = generate(model, ids, max_new_tokens=a.max_new_tokens, acceptance=accept[mode], return_stats=True, **kw)
+            new = _strip_tail(out[0, ids.shape[1]:].cpu(), eos)
+            full = torch.cat([ids[0], new]).unsqueeze(0)
+            logp, amax = _teacher_forced(ref, full, ids.shape[1])
+            reply = tok.decode(new, skip_special_tokens=True)
+            res = run_sandboxed(build_program(prob, reply), timeout=a.timeout)
+            rows[mode].append({
+                "task_id": prob["task_id"], "passed": res["passed"], "timeout": res["timeout"],
+                "mean_accepted": st["mean_accepted"], "tok_s": st["tok_per_s"], "new_tokens": int(new.numel()),
+                "logp": logp, "pairs": divergent_pairs(new, amax), "reply": reply,
+            })
+        log(f"{i + 1}/{len(problems)} {prob['task_id']}: exact pass={rows['exact'][-1]['passed']} "
+            f"acc={rows['exact'][-1]['mean_accepted']:.2f} | csd pass={rows['csd'][-1]['passed']} "
+            f"acc={rows['csd'][-1]['mean_accepted']:.2f}")
+
+    result = _summarise(a, rows, tok, memory, recorded, seeded_frequent)
+    (out_dir / "csd_eval.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "csd_eval.md").write_text(_markdown(result))
+    log(f"wrote {out_dir / 'csd_eval.json'} and {out_dir / 'csd_eval.md'}")
+    return result
+
+
+def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
+    res = {"settings": {k: v for k, v in vars(a).items()}, "machine": "CPU, shared with other jobs (timings noisy)",
+           "memory": {"seeded_pairs_recorded": recorded, "seeded_frequent_pairs": seeded_frequent,
+                      "pairs_in_table_after": int(memory.num_pairs())}, "modes": {}}
+    for mode, rs in rows.items():
+        pairs = Counter()
+        for r in rs:
+            pairs.update(r["pairs"])
+        top = []
+        for (x, t), c in pairs.most_common(15):
+            xs, ts = tok.decode([x]), tok.decode([t])
+            top.append({"emitted": xs, "target": ts, "count": c, "category": token_category(xs, ts)})
+        cats = Counter()
+        for (x, t), c in pairs.items():
+            cats[token_category(tok.decode([x]), tok.decode([t]))] += c
+        n_tok = sum(r["new_tokens"] for r in rs)
+        res["modes"][mode] = {
+            "mean_accepted": statistics.mean(r["mean_accepted"] for r in rs),
+            "tok_s_median": statistics.median(r["tok_s"] for r in rs),
+            "pass_at_1": sum(r["passed"] for r in rs) / len(rs),
+            "passed": sum(r["passed"] for r in rs), "problems": len(rs),
+            "mean_loglik_per_token": mean_loglik([r["logp"] for r in rs]),
+            "new_tokens": n_tok, "diverged_from_fp32_argmax": sum(pairs.values()),
+            "diverged_categories": dict(cats), "top_pairs": top,
+            "per_problem": [{k: r[k] for k in ("task_id", "passed", "timeout", "mean_accepted", "tok_s", "new_tokens")}
+                            for r in rs],
+        }
+    e, c = res["modes"]["exact"], res["modes"]["csd"]
+    ratios = [rc["tok_s"] / re_["tok_s"] for re_, rc in zip(rows["exact"], rows["csd"])]
+    res["csd_vs_exact"] = {
+        "mean_accepted_ratio": c["mean_accepted"] / e["mean_accepted"] if e["mean_accepted"] else None,
+        "speedup_median_of_per_problem_ratios": statistics.median(ratios),
+        "speedup_ratio_of_medians": c["tok_s_median"] / e["tok_s_median"],
+        "loglik_rel_change": (c["mean_loglik_per_token"] - e["mean_loglik_per_token"]) / abs(e["mean_loglik_per_token"]),
+        "pass_at_1_delta": c["pass_at_1"] - e["pass_at_1"],
+    }
+    return res
+
+
+def _markdown(res: dict) -> str:
+    s = res["settings"]
+    lines = [
+        f"# CSD evaluation: exact vs csd acceptance, self draft (4 bits), K={s['num_draft_tokens']}",
+        "",
+        f"{s['problems']} HumanEval problems x {s['max_new_tokens']} new tokens; memory seeded on "
+        f"{s['seed_prompts']} held-out prompts x {s['seed_tokens']} tokens, lambda={s['lambda_']}, tau={s['tau']}; "
+        f"{res['machine']}.",
+        "",
+        "| mode | mean accepted | tok/s (median) | pass@1 | mean log-lik/token (fp32 target) | tokens != fp32 argmax |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, m in res["modes"].items():
+        lines.append(
+            f"| {mode} | {m['mean_accepted']:.3f} | {m['tok_s_median']:.1f} | {m['passed']}/{m['problems']} "
+            f"| {m['mean_loglik_per_token']:.4f} | {m['diverged_from_fp32_argmax']}/{m['new_tokens']} |"
+        )
+    r = res["csd_vs_exact"]
+    lines += ["", f"csd/exact: mean accepted x{r['mean_accepted_ratio']:.3f}, tok/s x{r['speedup_median_of_per_problem_ratios']:.3f} "
+              f"(median of per-problem ratios; x{r['speedup_ratio_of_medians']:.3f} ratio of medians), "
+              f"log-lik change {100 * r['loglik_rel_change']:+.2f}%, pass@1 delta {r['pass_at_1_delta']:+.3f}.", "",
+              f"Memory: {res['memory']}", ""]
+    for mode, m in res["modes"].items():
+        lines += [f"## {mode}: emitted tokens that differ from the fp32 target's argmax", "",
+                  f"categories: {m['diverged_categories']}", "", "| emitted | target | count | category |", "|---|---|---|---|"]
+        lines += [f"| {json.dumps(p['emitted'])} | {json.dumps(p['target'])} | {p['count']} | {p['category']} |" for p in m["top_pairs"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

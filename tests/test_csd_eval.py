@@ -1,0 +1,74 @@
+"""Pure helpers of benchmarks/csd_eval.py: code extraction, program building, the pass@1 sandbox, categories."""
+
+import torch
+import pytest
+
+from benchmarks.csd_eval import (
+    build_program, divergent_pairs, extract_code, mean_loglik, run_sandboxed, token_category,
+)
+
+PROBLEM = {
+    "task_id": "T/0",
+    "prompt": "import math\n\ndef area(r):\n    \"\"\"Area of a circle of radius r.\"\"\"\n",
+    "test": "def check(f):\n    assert abs(f(3.0) - 9 * math.pi) < 1e-9\n",
+    "entry_point": "area",
+}
+
+
+def test_extract_code_variants():
+    assert extract_code("Sure!\n```python\nx = 1\n```\nbye") == "x = 1\n"
+    assert extract_code("```\ny = 2\n```") == "y = 2\n"
+    assert extract_code("text\n```python\nz = 3\nw = 4") == "z = 3\nw = 4"  # cut by max_new_tokens
+    assert extract_code("    return 1\n") == "    return 1\n"
+    with pytest.raises(TypeError):
+        extract_code(None)
+
+
+def test_pass_and_fail_in_sandbox():
+    good = "```python\ndef area(r):\n    return math.pi * r * r\n```"
+    body_only = "    return math.pi * r ** 2\n"
+    wrong = "```python\ndef area(r):\n    return 2 * math.pi * r\n```"
+    assert run_sandboxed(build_program(PROBLEM, good))["passed"]
+    assert run_sandboxed(build_program(PROBLEM, body_only))["passed"]
+    res = run_sandboxed(build_program(PROBLEM, wrong))
+    assert not res["passed"] and "AssertionError" in res["stderr"]
+
+
+def test_sandbox_timeout_network_and_cwd():
+    res = run_sandboxed("while True:\n    pass\n", timeout=1.0)
+    assert res["timeout"] and not res["passed"]
+    net = run_sandboxed("import socket\nsocket.create_connection(('127.0.0.1', 9))\n")
+    assert not net["passed"] and "network disabled" in net["stderr"]
+    # the program runs in a fresh temporary directory that is removed afterwards
+    probe = run_sandboxed("import os, sys\nassert os.listdir('.') == ['prog.py'], os.listdir('.')\nassert sys.flags.isolated\n")
+    assert probe["passed"], probe["stderr"]
+
+
+def test_sandbox_bad_input():
+    with pytest.raises(ValueError, match="timeout"):
+        run_sandboxed("pass", timeout=0)
+    with pytest.raises(TypeError):
+        run_sandboxed(b"pass")
+    with pytest.raises(ValueError, match="entry_point"):
+        build_program({"prompt": "", "test": ""}, "x")
+
+
+@pytest.mark.parametrize("a,b,cat", [
+    (" the", "the", "whitespace"), (",", ".", "punctuation"), ("\n", " return", "formatting"), ("\n", "  ", "whitespace"), ("```", "def", "formatting"),
+    (" big", " large", "synonym"), ("1", "x2", "other"),
+])
+def test_token_category(a, b, cat):
+    assert token_category(a, b) == cat
+
+
+def test_loglik_and_pairs():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, generator=g), torch.randn(3, generator=g)
+    assert mean_loglik([a, b]) == pytest.approx(float(torch.cat([a, b]).mean()), rel=1e-6)
+    with pytest.raises(ValueError):
+        mean_loglik([torch.empty(0)])
+    em = torch.randint(0, 4, (50,), generator=g)
+    am = torch.randint(0, 4, (50,), generator=g)
+    c = divergent_pairs(em, am)
+    assert sum(c.values()) == int((em != am).sum())
+    assert all(x != t for x, t in c)
