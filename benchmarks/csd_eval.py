@@ -166,6 +166,14 @@ def _strip_tail(new: torch.Tensor, eos: set[int]) -> torch.Tensor:
     return new
 
 
+def _left_pad(ids: torch.Tensor, width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [1, width], attention_mask [1, width])`` with ``ids`` (1-D) left-padded by ``pad_id``."""
+    n = width - ids.numel()
+    padded = torch.cat([ids.new_full((n,), pad_id), ids]).unsqueeze(0)
+    mask = torch.cat([torch.zeros(n, dtype=torch.int64), torch.ones(ids.numel(), dtype=torch.int64)]).unsqueeze(0)
+    return padded, mask
+
+
 def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.csd_eval", description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=int, default=12, help="HumanEval problems (spread over the set)")
@@ -218,20 +226,26 @@ def main(argv=None) -> dict:
     backend = None if a.backend == "none" else a.backend
     accept = {"exact": None, "csd": make_csd_accept(memory, tau=a.tau)}
     kw = dict(draft="self", draft_bits=4, num_draft_tokens=a.num_draft_tokens, compile_backend=backend)
-    warm = enc(calibration_prompts(a.seed_prompts + 1)[-1])
+    problems = _spread(humaneval_problems(), a.problems)
+    prompts = [enc(_code_prompt(p))[0] for p in problems]
+    width = max(len(p) for p in prompts)  # left-pad every prompt to one length: one cache bucket, one compile
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    warm = enc(calibration_prompts(a.seed_prompts + 1)[-1])[0][-width:]
     for mode in ("exact", "csd"):  # compile both steps once (the warm-up also feeds the csd memory)
         t0 = time.perf_counter()
-        generate(model, warm, max_new_tokens=16, acceptance=accept[mode], **kw)
+        w_ids, w_mask = _left_pad(warm, width, pad_id)
+        generate(model, w_ids, attention_mask=w_mask, max_new_tokens=a.max_new_tokens, acceptance=accept[mode], **kw)
         log(f"{mode}: warm-up/compile {time.perf_counter() - t0:.0f}s")
 
-    problems = _spread(humaneval_problems(), a.problems)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     rows = {m: [] for m in ("exact", "csd")}
     for i, prob in enumerate(problems):
-        ids = enc(_code_prompt(prob))
+        ids = prompts[i].unsqueeze(0)
+        padded, mask = _left_pad(prompts[i], width, pad_id)
         for mode in (("exact", "csd") if i % 2 == 0 else ("csd", "exact")):
-            out, st = generate(model, ids, max_new_tokens=a.max_new_tokens, acceptance=accept[mode], return_stats=True, **kw)
-            new = _strip_tail(out[0, ids.shape[1]:].cpu(), eos)
+            out, st = generate(model, padded, attention_mask=mask, max_new_tokens=a.max_new_tokens,
+                               acceptance=accept[mode], return_stats=True, **kw)
+            new = _strip_tail(out[0, width:].cpu(), eos)
             full = torch.cat([ids[0], new]).unsqueeze(0)
             logp, amax = _teacher_forced(ref, full, ids.shape[1])
             reply = tok.decode(new, skip_special_tokens=True)
@@ -239,7 +253,7 @@ def main(argv=None) -> dict:
             rows[mode].append({
                 "task_id": prob["task_id"], "passed": res["passed"], "timeout": res["timeout"],
                 "mean_accepted": st["mean_accepted"], "tok_s": st["tok_per_s"], "new_tokens": int(new.numel()),
-                "logp": logp, "pairs": divergent_pairs(new, amax), "reply": reply,
+                "logp": logp, "pairs": divergent_pairs(new, amax), "reply": reply, "stderr": res["stderr"][-200:],
             })
         log(f"{i + 1}/{len(problems)} {prob['task_id']}: exact pass={rows['exact'][-1]['passed']} "
             f"acc={rows['exact'][-1]['mean_accepted']:.2f} | csd pass={rows['csd'][-1]['passed']} "
@@ -276,7 +290,8 @@ def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
             "mean_loglik_per_token": mean_loglik([r["logp"] for r in rs]),
             "new_tokens": n_tok, "diverged_from_fp32_argmax": sum(pairs.values()),
             "diverged_categories": dict(cats), "top_pairs": top,
-            "per_problem": [{k: r[k] for k in ("task_id", "passed", "timeout", "mean_accepted", "tok_s", "new_tokens")}
+            "per_problem": [{k: r[k] for k in ("task_id", "passed", "timeout", "mean_accepted", "tok_s", "new_tokens",
+                                                   "reply", "stderr")}
                             for r in rs],
         }
     e, c = res["modes"]["exact"], res["modes"]["csd"]

@@ -72,3 +72,23 @@ def test_loglik_and_pairs():
     c = divergent_pairs(em, am)
     assert sum(c.values()) == int((em != am).sum())
     assert all(x != t for x, t in c)
+
+
+def test_left_pad():
+    from benchmarks.csd_eval import _left_pad
+
+    ids = torch.randint(5, 50, (7,), generator=torch.Generator().manual_seed(3))
+    padded, mask = _left_pad(ids, 10, 0)
+    assert padded.shape == mask.shape == (1, 10)
+    assert torch.equal(padded[0, 3:], ids) and (padded[0, :3] == 0).all()
+    assert mask[0].tolist() == [0] * 3 + [1] * 7
+
+
+def test_canonical_humaneval_solutions_pass_and_stubs_fail():
+    from csd_compile.data import _spread, humaneval_problems
+
+    for p in _spread(humaneval_problems(), 3):
+        fenced = "Here:\n```python\n" + p["prompt"] + p["canonical_solution"] + "```\n"
+        assert run_sandboxed(build_program(p, fenced))["passed"], p["task_id"]
+        assert run_sandboxed(build_program(p, p["canonical_solution"]))["passed"], p["task_id"]
+        assert not run_sandboxed(build_program(p, "    return None\n"))["passed"], p["task_id"]
