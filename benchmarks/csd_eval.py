@@ -115,20 +115,20 @@ def run_sandboxed(program: str, timeout: float = 10.0, mem_mb: int = 1024) -> di
 def token_category(draft_text: str, target_text: str) -> str:
     """A coarse category of a (emitted, target-argmax) pair of decoded tokens.
 
-    ``whitespace``: they differ only in whitespace; ``punctuation``: both are punctuation (after
-    stripping, at least one non-empty); ``formatting``: either holds a newline, backtick, ``#`` or
-    ``*``, or one is pure whitespace; ``synonym``: both are (stripped) alphabetic words;
-    ``other`` otherwise (numbers, identifiers, mixed).
+    ``whitespace``: they differ only in whitespace; ``formatting``: either holds a newline, backtick,
+    ``#`` or ``*``, or one is pure whitespace; ``punctuation``: both are punctuation (after
+    stripping); ``synonym``: both are (stripped) alphabetic words; ``other`` otherwise (numbers,
+    identifiers, mixed).
     """
     a, b = draft_text, target_text
     sa, sb = a.strip(), b.strip()
     if sa == sb:
         return "whitespace"
-    punct = set(string.punctuation)
-    if (sa or sb) and all(c in punct for c in sa + sb):
-        return "punctuation"
     if any(c in s for s in (a, b) for c in "\n`#*") or not sa or not sb:
         return "formatting"
+    punct = set(string.punctuation)
+    if all(c in punct for c in sa + sb):
+        return "punctuation"
     if sa.isalpha() and sb.isalpha():
         return "synonym"
     return "other"

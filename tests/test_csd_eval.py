@@ -55,7 +55,7 @@ def test_sandbox_bad_input():
 
 @pytest.mark.parametrize("a,b,cat", [
     (" the", "the", "whitespace"), (",", ".", "punctuation"), ("\n", " return", "formatting"), ("\n", "  ", "whitespace"), ("```", "def", "formatting"),
-    (" big", " large", "synonym"), ("1", "x2", "other"),
+    (" big", " large", "synonym"), ("1", "x2", "other"), ("\n", "```", "formatting"), (")", " ]", "punctuation"),
 ])
 def test_token_category(a, b, cat):
     assert token_category(a, b) == cat
