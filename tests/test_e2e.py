@@ -22,7 +22,7 @@ def _eager_greedy_text(dtype: str, max_new_tokens: int) -> tuple[str, int]:
 
 
 def test_cli_generate_through_csd_backend_equals_eager_greedy(capsys):
-    assert main(["generate", "--prompt", PROMPT, "--chat", "--max-new-tokens", "20", "--dtype", "fp32"]) == 0
+    assert main(["generate", "--prompt", PROMPT, "--chat", "--max-new-tokens", "20", "--dtype", "fp32", "--draft", "none"]) == 0
     out, err = capsys.readouterr()
     expected, n_new = _eager_greedy_text("fp32", 20)
     assert len(expected.strip()) > 10
@@ -33,7 +33,7 @@ def test_cli_generate_through_csd_backend_equals_eager_greedy(capsys):
 
 
 def test_cli_generate_eager_streams_text(capsys):
-    assert main(["generate", "--prompt", PROMPT, "--chat", "--max-new-tokens", "8", "--no-compile"]) == 0
+    assert main(["generate", "--prompt", PROMPT, "--chat", "--max-new-tokens", "8", "--no-compile", "--draft", "none"]) == 0
     out, err = capsys.readouterr()
     expected, n_new = _eager_greedy_text("bf16", 8)
     assert out.strip() == expected.strip() and f"new tokens {n_new} |" in err and "backend eager bf16" in err
