@@ -55,6 +55,15 @@ def csd_backend(
             f"torch.compile mode={mode!r} is not supported by the csd backend; use options= instead"
         )
 
+    if cfg.bits == "dynamic":
+        # The per-token policy is not inside the compiled graph yet; say how to get it rather than
+        # silently compiling static 8-bit weights.
+        raise _OptionErrorForDynamo(
+            "options bits='dynamic' is not compiled into the graph yet; call "
+            "csd_compile.enable_dynamic_precision(model, table, avg_bits) and then "
+            "torch.compile(model, backend='csd') (that path is tested: 1 graph, 0 recompiles)"
+        )
+
     compiled_gm = gm
     passes = pre_aot_passes(cfg)
     if passes:

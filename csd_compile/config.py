@@ -97,6 +97,11 @@ class CSDConfig:
                 raise OptionError(f"option 'avg_bits'={self.avg_bits!r} is outside [{lo}, {hi}]")
             if bits != "dynamic":
                 raise OptionError(f"option 'avg_bits' needs bits='dynamic', got bits={bits!r}")
+        if bits == "dynamic" and self.calibration is None:
+            raise OptionError(
+                "option bits='dynamic' needs 'calibration', a precision-requirement table; make one with "
+                "`csd-compile calibrate --model MODEL --data britannica --out table.json`"
+            )
         if self.calibration is not None:
             _check_type("calibration", self.calibration, (str, os.PathLike))
             object.__setattr__(self, "calibration", os.fspath(self.calibration))

@@ -77,3 +77,9 @@ def test_failing_pass_falls_back_to_inductor_with_one_warning(monkeypatch):
     assert "'broken'" in str(ours[0].message) and "cannot handle this graph" in str(ours[0].message)
     assert seen_graphs, "the pass ran"
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_bits_in_the_backend_points_to_the_supported_path():
+    fn = torch.compile(lambda x: x + 1, backend="csd", options={"bits": "dynamic", "calibration": "t.json"})
+    with pytest.raises(ValueError, match="enable_dynamic_precision"):
+        fn(torch.randn(3))

@@ -45,8 +45,9 @@ def test_options_dict_is_not_mutated():
         ({"tau": 1.5}, r"'tau'=1.5 must be in \(0, 1\]"),
         ({"tau": "high"}, r"'tau'='high' has type str"),
         ({"avg_bits": 5.0}, r"'avg_bits' needs bits='dynamic'"),
-        ({"bits": "dynamic", "avg_bits": 1.0}, r"'avg_bits'=1.0 is outside \[2, 16\]"),
-        ({"bits": "dynamic", "avg_bits": float("nan")}, r"'avg_bits'=nan"),
+        ({"bits": "dynamic", "avg_bits": 1.0, "calibration": "t.json"}, r"'avg_bits'=1.0 is outside \[2, 16\]"),
+        ({"bits": "dynamic", "avg_bits": float("nan"), "calibration": "t.json"}, r"'avg_bits'=nan"),
+        ({"bits": "dynamic"}, r"bits='dynamic' needs 'calibration'.*csd-compile calibrate --model"),
         ({"calibration": 3}, r"'calibration'=3 has type int"),
     ],
 )
@@ -63,8 +64,9 @@ def test_options_must_be_a_mapping():
 @given(bits=st.one_of(st.integers(-4, 20), st.sampled_from([None, "dynamic"])))
 def test_bits_accepts_exactly_the_ladder(bits):
     ok = bits is None or bits == "dynamic" or bits in SUPPORTED_BITS
+    opts = {"bits": bits, "calibration": "table.json"} if bits == "dynamic" else {"bits": bits}
     if ok:
-        assert CSDConfig.from_options({"bits": bits}).bits == bits
+        assert CSDConfig.from_options(opts).bits == bits
     else:
         with pytest.raises(OptionError):
-            CSDConfig.from_options({"bits": bits})
+            CSDConfig.from_options(opts)
