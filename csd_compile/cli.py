@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights/activations dtype (default bf16)")
     gen.add_argument("--no-compile", action="store_true", help="run eagerly, without torch.compile")
     gen.add_argument(
-        "--draft", choices=("none", "self", "ngram"), default="self",
-        help="speculative draft: the model itself at low bits (self, default), prompt lookup (ngram), or none (plain decoding)",
+        "--draft", choices=("none", "self", "ngram"), default="none",
+        help="speculative draft: none (plain decoding, default), the model itself at low bits (self), or prompt lookup (ngram)",
     )
     gen.add_argument("--num-draft-tokens", type=_positive_int, default=None, help="drafts per step (default: the engine's)")
     gen.add_argument("--draft-bits", type=int, choices=(2, 3, 4, 8), default=4, help="bits of the self draft (default 4)")
