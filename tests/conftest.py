@@ -35,7 +35,9 @@ def tiny_llama():
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    # reset() drops compiled code but not the global counters tests read (unique_graphs, ...)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
 
