@@ -101,7 +101,7 @@ def run(
 
     from . import systems as _  # noqa: F401  (registers the systems)
 
-    names = systems or [n for n, s in SYSTEMS.items() if s.default]
+    names = list(systems) if systems else [n for n, s in SYSTEMS.items() if s.default]  # never edit the caller's list
     if BASELINE not in names:
         names = [BASELINE] + names
     skipped = {}
@@ -112,7 +112,7 @@ def run(
             names.remove(n)
             print(f"[bench] skipping {n}: {why}", file=sys.stderr)
 
-    _, tokenizer = load_model(model_name, dtype="bf16", verbose=True)
+    _model, tokenizer = load_model(model_name, dtype="bf16", verbose=True)
     ctx = BenchContext(model_name=model_name, max_new_tokens=max_new_tokens, tokenizer=tokenizer)
     prompts = load_prompts(num_prompts)
     inputs = [encode_prompt(tokenizer, text, chat=True) for _, text in prompts]

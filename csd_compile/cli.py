@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -122,7 +121,7 @@ def cmd_generate(args, parser) -> int:
         _fail(parser, "generate", str(e))
 
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
 
     from .models import load_model
     from .models.hf_generate import TextPrinter, compile_config, encode_prompt
