@@ -83,9 +83,34 @@ def csd_backend(
 
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {}
+    if _has_cpu_qlinear(compiled_gm):
+        from .kernels import native
+
+        native.load()  # before tracing: the CPU lowering picks the C++ kernel when it exists
+    from .passes.cache_key import CacheKeyPass
+
+    patches: dict[str, Any] = {"post_grad_custom_post_pass": CacheKeyPass()}
+    if _all_cpu(example_inputs):
+        # Inductor inlines cheap pointwise producers into their consumers; in a decode step that
+        # puts the rotary embedding of the query (cos, sin) inside the attention's loop over every
+        # cache slot: recomputed 512 times, a fifth of the step. Realizing any producer of more
+        # than a few ops keeps such work out of reduction loops.
+        patches["realize_opcount_threshold"] = 4
     if cfg.acceptance == "csd":
         from .passes.fuse_gating import FuseGatingPass
 
         patches["post_grad_custom_pre_pass"] = FuseGatingPass()
-    return compile_fx(compiled_gm, example_inputs, config_patches=patches or None)
+    return compile_fx(compiled_gm, example_inputs, config_patches=patches)
+
+
+def _all_cpu(example_inputs: Sequence[Any]) -> bool:
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    return devices == {"cpu"}
+
+
+def _has_cpu_qlinear(gm: fx.GraphModule) -> bool:
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.csd.qlinear.default):
+        val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
+        if isinstance(val, torch.Tensor) and val.device.type == "cpu":
+            return True
+    return False

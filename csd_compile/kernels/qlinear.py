@@ -6,10 +6,12 @@ per-layer plan) *inside* the op: changing it never recompiles and never syncs th
 
 - CUDA: a Triton kernel (``triton_op`` + ``wrap_triton``) that loads ``bits`` through a pointer,
   dequantizes a [BLOCK_K, BLOCK_N] tile in registers and accumulates in fp32.
-- CPU: ``csd::qlinear_cpu``, an opaque op dispatching on the bit-width: bf16 activations with few
-  rows go through PyTorch's int4 CPU kernel, which reads the high-nibble plane as is (4-bit), a
-  shifted copy of it (3/2-bit), or both planes (8-bit = two int4 products); other cases dequantize
-  once and call ``F.linear``.
+- CPU: ``csd::qlinear_cpu_native``, a C++ kernel (``csrc/qlinear_cpu.cpp``, built on first use by
+  ``native.load()``) that reads the rung's codes straight from the nested planes: up to 16 rows
+  decode each 64-row weight tile once and multiply it by every row (decode and verify); more rows
+  dequantize once and call a dense GEMM. Without a C++ compiler, ``csd::qlinear_cpu`` (PyTorch ops:
+  PyTorch's int4 CPU kernel on the high-nibble plane, or dequantize + ``F.linear``) computes the
+  same values more slowly.
 - ``qlinear_ref``: the pure-torch reference every path is tested against.
 """
 
@@ -24,6 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..quant.nested import check_bits, dequantize
+from . import native
 
 __all__ = ["qlinear", "qlinear_ref", "qlinear_triton", "check_qlinear_args"]
 
@@ -217,8 +220,16 @@ def qlinear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: tor
     Returns [..., N] in x's dtype. No bias (add it outside). Supported bits: 2, 3, 4, 8.
     """
     if x.device.type == "cpu":
+        check_qlinear_args(x, qdata, scale, zero, bits)
+        if native.load():
+            return torch.ops.csd.qlinear_cpu_native(x, qdata, scale, zero, bits)
         return torch.ops.csd.qlinear_cpu(x, qdata, scale, zero, bits)
     return qlinear_triton(x, qdata, scale, zero, bits)
 
 
 qlinear.register_fake(_fake)
+
+
+def register_native_fake() -> None:
+    """Shape rule of the C++ op (called by ``native.load`` once the op exists)."""
+    torch.library.register_fake("csd::qlinear_cpu_native")(_fake)

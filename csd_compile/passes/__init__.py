@@ -46,7 +46,9 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def pre_aot_passes(cfg: CSDConfig) -> list[tuple[str, PassFn]]:
     """The passes to run for ``cfg``, in order, as ``(name, fn)`` pairs."""
-    passes: list[tuple[str, PassFn]] = []
+    from .decode_attention import decode_attention
+
+    passes: list[tuple[str, PassFn]] = [("decode_attention", decode_attention)]
     if cfg.bits is not None:
         from .quantize_linear import quantize_linear
 

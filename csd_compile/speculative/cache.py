@@ -2,7 +2,7 @@
 
 Rows of a batch advance independently during speculative decoding (each accepts its own number of
 drafts), so one shared write offset (HF ``StaticCache``) does not fit. :class:`RowCache` keeps
-``[B, H, L, D]`` buffers per layer and scatters the new keys/values of row ``b`` at slots
+``[B, H, L, D]`` buffers per layer and writes the new keys/values of row ``b`` at slots
 ``start[b] .. start[b] + T - 1``. Rollback is free: a row's next write starts at its new length and
 overwrites the stale slots; :func:`row_mask` hides every slot at or past the query's own slot.
 """
@@ -35,11 +35,13 @@ class RowCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write ``key_states``/``value_states`` ``[B, H, T, D]`` at each row's slots; return the buffers."""
         B, H, T, D = key_states.shape
-        slots = self.start.view(B, 1, 1, 1) + torch.arange(T, device=key_states.device).view(1, 1, T, 1)
-        idx = slots.expand(B, H, T, D)
+        rows = torch.arange(B, device=key_states.device).view(B, 1)
+        slots = self.start.view(B, 1) + torch.arange(T, device=key_states.device).view(1, T)  # [B, T]
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        k.scatter_(2, idx, key_states.to(k.dtype))
-        v.scatter_(2, idx, value_states.to(v.dtype))
+        # index_put_ on the [B, L, H, D] view writes just the B*T new slots in place; a scatter_
+        # here is functionalized into a copy of the whole cache per layer and step.
+        k.transpose(1, 2).index_put_((rows, slots), key_states.transpose(1, 2).to(k.dtype))
+        v.transpose(1, 2).index_put_((rows, slots), value_states.transpose(1, 2).to(v.dtype))
         return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -25,7 +25,7 @@ def _rel_err(y, r):
     n=st.sampled_from([16, 32, 48, 64, 96, 130, 192]),
     groups=st.integers(1, 3),
     group=st.sampled_from([32, 64, 128]),
-    m=st.sampled_from([1, 2, 3, 5, 9]),
+    m=st.sampled_from([1, 2, 3, 5, 9, 16, 17, 40]),  # 17 and 40 take the dequantize + GEMM path
     lead=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     bits=st.sampled_from(BITS),
@@ -43,6 +43,40 @@ def test_cpu_op_matches_reference(n, groups, group, m, lead, dtype, bits, seed):
     exact = (x.float() @ dequantize(*nw, bits).T).to(dtype)
     torch.testing.assert_close(r, exact, rtol=0, atol=0)
     assert _rel_err(y, r) < (1e-5 if dtype == torch.float32 else 6e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.sampled_from([2, 16, 64, 130, 256]),
+    group=st.sampled_from([32, 64, 128]),
+    m=st.integers(1, 20),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    bits=st.sampled_from(BITS),
+    seed=st.integers(0, 2**16),
+)
+def test_native_and_pytorch_cpu_kernels_agree_with_reference(n, group, m, dtype, bits, seed):
+    """Both CPU kernels directly: the C++ one (the default) and the PyTorch fallback."""
+    from csd_compile.kernels import native
+
+    assert native.load(), "the C++ CPU kernels should build on this machine"
+    nw = _nested(n, 2 * group, group, seed)
+    x = torch.randn(m, 2 * group, generator=torch.Generator().manual_seed(seed + 7)).to(dtype)
+    b = torch.tensor(bits)
+    r = qlinear_ref(x, *nw, b)
+    tol = 1e-5 if dtype == torch.float32 else 6e-3
+    for op in (torch.ops.csd.qlinear_cpu_native, torch.ops.csd.qlinear_cpu):
+        y = op(x, *nw, b)
+        assert y.shape == r.shape and y.dtype == dtype
+        assert _rel_err(y, r) < tol, op
+
+
+def test_native_kernel_rejects_bad_bits_at_run_time():
+    from csd_compile.kernels import native
+
+    assert native.load()
+    nw = _nested(64, 64, 32, 0)
+    with pytest.raises(ValueError, match="bits=5"):
+        torch.ops.csd.qlinear_cpu_native(torch.randn(1, 64), *nw, torch.tensor(5))
 
 
 def test_bits_from_a_plan_entry_and_int64():

@@ -1,0 +1,104 @@
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from csd_compile.config import CSDConfig
+from csd_compile.passes.decode_attention import MAX_QUERIES, _SDPA_TARGETS, attention_math, decode_attention
+
+
+def _rewritten(fn, *args):
+    """Run ``fn`` through Dynamo with a backend that applies the pass; return (output, graph)."""
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["gm"] = decode_attention(gm, example_inputs, CSDConfig.from_options(None))
+        return seen["gm"]
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return out, seen["gm"]
+
+
+def _sdpa_count(gm):
+    return sum(n.op == "call_function" and n.target in _SDPA_TARGETS for n in gm.graph.nodes)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    t=st.integers(1, MAX_QUERIES),
+    length=st.integers(1, 40),
+    heads=st.sampled_from([(4, 4), (4, 2), (6, 2)]),
+    mask_kind=st.sampled_from(["bool", "float", None]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_short_queries_become_math_attention_with_same_values(t, length, heads, mask_kind, dtype, seed):
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, hq, t, 16, generator=g).to(dtype)
+    k = torch.randn(2, hkv, length, 16, generator=g).to(dtype)
+    v = torch.randn(2, hkv, length, 16, generator=g).to(dtype)
+    mask = None
+    if mask_kind is not None:
+        visible = torch.rand(2, 1, t, length, generator=g) < 0.7
+        visible[..., 0] = True  # every query sees at least one slot
+        mask = visible if mask_kind == "bool" else torch.zeros(visible.shape).masked_fill(~visible, -1e9).to(dtype)
+
+    def fn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=hq != hkv)
+
+    out, gm = _rewritten(fn, q, k, v, mask)
+    assert _sdpa_count(gm) == 0
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask if mask is None or
+                                              mask.dtype == torch.bool else mask.float(), scale=0.3,
+                                              enable_gqa=hq != hkv)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert out.dtype == dtype
+
+
+def test_long_queries_causal_and_dropout_keep_sdpa():
+    q = torch.randn(1, 2, MAX_QUERIES + 1, 8)
+    kv = torch.randn(1, 2, MAX_QUERIES + 1, 8)
+    _, gm = _rewritten(lambda q, k: F.scaled_dot_product_attention(q, k, k), q, kv)
+    assert _sdpa_count(gm) == 1
+    q1 = torch.randn(1, 2, 3, 8)
+    _, gm = _rewritten(lambda q, k: F.scaled_dot_product_attention(q, k, k, is_causal=True), q1, torch.randn(1, 2, 3, 8))
+    assert _sdpa_count(gm) == 1
+
+
+def test_attention_math_matches_sdpa_eagerly():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 3, 2, 8, generator=g) for _ in range(3))
+    torch.testing.assert_close(attention_math(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+@torch.no_grad()
+def test_tiny_llama_decode_step_has_no_sdpa_and_same_logits():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from csd_compile.speculative.cache import RowCache
+    from csd_compile.speculative.drafts import model_forward
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    pad = torch.zeros(1, dtype=torch.long)
+    prompt = torch.randint(0, 96, (1, 9))
+
+    def run(fn):
+        cache = RowCache(cfg, 1, 32, dtype=torch.float32)
+        model_forward(model, cache, prompt[:, :6], torch.zeros(1, dtype=torch.long), pad, 1)
+        return fn(cache, prompt[:, 6:], torch.tensor([6]))
+
+    def step(cache, ids, start):
+        return model_forward(model, cache, ids, start, pad, 3)
+
+    eager = run(step)
+    cache = RowCache(cfg, 1, 32, dtype=torch.float32)
+    model_forward(model, cache, prompt[:, :6], torch.zeros(1, dtype=torch.long), pad, 1)
+    out, gm = _rewritten(lambda ids, start: model_forward(model, cache, ids, start, pad, 3), prompt[:, 6:], torch.tensor([6]))
+    assert _sdpa_count(gm) == 0
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
