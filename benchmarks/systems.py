@@ -29,11 +29,11 @@ def hf_bf16(ctx):
     return _hf_runner(ctx.load("bf16"), ctx)
 
 
-def _static_compiled(ctx, backend: str, options=None):
+def _static_compiled(ctx, backend: str, options=None, model=None):
     from csd_compile.models.hf_generate import compile_config
 
     return _hf_runner(
-        ctx.load("bf16"),
+        ctx.load("bf16") if model is None else model,
         ctx,
         cache_implementation="static",
         max_cache_len=ctx.max_cache_len,
@@ -134,3 +134,38 @@ def csd_int8(ctx):
 @system("csd-int4", "HF greedy, static cache, backend='csd' with options bits=4 (weights at 4 bits)")
 def csd_int4(ctx):
     return _static_compiled(ctx, "csd", {"bits": 4})
+
+
+def _torchao_missing():
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (pip install --no-deps torchao)"
+    return None
+
+
+def _not_lm_head(module, fqn: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and not fqn.endswith("lm_head")
+
+
+@system("torchao-int8", "HF greedy, static cache, Inductor, torchao int8 weight-only (LM head bf16)",
+        available=_torchao_missing)
+def torchao_int8(ctx):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = ctx.load("bf16")
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=_not_lm_head)
+    return _static_compiled(ctx, "inductor", model=model)
+
+
+@system("torchao-int4", "HF greedy, static cache, Inductor, torchao int4 weight-only g64, its CPU "
+        "layout (Int4OpaqueTensor; LM head bf16)", available=_torchao_missing)
+def torchao_int4(ctx):
+    # torchao 0.18's Int4WeightOnlyConfig has no CPU packing format without extra packages; its
+    # CPU int4 tensor (PyTorch's _weight_int4pack_mm_for_cpu underneath) is applied directly.
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+    model = ctx.load("bf16")
+    for fqn, module in model.named_modules():
+        if _not_lm_head(module, fqn):
+            w = module.weight.detach()
+            module.weight = torch.nn.Parameter(Int4OpaqueTensor.from_hp(w, [1, 64]), requires_grad=False)
+    return _static_compiled(ctx, "inductor", model=model)
