@@ -25,8 +25,6 @@ dtypes) is left alone.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
 import warnings
 
 import torch
@@ -146,13 +144,7 @@ class FuseGatingPass(CustomGraphPass):
             warnings.warn(f"csd backend: fuse_gating skipped ({type(e).__name__}: {e})", CSDFallbackWarning, stacklevel=2)
 
     def uuid(self) -> str:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        files = [os.path.abspath(__file__), os.path.join(here, "kernels", "gate.py"),
-                 os.path.join(here, "speculative", "acceptance.py"), os.path.join(here, "speculative", "memory.py")]
-        h = hashlib.sha256()
-        for path in files:
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    h.update(f.read())
-        return h.hexdigest()
+        from .cache_key import source_fingerprint
+
+        return source_fingerprint()
 

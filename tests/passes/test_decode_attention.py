@@ -88,17 +88,13 @@ def test_tiny_llama_decode_step_has_no_sdpa_and_same_logits():
     pad = torch.zeros(1, dtype=torch.long)
     prompt = torch.randint(0, 96, (1, 9))
 
-    def run(fn):
+    def prefilled_cache():
         cache = RowCache(cfg, 1, 32, dtype=torch.float32)
         model_forward(model, cache, prompt[:, :6], torch.zeros(1, dtype=torch.long), pad, 1)
-        return fn(cache, prompt[:, 6:], torch.tensor([6]))
+        return cache
 
-    def step(cache, ids, start):
-        return model_forward(model, cache, ids, start, pad, 3)
-
-    eager = run(step)
-    cache = RowCache(cfg, 1, 32, dtype=torch.float32)
-    model_forward(model, cache, prompt[:, :6], torch.zeros(1, dtype=torch.long), pad, 1)
+    eager_cache, cache = prefilled_cache(), prefilled_cache()
+    eager = model_forward(model, eager_cache, prompt[:, 6:], torch.tensor([6]), pad, 3)
     out, gm = _rewritten(lambda ids, start: model_forward(model, cache, ids, start, pad, 3), prompt[:, 6:], torch.tensor([6]))
     assert _sdpa_count(gm) == 0
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
