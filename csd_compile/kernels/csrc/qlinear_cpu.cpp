@@ -31,6 +31,17 @@ constexpr int64_t kRowsPerPass = 4;
 // past this many activation rows, dequantizing once and calling a dense GEMM is faster
 constexpr int64_t kMaxBlockedRows = 16;
 
+// The b-bit code from the high nibble h and low nibble l of an 8-bit code (scalar paths).
+inline int rung_code(int h, int l, int bits) { return bits == 8 ? (h << 4) | l : h >> (4 - bits); }
+
+// Per (row, group): the rung decodes code c to c * S + Z (see the top of the file).
+struct RungAffine {
+  float S, Z;
+};
+inline RungAffine rung_affine(float scale, float zero, float mult) {
+  return {mult * scale, zero + 0.5f * (mult - 1.0f) * scale};
+}
+
 // GCC/Clang vector extensions: 16 lanes, lowered to AVX-512, AVX2 pairs or whatever the target has.
 typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
@@ -84,9 +95,9 @@ void block_rows(const float* xf, const float* xsum, int64_t K, int64_t G, int64_
       }
     }
     for (int j = 0; j < kBlock; ++j) {
-      const float s = scale[(n0 + j) * G + g];
-      S[j] = mult * s;
-      Z[j] = zero[(n0 + j) * G + g] + 0.5f * (mult - 1.0f) * s;
+      const RungAffine a = rung_affine(scale[(n0 + j) * G + g], zero[(n0 + j) * G + g], mult);
+      S[j] = a.S;
+      Z[j] = a.Z;
     }
     for (int m = 0; m < MR; ++m) {
       alignas(64) float a[kBlock];
@@ -119,9 +130,7 @@ void full_block(const float* xf, const float* xsum, int64_t M, int64_t K, int64_
 inline int tail_code(const uint8_t* hi_tail, const uint8_t* lo_tail, int64_t nt, int64_t i, int64_t k, int bits) {
   const int64_t byte = k * (nt / 2) + i / 2;
   const int sh = (i & 1) ? 4 : 0;
-  const int h = (hi_tail[byte] >> sh) & 15;
-  if (bits == 8) return (h << 4) | ((lo_tail[byte] >> sh) & 15);
-  return h >> (4 - bits);
+  return rung_code((hi_tail[byte] >> sh) & 15, (lo_tail[byte] >> sh) & 15, bits);
 }
 
 // Weight [N, K] in float of the b-bit rung.
@@ -132,8 +141,8 @@ void dequant_rows(const uint8_t* q, int64_t N, int64_t K, int64_t G, int64_t gs,
   const int64_t full = N / kBlock * kBlock;
   const float mult = static_cast<float>(1 << (8 - bits));
   auto decode = [&](int64_t n, int64_t k, int code) {
-    const float s = scale[n * G + k / gs];
-    w[n * K + k] = code * (mult * s) + zero[n * G + k / gs] + 0.5f * (mult - 1.0f) * s;
+    const RungAffine a = rung_affine(scale[n * G + k / gs], zero[n * G + k / gs], mult);
+    w[n * K + k] = code * a.S + a.Z;
   };
   at::parallel_for(0, full / kBlock, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -141,11 +150,8 @@ void dequant_rows(const uint8_t* q, int64_t N, int64_t K, int64_t G, int64_t gs,
         const uint8_t* hb = hi + (b * K + k) * 32;
         const uint8_t* lb = lo + (b * K + k) * 32;
         for (int j = 0; j < 32; ++j) {
-          int h0 = hb[j] & 15, h1 = hb[j] >> 4;
-          int c0 = bits == 8 ? (h0 << 4) | (lb[j] & 15) : h0 >> (4 - bits);
-          int c1 = bits == 8 ? (h1 << 4) | (lb[j] >> 4) : h1 >> (4 - bits);
-          decode(b * kBlock + j, k, c0);
-          decode(b * kBlock + j + 32, k, c1);
+          decode(b * kBlock + j, k, rung_code(hb[j] & 15, lb[j] & 15, bits));
+          decode(b * kBlock + j + 32, k, rung_code(hb[j] >> 4, lb[j] >> 4, bits));
         }
       }
     }
@@ -249,8 +255,8 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::T
           float acc = 0.f;
           for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
             acc += xp[m * K + k] * tail_code(ht, lt, nt, i, k, static_cast<int>(b));
-          const float s = sp[n * G + g];
-          total += mult * s * acc + (zp[n * G + g] + 0.5f * (mult - 1.0f) * s) * xsp[m * G + g];
+          const RungAffine a = rung_affine(sp[n * G + g], zp[n * G + g], mult);
+          total += a.S * acc + a.Z * xsp[m * G + g];
         }
         op[m * N + n] = total;
       }
