@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
-from .nested import check_bits, quantize
+from .nested import check_bits, group_minima, quantize
 from .registry import lookup_compiled_quant
 
 __all__ = ["QLinear", "quantize_", "quantized_linears", "set_bits"]
@@ -20,7 +20,9 @@ class QLinear(nn.Module):
     """A linear layer whose weight is stored once in the nested format and run at ``bits``.
 
     Buffers: ``qdata`` uint8 [2, N, K/2], ``scale``/``zero`` float32 [N, K/g], ``bits`` int32 0-d
-    (change it in place, e.g. with :func:`set_bits`; compiled code never recompiles for it).
+    (change it in place, e.g. with :func:`set_bits`; compiled code never recompiles for it), and
+    ``fingerprint_minima`` (not saved): :func:`~csd_compile.quant.nested.group_minima` of the
+    original weight, which calibration tables use to recognise the model.
     ``bias`` is the original layer's Parameter (shared, not copied).
     """
 
@@ -34,6 +36,7 @@ class QLinear(nn.Module):
         self.register_buffer("scale", nw.scale)
         self.register_buffer("zero", nw.zero)
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.int32, device=weight.device))
+        self.register_buffer("fingerprint_minima", group_minima(weight, group_size), persistent=False)
         self.bias = bias
 
     @classmethod

@@ -1,22 +1,26 @@
 """Nested ("any-precision") group-wise weight format: one stored copy serves bits 2, 3, 4 and 8.
 
-Quantization (per output row, per group of ``group_size`` input features) is asymmetric: with
-``lo = min(group)`` and ``s = (max - min) / 255``, the 8-bit code is ``q8 = round((w - lo) / s)``,
-decoded as ``lo + q8 * s`` (plain 8-bit RTN, exact at both ends of the group). The b-bit code is
-the top b bits of ``q8`` (``c = q8 >> (8 - b)``); with ``m = 2**(8-b)`` it selects the bin of m
-consecutive 8-bit codes ``[c*m, c*m + m - 1]`` and decodes to that bin's centre
-``lo + (c*m + (m-1)/2) * s``, i.e. per-rung scale ``m * s`` and zero ``lo + (m-1)/2 * s``, both
-derived from the two stored numbers. Every rung is thus a uniform b-bit quantizer over the group's
-range with bins 256/255 of a direct b-bit RTN step and error at most half a bin. No rung needs
-extra storage: memory is that of plain 8-bit group quantization (1 byte per weight plus two
-float32 numbers per group).
+Quantization (per output row, per group of ``group_size`` input features) is asymmetric and built
+so that the 4-bit rung *is* direct 4-bit round-to-nearest: with the group's RTN-4 grid (step
+``S = (max - min) / 15`` and origin ``lo = -round(-min / S) * S``, an integer zero point as in
+torchao / gpt-fast), the 8-bit step is ``s = S / 16`` and the 8-bit origin ``z = lo - 7.5 * s``.
+The 8-bit code is ``q8 = round((w - z) / s)`` (codes 8..248 for in-range weights), decoded as
+``z + q8 * s``. The b-bit code is the top b bits of ``q8`` (``c = q8 >> (8 - b)``); with
+``m = 2**(8-b)`` it selects the bin of m consecutive 8-bit codes and decodes to that bin's centre
+``z + (c*m + (m-1)/2) * s``, i.e. per-rung scale ``m * s`` and zero ``z + (m-1)/2 * s``, both
+derived from the two stored numbers. Because ``floor(round(16u + 7.5) / 16) = round(u)``, the
+4-bit codes equal the RTN-4 codes and the 4-bit rung decodes to ``lo + c * S``: the RTN-4 weight
+(up to float rounding at exact ties). The 8-bit rung has 241 of 256 codes in use (step 1/240 of
+the range instead of 1/255); the 3- and 2-bit rungs are uniform quantizers with bins 2 and 4 RTN-4
+steps wide. Every rung's error is at most half its bin. No rung needs extra storage: memory is
+that of plain 8-bit group quantization (1 byte per weight plus two float32 numbers per group).
 
 Storage (``NestedWeight``):
     qdata  uint8 [2, N, K/2]: plane 0 holds the high nibbles (the 4-bit codes), plane 1 the low
            nibbles, each packed two per byte in the layout of PyTorch's CPU int4 kernel
            (``aten._weight_int4pack_mm_for_cpu``), so the 4-bit rung feeds it with no copy.
     scale  float32 [N, K/group_size]: ``s`` above (the 8-bit step).
-    zero   float32 [N, K/group_size]: ``lo`` above (the group minimum).
+    zero   float32 [N, K/group_size]: ``z`` above (the value of 8-bit code 0).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ __all__ = [
     "check_bits",
     "dequantize",
     "fake_quantize",
+    "group_minima",
     "nested_codes",
     "pack_nibbles",
     "quantize",
@@ -84,10 +89,21 @@ def _codes8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     n, k = weight.shape
     w = weight.detach().float().reshape(n, k // group_size, group_size)
     lo = w.amin(-1)
-    scale = (w.amax(-1) - lo) / 255.0  # [N, K/g]
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round((w - lo[..., None]) / safe[..., None]).clamp_(0, 255)
-    return q.to(torch.uint8).reshape(n, k), scale, lo
+    step4 = (w.amax(-1) - lo) / 15.0  # the RTN-4 step [N, K/g]
+    live = step4 > 0
+    safe4 = torch.where(live, step4, torch.ones_like(step4))
+    origin = torch.where(live, -torch.round(-lo / safe4) * step4, lo)  # RTN-4 grid with integer zero point
+    scale = step4 / 16.0
+    zero = origin - 7.5 * scale
+    q = torch.round((w - zero[..., None]) / (safe4[..., None] / 16.0)).clamp_(0, 255)
+    return q.to(torch.uint8).reshape(n, k), scale, zero
+
+
+def group_minima(weight: torch.Tensor, group_size: int, rows: int = 8) -> torch.Tensor:
+    """The group minima of the first ``rows`` output rows of ``weight`` [N, K], bf16-rounded, on
+    the CPU: a cheap value sample that is the same for a checkpoint in bf16 and in fp32."""
+    w = weight[:rows].detach().float()
+    return w.reshape(w.shape[0], -1, group_size).amin(-1).to(torch.bfloat16).float().cpu()
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> torch.Tensor:

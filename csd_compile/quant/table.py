@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..config import SUPPORTED_BITS
+from .nested import group_minima
 
 __all__ = ["PrecisionTable", "TableError", "model_fingerprint", "quantizable_linears", "weights_fingerprint"]
 
@@ -62,17 +63,13 @@ def quantizable_linears(model: nn.Module, group_size: int = 64) -> list[tuple[st
     return out
 
 
-def _group_minima(mod: nn.Module, group_size: int, rows: int = 8) -> torch.Tensor:
-    """Group minima of the first ``rows`` output rows, in bf16: the same for the checkpoint in
-    bf16 or fp32, and for a ``QLinear`` (whose ``zero`` stores exactly these minima)."""
+def _group_minima(mod: nn.Module, group_size: int) -> torch.Tensor:
+    """:func:`group_minima` of a layer's weight; a ``QLinear`` kept them from its original weight."""
     from .linear import QLinear
 
     if isinstance(mod, QLinear):
-        lo = mod.zero[:rows]
-    else:
-        w = mod.weight[:rows].detach().float()
-        lo = w.reshape(w.shape[0], -1, group_size).amin(-1)
-    return lo.to(torch.bfloat16).float().cpu()
+        return mod.fingerprint_minima.cpu()
+    return group_minima(mod.weight, group_size)
 
 
 def model_fingerprint(model: nn.Module, group_size: int = 64) -> str:
@@ -88,11 +85,8 @@ def model_fingerprint(model: nn.Module, group_size: int = 64) -> str:
 def weights_fingerprint(named_weights: list[tuple[str, torch.Tensor]], group_size: int = 64) -> str:
     """:func:`model_fingerprint` from ``(module name, weight [N, K])`` pairs in module order, for
     code that sees weights but not modules (a compile pass); names without the ``.weight``."""
-    def minima(i: int) -> torch.Tensor:
-        w = named_weights[i][1][:8].detach().float()
-        return w.reshape(w.shape[0], -1, group_size).amin(-1).to(torch.bfloat16).float().cpu()
-
-    return _fingerprint([(n, tuple(w.shape)) for n, w in named_weights], minima)
+    return _fingerprint([(n, tuple(w.shape)) for n, w in named_weights],
+                        lambda i: group_minima(named_weights[i][1], group_size))
 
 
 def _fingerprint(shapes: list[tuple[str, tuple[int, int]]], minima) -> str:
