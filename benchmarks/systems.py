@@ -136,6 +136,16 @@ def csd_int4(ctx):
     return _static_compiled(ctx, "csd", {"bits": 4})
 
 
+@system("csd-int3", "HF greedy, static cache, backend='csd' with options bits=3 (weights at 3 bits)", default=False)
+def csd_int3(ctx):
+    return _static_compiled(ctx, "csd", {"bits": 3})
+
+
+@system("csd-int2", "HF greedy, static cache, backend='csd' with options bits=2 (weights at 2 bits)", default=False)
+def csd_int2(ctx):
+    return _static_compiled(ctx, "csd", {"bits": 2})
+
+
 def _torchao_missing():
     if importlib.util.find_spec("torchao") is None:
         return "torchao is not installed (pip install --no-deps torchao)"

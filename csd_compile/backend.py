@@ -55,14 +55,14 @@ def csd_backend(
             f"torch.compile mode={mode!r} is not supported by the csd backend; use options= instead"
         )
 
+    table = None
     if cfg.bits == "dynamic":
-        # The per-token policy is not inside the compiled graph yet; say how to get it rather than
-        # silently compiling static 8-bit weights.
-        raise _OptionErrorForDynamo(
-            "options bits='dynamic' is not compiled into the graph yet; call "
-            "csd_compile.enable_dynamic_precision(model, table, avg_bits) and then "
-            "torch.compile(model, backend='csd') (that path is tested: 1 graph, 0 recompiles)"
-        )
+        from .quant import compiled_policy
+
+        try:
+            table, avg_bits = compiled_policy.load_table(cfg.calibration, cfg.avg_bits, cfg.group_size)
+        except (OSError, ValueError) as e:
+            raise _OptionErrorForDynamo(str(e)) from None
 
     compiled_gm = gm
     passes = pre_aot_passes(cfg)
@@ -100,7 +100,14 @@ def csd_backend(
         from .passes.fuse_gating import FuseGatingPass
 
         patches["post_grad_custom_pre_pass"] = FuseGatingPass()
-    return compile_fx(compiled_gm, example_inputs, config_patches=patches)
+    driver = None
+    if table is not None and compiled_gm is not gm:  # (a graph that fell back runs unquantized)
+        try:
+            driver = compiled_policy.policy_for_graph(compiled_gm, example_inputs, table, avg_bits, cfg.group_size)
+        except ValueError as e:
+            raise _OptionErrorForDynamo(str(e)) from None
+    compiled = compile_fx(compiled_gm, example_inputs, config_patches=patches)
+    return compiled if driver is None else compiled_policy.wrap(compiled, *driver)
 
 
 def _all_cpu(example_inputs: Sequence[Any]) -> bool:

@@ -41,7 +41,8 @@ class CSDConfig:
             ``SUPPORTED_GROUP_SIZES``.
         quantize_lm_head: also quantize the output projection (off by default: it hurts quality
             most and is shared with the embedding in many models).
-        avg_bits: bit budget of the dynamic policy, between the lowest and highest rung.
+        avg_bits: bit budget of the dynamic policy, between the lowest and highest rung of the
+            table (default 6.0, clipped to its ladder).
         calibration: path of the precision-requirement table made by ``csd-compile calibrate``.
         acceptance: ``"exact"`` (lossless speculative decoding) or ``"csd"`` (calibrated rescue).
         ocm_lambda: option key ``"lambda"``: a rejected (draft, target) pair is a rescue

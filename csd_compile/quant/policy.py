@@ -214,11 +214,16 @@ class DynamicPrecisionPolicy(nn.Module):
                              "quantize with the table's group size and calibrate this model")
         if len(found) != self.plans.shape[1]:
             raise ValueError(f"model has {len(found)} quantized linears, the plans have {self.plans.shape[1]}")
-        self._targets = [t for _, t in found]
-        self.plans = self.plans.to(self._targets[0].device)
-        self.edges = self.edges.to(self._targets[0].device)
-        self.plan = self.plan.to(self._targets[0].device)
-        self.entropy = self.entropy.to(self._targets[0].device)
+        return self.drive([t for _, t in found])
+
+    def drive(self, targets: Sequence[torch.Tensor]) -> "DynamicPrecisionPolicy":
+        """Write every plan into ``targets`` (0-d bits tensors, one per layer, plan order), starting now."""
+        if len(targets) != self.plans.shape[1]:
+            raise ValueError(f"{len(targets)} bits tensors for plans of {self.plans.shape[1]} layers")
+        self._targets = list(targets)
+        device = self._targets[0].device
+        self.plans, self.edges = self.plans.to(device), self.edges.to(device)
+        self.plan, self.entropy = self.plan.to(device), self.entropy.to(device)
         torch._foreach_copy_(self._targets, list(self.plan.unbind()))
         return self
 

@@ -139,7 +139,9 @@ def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, tempera
             f"max_new_tokens={max_new_tokens} does not fit the static cache: the prompt ({S}) + "
             f"max_new_tokens + num_draft_tokens ({num_draft_tokens}) + 2 = {need} > max_cache_len={limit}"
         )
-    cache_len = min(limit, -(-need // 256) * 256)  # buckets of 256: other max_new_tokens reuse the graph
+    # an explicit max_cache_len is the cache length (one compiled step for every prompt that fits, as
+    # with HF's static cache); otherwise buckets of 256, so other lengths mostly reuse the graph
+    cache_len = limit if max_cache_len is not None else min(limit, -(-need // 256) * 256)
 
     eos = _eos_set(eos_token_id, target, generation_config)
     pad_id = getattr(target.config, "pad_token_id", None)

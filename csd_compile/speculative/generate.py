@@ -119,7 +119,9 @@ def generate(
         adaptive: adapt the drafts used per step within ``K`` (+2 after a full acceptance, -1 after a
             rejection); the compiled graph always has ``K`` slots.
         draft_bits: bit-width of the ``"self"`` draft.
-        max_cache_len: static cache length; default ``config.max_position_embeddings``.
+        max_cache_len: the static cache length: every call with the same value (and draft, ``K``, batch
+            size) reuses one compiled step. Default: the need rounded up to a multiple of 256, at most
+            ``config.max_position_embeddings``, so prompts of other lengths may compile another step.
         compile_backend: ``torch.compile`` backend of the step (``None`` runs it eagerly).
         compile_options: ``options=`` of that ``torch.compile``.
         acceptance: acceptance rule plugged into the step (see ``step.build_step``).

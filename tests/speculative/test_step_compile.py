@@ -37,3 +37,17 @@ def test_one_graph_no_recompile_over_varying_acceptance():
     assert backend.graphs == 1
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_explicit_cache_length_serves_every_prompt_with_one_graph():
+    """With ``max_cache_len`` given, prompts whose default 256-slot buckets differ share one step."""
+    target = make_tiny_llama(0)
+    backend = CountingCSD()
+    g = torch.Generator().manual_seed(3)
+    for S in (7, 270):  # default buckets: 256 and 512 slots
+        ids = torch.randint(3, 128, (1, S), generator=g)
+        ref = target.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = generate(target, ids, draft="ngram", num_draft_tokens=3, max_new_tokens=12, eos_token_id=[],
+                       compile_backend=backend, max_cache_len=320)
+        assert torch.equal(out, ref)
+    assert backend.graphs == 1
