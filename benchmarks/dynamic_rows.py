@@ -10,10 +10,12 @@ Rows (each ``row(model, tokenizer, prompts, max_new_tokens) -> dict`` with ``tok
 - ``random``: a static plan with the same average, layers lowered in a random order;
 - ``dynamic``: the entropy-driven policy (``enable_dynamic_precision``).
 
-Quality: perplexity on a slice of the Britannica text scored token by token (the dynamic plan of
-each token comes from the previous token's output, as in decoding) and greedy agreement with the
-full model on HumanEval prompts (matching prefix / max_new_tokens). Speed: HF eager greedy
-generate, batch 1. Run: ``python -m benchmarks.dynamic_rows --table T --avg-bits 6 --out DIR``.
+Speed: compiled (HF static cache; ``full`` with Inductor bf16, the rest with ``backend="csd"``,
+``dynamic`` through ``options={"bits": "dynamic"}``) when a table is given, else eager (``--eager``
+forces eager). Quality: perplexity on a slice of the Britannica text scored token by token (the
+dynamic plan of each token comes from the previous token's output, as in decoding) and greedy
+agreement with the full model on HumanEval prompts (matching prefix / max_new_tokens), batch 1.
+Run: ``python -m benchmarks.dynamic_rows --table T --avg-bits 6 --out DIR``.
 """
 
 from __future__ import annotations
@@ -35,14 +37,25 @@ from csd_compile.quant.table import PrecisionTable
 __all__ = ["frontier", "make_rows", "perplexity", "plot_frontier", "greedy_agreement"]
 
 
-def _generate(model, tokenizer, prompts, max_new_tokens):
+def _generate(model, tokenizer, prompts, max_new_tokens, compile_options=None, backend=None):
+    """Greedy generate every prompt; tok/s over all of them. With ``backend``, HF's static cache and
+    that backend (``compile_options`` as its options) compile the decode step; a warm-up on the first
+    prompt (compiles included) comes before the timed runs."""
+    kwargs = dict(attention_mask=None, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
+    if backend is not None:
+        from csd_compile.models.hf_generate import compile_config
+
+        longest = max(ids.shape[1] for ids in encoded) + max_new_tokens + 16
+        kwargs |= dict(cache_implementation="static", max_cache_len=256 * -(-longest // 256),
+                       compile_config=compile_config(compile_options, backend=backend))
+        with torch.no_grad():
+            model.generate(encoded[0], **(kwargs | {"attention_mask": torch.ones_like(encoded[0])}))
     texts, ids_out, n_tok, elapsed = [], [], 0, 0.0
-    for p in prompts:
-        ids = tokenizer(p, return_tensors="pt")["input_ids"]
+    for ids in encoded:
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+            out = model.generate(ids, **(kwargs | {"attention_mask": torch.ones_like(ids)}))
         elapsed += time.perf_counter() - t0
         new = out[0, ids.shape[1]:].tolist()
         n_tok += len(new)
@@ -80,22 +93,30 @@ def greedy_agreement(ref_ids: list[list[int]], ids: list[list[int]]) -> float:
     return sum(fr) / len(fr)
 
 
-def _static(plan_fn):
+def _static(plan_fn, backend=None):
     def row(model, tokenizer, prompts, max_new_tokens):
         m = copy.deepcopy(model)
         quantize_(m, bits=8)
         plan = plan_fn(m)
         set_bits(m, plan)
-        out = _generate(m, tokenizer, prompts, max_new_tokens)
+        out = _generate(m, tokenizer, prompts, max_new_tokens, backend=backend)
         out["ppl"] = perplexity(m, tokenizer)
         out["plan"] = plan if isinstance(plan, int) else list(plan)
         return out
     return row
 
 
-def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, num_buckets: int = 8, spread: float = 1.5):
+def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, num_buckets: int = 8, spread: float = 1.5,
+              table_path: str | None = None):
     """``{name: row}`` for the frontier at the dynamic policy's budget ``avg_bits`` (without a
-    table: only ``full``, ``static8`` and ``static4``)."""
+    table: only ``full``, ``static8`` and ``static4``).
+
+    With ``table_path`` (the table's file) speed is measured compiled, HF static cache: ``full``
+    with Inductor (bf16), the static plans with ``backend="csd"`` on ``QLinear`` modules, and
+    ``dynamic`` with ``options={"bits": "dynamic", ...}``; without it, eager. Perplexity and the
+    average bits always come from the eager model (the dynamic policy as a forward hook).
+    """
+    compiled = table_path is not None
     if table is None:  # only the rows that need no precision table
         avg_of = sens_plan = rand_plan = None
     else:
@@ -108,7 +129,8 @@ def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, n
         rand_plan = plan_for_budget(rand_table, avg_bits)
 
     def full(model, tokenizer, prompts, max_new_tokens):
-        out = _generate(model, tokenizer, prompts, max_new_tokens)
+        out = _generate(copy.deepcopy(model) if compiled else model, tokenizer, prompts, max_new_tokens,
+                        backend="inductor" if compiled else None)
         return out | {"ppl": perplexity(model, tokenizer), "avg_bits": 16.0}
 
     def with_avg(row, avg):
@@ -124,6 +146,9 @@ def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, n
         handle = head.register_forward_hook(lambda *_: plans.append(policy.plan.clone()))  # no sync
         out = _generate(m, tokenizer, prompts, max_new_tokens)
         used = [avg_of(p.tolist()) for p in plans]
+        if compiled:  # speed from the backend's own dynamic mode; texts and plans from the eager hook
+            options = {"bits": "dynamic", "calibration": table_path, "avg_bits": avg_bits}
+            out["tok_s"] = _generate(copy.deepcopy(model), tokenizer, prompts, max_new_tokens, options, "csd")["tok_s"]
         plans.clear()
         out["ppl"] = perplexity(m, tokenizer)
         used_ppl = [avg_of(p.tolist()) for p in plans]
@@ -131,16 +156,17 @@ def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, n
         mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
         return out | {"avg_bits": mean(used), "avg_bits_ppl": mean(used_ppl)}
 
+    backend = "csd" if compiled else None
     rows = {
         "full": full,
-        "static8": with_avg(_static(lambda m: 8), 8.0),
-        "static4": with_avg(_static(lambda m: 4), 4.0),
+        "static8": with_avg(_static(lambda m: 8, backend), 8.0),
+        "static4": with_avg(_static(lambda m: 4, backend), 4.0),
     }
     if table is None:
         return rows
     return rows | {
-        "sensitivity": with_avg(_static(lambda m: sens_plan), avg_of(sens_plan)),
-        "random": with_avg(_static(lambda m: rand_plan), avg_of(rand_plan)),
+        "sensitivity": with_avg(_static(lambda m: sens_plan, backend), avg_of(sens_plan)),
+        "random": with_avg(_static(lambda m: rand_plan, backend), avg_of(rand_plan)),
         "dynamic": dynamic,
     }
 
@@ -165,7 +191,7 @@ def frontier(model, tokenizer, table: PrecisionTable | None, prompts: list[str],
     return results
 
 
-def plot_frontier(results: list[dict], path: str | Path) -> None:
+def plot_frontier(results: list[dict], path: str | Path, speed_label: str = "tok/s (eager, bs 1)") -> None:
     """Two panels: perplexity and tok/s against average bits, one labelled point per row."""
     import matplotlib
 
@@ -173,7 +199,7 @@ def plot_frontier(results: list[dict], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "ppl", "perplexity (Britannica)"), (axes[1], "tok_s", "tok/s (eager, bs 1)")):
+    for ax, key, label in ((axes[0], "ppl", "perplexity (Britannica)"), (axes[1], "tok_s", speed_label)):
         for r in results:
             ax.scatter(r["avg_bits"], r[key])
             ax.annotate(r["name"], (r["avg_bits"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -202,6 +228,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ppl-tokens", type=int, default=96)
     ap.add_argument("--rows", nargs="*", default=None, help="rows to run (default: all)")
     ap.add_argument("--previous", default=None, help="JSON results of an earlier run to merge")
+    ap.add_argument("--eager", action="store_true", help="time eager generate instead of compiled (static cache)")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
     global perplexity
@@ -216,13 +243,15 @@ def main(argv=None) -> None:
     probs = humaneval_problems()
     prompts = [probs[(i * len(probs)) // args.prompts]["prompt"] for i in range(args.prompts)]
     previous = json.loads(Path(args.previous).read_text()) if args.previous else []
+    compiled = args.table is not None and not args.eager
     results = frontier(model, tokenizer, table, prompts, args.max_new_tokens, args.avg_bits, rows=args.rows,
-                       previous=previous)
+                       previous=previous, table_path=args.table if compiled else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dynamic_frontier.json").write_text(json.dumps(
         results, indent=1))
-    plot_frontier(results, out / "dynamic_frontier.png")
+    plot_frontier(results, out / "dynamic_frontier.png",
+                  "tok/s (compiled, static cache, bs 1)" if compiled else "tok/s (eager, bs 1)")
     print(markdown(results))
 
 

@@ -36,16 +36,19 @@ class System:
     setup: Callable[["BenchContext"], Runner]
     default: bool = True  # part of a plain `csd-compile bench`
     available: Callable[[], str | None] = lambda: None  # returns why it cannot run, or None
+    plain: str | None = None  # a speculative row's own plain decoding: same model and precision
 
 
 SYSTEMS: dict[str, System] = {}
 
 
-def system(name: str, description: str, *, default: bool = True, available=None):
-    """Register a benchmark system: decorate ``setup(ctx) -> runner``."""
+def system(name: str, description: str, *, default: bool = True, available=None, plain: str | None = None):
+    """Register a benchmark system: decorate ``setup(ctx) -> runner``. ``plain`` names the system
+    whose greedy output a lossless speculative row must reproduce token for token (when both run,
+    the table shows the speed ratio and how many outputs are identical)."""
 
     def deco(setup):
-        SYSTEMS[name] = System(name, description, setup, default, available or (lambda: None))
+        SYSTEMS[name] = System(name, description, setup, default, available or (lambda: None), plain)
         return setup
 
     return deco
@@ -164,6 +167,12 @@ def run(
         summary[n] = row
     for n in names:
         summary[n]["ratio_vs_baseline"] = summary[n]["median_tok_s"] / summary[BASELINE]["median_tok_s"]
+        ref = SYSTEMS[n].plain
+        if ref in records:
+            own = {r["prompt"]: r["tokens"] for r in records[ref]}
+            summary[n]["plain"] = ref
+            summary[n]["ratio_vs_plain"] = summary[n]["median_tok_s"] / summary[ref]["median_tok_s"]
+            summary[n]["identical_to_plain"] = sum(r["tokens"] == own[r["prompt"]] for r in records[n])
 
     result = {
         "model": model_name,
@@ -194,18 +203,21 @@ def markdown_table(result: dict) -> str:
         f"{result['model']}, {result['num_prompts']} prompts (MT-Bench + HumanEval), {result['max_new_tokens']} new tokens,"
         f" greedy, {result['threads']} threads, torch {result['torch']}; medians, interleaved runs after warm-up.",
         "",
-        "| system | tok/s (median) | vs HF bf16 | identical to HF bf16 | prefix agreement | accepted/step | setup+warm-up s |",
-        "|---|---|---|---|---|---|---|",
+        "| system | tok/s (median) | vs HF bf16 | identical to HF bf16 | prefix agreement | accepted/step "
+        "| vs its plain decoding | setup+warm-up s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     n = result["num_prompts"]
     for name, row in result["summary"].items():
         acc = f"{row['mean_accepted']:.2f}" if "mean_accepted" in row else "-"
+        own = (f"{row['ratio_vs_plain']:.2f}x {row['plain']}, {row['identical_to_plain']}/{n} identical"
+               if "plain" in row else "-")
         lines.append(
             f"| {name} | {row['median_tok_s']:.1f} | {row['ratio_vs_baseline']:.2f}x | {row['identical_to_baseline']}/{n}"
-            f" | {row['mean_prefix_agreement']:.0%} | {acc} | {row['setup_s']:.0f} |"
+            f" | {row['mean_prefix_agreement']:.0%} | {acc} | {own} | {row['setup_s']:.0f} |"
         )
     for name, why in result.get("skipped", {}).items():
-        lines.append(f"| {name} | skipped: {why} | | | | | |")
+        lines.append(f"| {name} | skipped: {why} | | | | | | |")
     return "\n".join(lines)
 
 

@@ -115,6 +115,22 @@ def csd_self4(ctx):
     return _csd_generate_runner(ctx.load("bf16"), ctx, draft="self", draft_bits=4)
 
 
+_LOSSLESS_INT8 = {"bits": 8, "quantize_lm_head": True}
+
+
+@system("csd-int8-fp32", "HF greedy, static cache, backend='csd' bits=8 with the LM head at 8 bits too, fp32 "
+        "activations (the target that csd-int8-ngram reproduces token for token)", default=False)
+def csd_int8_fp32(ctx):
+    return _static_compiled(ctx, "csd", _LOSSLESS_INT8, model=ctx.load("fp32"))
+
+
+@system("csd-int8-ngram", "csd_compile.generate, n-gram draft (K=3), lossless w.r.t. csd-int8-fp32 (same "
+        "model: 8-bit weights and LM head, fp32 activations)", default=False, plain="csd-int8-fp32")
+def csd_int8_ngram(ctx):
+    return _csd_generate_runner(ctx.load("fp32"), ctx, draft="ngram", num_draft_tokens=3,
+                                compile_options=_LOSSLESS_INT8)
+
+
 @system("hf-assisted-q4", "HF assisted generation, assistant = the model at 4 bits (csd QLinear), bf16")
 def hf_assisted_q4(ctx):
     import copy

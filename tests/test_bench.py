@@ -17,3 +17,17 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| hf-bf16 |" in table and "| hf-fp32 |" in table
     assert "| hf-bf16 |" in capsys.readouterr().out
+
+
+def test_a_row_is_compared_with_its_own_plain_decoding(tmp_path, monkeypatch):
+    from benchmarks import systems  # noqa: F401  (registers the systems)
+    from benchmarks.harness import SYSTEMS, System
+
+    fp32 = SYSTEMS["hf-fp32"]
+    monkeypatch.setitem(SYSTEMS, "fp32-again", System("fp32-again", "hf-fp32 once more", fp32.setup, plain="hf-fp32"))
+    out = tmp_path / "res"
+    assert main(["bench", "--systems", "hf-fp32,fp32-again", "--prompts", "2", "--max-new-tokens", "4",
+                 "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["summary"]["fp32-again"]
+    assert row["plain"] == "hf-fp32" and row["identical_to_plain"] == 2 and row["ratio_vs_plain"] > 0
+    assert "hf-fp32, 2/2 identical |" in (out / "results.md").read_text()

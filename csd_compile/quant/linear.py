@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..kernels import native as _native
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
 from .nested import check_bits, group_minima, quantize
 from .registry import lookup_compiled_quant
@@ -48,14 +49,24 @@ class QLinear(nn.Module):
             return cls(linear.weight, linear.bias, bits=bits, group_size=group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # on CPU call the CPU kernel directly: one dispatch instead of two (same op underneath)
-        op = torch.ops.csd.qlinear_cpu if self.qdata.device.type == "cpu" else torch.ops.csd.qlinear
+        # On CPU call the CPU kernel directly: one dispatch instead of two (same op underneath), and
+        # in a compiled graph the C++ op, not the PyTorch fallback (whose Python body runs per call).
+        if self.qdata.device.type == "cpu":
+            op = torch.ops.csd.qlinear_cpu_native if _native_cpu() else torch.ops.csd.qlinear_cpu
+        else:
+            op = torch.ops.csd.qlinear
         y = op(x, self.qdata, self.scale, self.zero, self.bits)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, bits={int(self.bits)}")
+
+
+@torch.compiler.assume_constant_result
+def _native_cpu() -> bool:
+    """Whether the C++ CPU kernel is loaded (built on first call); a constant to the compiler."""
+    return _native.load()
 
 
 def lm_head_of(model: nn.Module) -> nn.Module | None:

@@ -9,6 +9,7 @@ the first ``pad[b]`` of them padding), ``k`` a 0-d tensor; slots ``>= k`` are re
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from .acceptance import logits_to_probs, sample_from
 from .cache import RowCache, row_mask
 
-__all__ = ["ModelDraft", "NgramDraft", "check_same_vocab", "make_self_draft", "model_forward", "vocab_size"]
+__all__ = ["ModelDraft", "NgramDraft", "NoDraft", "check_same_vocab", "make_self_draft", "model_forward", "vocab_size"]
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -113,13 +114,58 @@ class ModelDraft:
 
 
 class NgramDraft:
-    """Prompt lookup: find the most recent earlier occurrence of the row's last ``n`` tokens (largest
-    ``n <= max_ngram`` first) and propose the ``K`` tokens that followed it; no match, no proposal."""
+    """Prompt lookup: the longest n-gram (``max_ngram`` down to ``min_ngram`` tokens) that ends the
+    row and occurred earlier in it; propose up to ``K`` tokens that followed its most recent
+    occurrence. No match, no proposal.
 
-    def __init__(self, num_draft_tokens: int, vocab: int, *, max_ngram: int = 3):
+    The lookup runs on the host, between steps, on the token lists the generate loop keeps anyway
+    (:meth:`lookup`); the loop writes the proposals into :attr:`buffer` ``[B, K]`` (``-1`` padded)
+    and the compiled step reads them there (:meth:`propose`). Knowing the proposals before the step
+    lets the loop run a one-token decode step when no row has any (``host = True``): a verify pass
+    over ``K + 1`` positions costs more than one decode step, and is paid only when it can pay off.
+    """
+
+    host = True
+
+    def __init__(self, num_draft_tokens: int, vocab: int, *, max_ngram: int = 3, min_ngram: int = 2):
         self.K = num_draft_tokens
         self.vocab = vocab
-        self.max_ngram = max_ngram
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.cache = None
+        self.buffer: torch.Tensor | None = None
+
+    def allocate(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> None:
+        self.buffer = torch.full((batch_size, self.K), -1, dtype=torch.int64, device=device)
+
+    def prefill(self, tokens: torch.Tensor, pad: torch.Tensor) -> None:
+        pass
+
+    def lookup(self, seq: Sequence[int]) -> list[int]:
+        """The proposal (at most ``K`` tokens, possibly none) for a row whose tokens are ``seq``."""
+        L = len(seq)
+        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
+            tail = list(seq[L - n:])
+            for j in range(L - n - 1, -1, -1):  # most recent earlier occurrence first
+                if seq[j] == tail[0] and list(seq[j:j + n]) == tail:
+                    return list(seq[j + n:j + n + self.K])
+        return []
+
+    def propose(self, tokens, length, pad, k, sampling: bool):
+        drafts = self.buffer
+        probs = None
+        if sampling:  # a deterministic draft: one-hot rows, zeros for "no proposal"
+            probs = torch.nn.functional.one_hot(drafts.clamp(min=0), self.vocab).to(torch.float32)
+            probs = probs * (drafts >= 0).unsqueeze(-1).to(probs.dtype)
+        return _mask_k(drafts, probs, k)
+
+
+class NoDraft:
+    """No proposals (``K = 0``): the step it builds is plain one-token decoding."""
+
+    K = 0
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
         self.cache = None
 
     def allocate(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> None:
@@ -129,29 +175,9 @@ class NgramDraft:
         pass
 
     def propose(self, tokens, length, pad, k, sampling: bool):
-        B, L = tokens.shape
-        K = self.K
-        j = torch.arange(L, device=tokens.device).view(1, L)
-        best = torch.full((B,), -1, dtype=torch.int64, device=tokens.device)
-        match = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
-        for n in range(1, self.max_ngram + 1):
-            i = n - 1
-            tail = tokens.gather(1, (length - 1 - i).clamp(min=0).view(B, 1))  # [B, 1]
-            shifted = torch.nn.functional.pad(tokens, (i, 0), value=-2)[:, :L]  # shifted[j] = tokens[j - i]
-            match = match & (shifted == tail)
-            # the n-gram ends at j, lies inside the real tokens and is strictly before the row's end
-            ok = match & (j - i >= pad.view(B, 1)) & (j <= (length - 2).view(B, 1)) & (length - 1 - i >= pad).view(B, 1)
-            score = torch.where(ok, j, torch.full_like(j, -1)).amax(dim=1)  # most recent end
-            best = torch.where(score >= 0, score, best)  # a longer match overrides a shorter one
-        idx = best.view(B, 1) + 1 + torch.arange(K, device=tokens.device).view(1, K)  # [B, K]
-        drafts = tokens.gather(1, idx.clamp(max=L - 1))
-        valid = (best.view(B, 1) >= 0) & (idx < length.view(B, 1))
-        drafts = torch.where(valid, drafts, torch.full_like(drafts, -1))
-        probs = None
-        if sampling:
-            probs = torch.nn.functional.one_hot(drafts.clamp(min=0), self.vocab).to(torch.float32)
-            probs = probs * valid.unsqueeze(-1).to(probs.dtype)
-        return _mask_k(drafts, probs, k)
+        B = tokens.shape[0]
+        probs = torch.zeros(B, 0, self.vocab, device=tokens.device) if sampling else None
+        return tokens.new_empty((B, 0)), probs
 
 
 def make_self_draft(target: nn.Module, *, bits: int = 4, group_size: int = 64, quantize_lm_head: bool = False):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .cache import RowCache
-from .drafts import ModelDraft, NgramDraft, check_same_vocab, make_self_draft, vocab_size
+from .drafts import ModelDraft, NgramDraft, NoDraft, check_same_vocab, make_self_draft, vocab_size
 from .engine_args import GenerateArgs, parse_args
 from .step import build_step, prefill
 
@@ -33,7 +33,8 @@ class _EngineStore(dict):
 
 
 class Engine:
-    """A compiled draft-verify step with its static caches, for one (model, draft, K, batch, cache length)."""
+    """A compiled draft-verify step with its static caches, for one (model, draft, K, batch, cache length),
+    plus a one-token decode step for drafts that propose on the host (n-gram lookup)."""
 
     def __init__(self, target: nn.Module, draft, args: GenerateArgs, batch_size: int, max_len: int):
         p = next(target.parameters())
@@ -43,7 +44,18 @@ class Engine:
         step = build_step(target, self.cache, draft, temperature=args.temperature, top_p=args.top_p,
                           acceptance=args.acceptance)
         extra = {"options": args.options} if args.options else {}
-        self.step = step if args.backend is None else torch.compile(step, backend=args.backend, fullgraph=True, **extra)
+
+        def compiled(fn):
+            return fn if args.backend is None else torch.compile(fn, backend=args.backend, fullgraph=True, **extra)
+
+        self.step = compiled(step)
+        # a draft that proposes on the host may leave a step with no proposal: plain decoding then
+        # (its own graph, compiled on first use; no drafts means nothing for a rescue rule to do)
+        self.decode_step = None
+        if getattr(draft, "host", False):
+            nothing = NoDraft(vocab_size(target))
+            self.decode_step = compiled(build_step(target, self.cache, nothing, temperature=args.temperature,
+                                                   top_p=args.top_p))
         self.device = p.device
 
 
@@ -106,7 +118,8 @@ def generate(
         input_ids: ``[B, S]`` int64 prompt ids, left-padded when rows differ (pass ``attention_mask``),
             or a list of equal-length id lists.
         draft: ``"self"`` (the target with ``draft_bits``-bit linears via ``csd_compile.quant.QLinear``),
-            ``"ngram"`` (prompt lookup), or a model sharing the target's vocabulary.
+            ``"ngram"`` (prompt lookup on the host; steps with no proposal run a one-token decode
+            graph), or a model sharing the target's vocabulary.
         num_draft_tokens: ``K``, drafts per step (1..64); default 4 for model drafts, 8 for n-grams.
         temperature: 0 = greedy (output identical to the target's greedy decoding); > 0 = lossless
             speculative sampling from ``softmax(logits / temperature)`` restricted to ``top_p``.
@@ -156,34 +169,56 @@ def generate(
     if streamer is not None:
         streamer.put(args.input_ids.cpu())
     t0 = time.perf_counter()
-    prefill(eng.target, eng.cache, eng.draft, tokens[:, : S + 1], pad)
+    first = prefill(eng.target, eng.cache, eng.draft, tokens[:, : S + 1], pad, temperature=args.temperature,
+                    top_p=args.top_p)
+    tokens[:, S + 1] = first
+    length += 1
     new: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+
+    def emit(b: int, emitted: list[int]) -> bool:
+        """Append row ``b``'s new tokens up to its end (EOS or max_new_tokens); True if it ended."""
+        ended = False
+        for j, t in enumerate(emitted):
+            new[b].append(t)
+            if t in args.eos or len(new[b]) >= args.max_new_tokens:
+                ended, emitted = True, emitted[: j + 1]
+                break
+        if streamer is not None and emitted:
+            streamer.put(torch.tensor(emitted))
+        return ended
+
+    finished = [b for b, t in enumerate(first.tolist()) if emit(b, [t])]
+    if eng.decode_step is not None:  # host-side proposals: each row's real tokens, kept as lists
+        prompts = [row[int(p) - 1:] for row, p in zip(args.input_ids.tolist(), pad.tolist())]
     steps = accepted = row_steps = 0
-    while not all(done):
-        out, n = eng.step(tokens, length, pad, active, k)
+    while True:
+        for b in finished:
+            done[b] = True
+        if finished:
+            active[finished] = False
+        if all(done):
+            break
+        step = eng.step
+        if eng.decode_step is not None:
+            proposals = [[] if done[b] else eng.draft.lookup(prompts[b] + new[b]) for b in range(B)]
+            if any(proposals):
+                eng.draft.buffer.copy_(torch.tensor([r + [-1] * (K - len(r)) for r in proposals]))
+            else:
+                step = eng.decode_step
+        out, n = step(tokens, length, pad, active, k)
         out_l, n_l = out.tolist(), n.tolist()  # the one host read per step
         steps += 1
-        finished_now = []
+        finished = []
         for b in range(B):
             if done[b]:
                 continue
             row_steps += 1
             accepted += n_l[b]
-            emitted = out_l[b][: n_l[b] + 1]
-            for j, t in enumerate(emitted):
-                new[b].append(t)
-                if t in args.eos or len(new[b]) >= args.max_new_tokens:
-                    done[b] = True
-                    finished_now.append(b)
-                    emitted = emitted[: j + 1]
-                    break
-            if streamer is not None and emitted:
-                streamer.put(torch.tensor(emitted))
-        if finished_now:
-            active[finished_now] = False
+            if emit(b, out_l[b][: n_l[b] + 1]):
+                finished.append(b)
         if adaptive:
-            live = [n_l[b] for b in range(B) if not done[b] or b in finished_now]
+            live = [n_l[b] for b in range(B) if not done[b]]
             cur = int(k)
             k.fill_(min(K, cur + 2) if live and max(live) >= cur else max(1, cur - 1))
     seconds = time.perf_counter() - t0
@@ -199,7 +234,7 @@ def generate(
     total = sum(len(r) for r in new)
     stats = {
         "mean_accepted": accepted / max(row_steps, 1),
-        "tokens_per_target_forward": total / max(row_steps, 1),
+        "tokens_per_target_forward": total / (row_steps + B),  # + each row's prefill forward
         "steps": steps,
         "new_tokens": total,
         "tok_per_s": total / seconds if seconds > 0 else float("inf"),

@@ -3,7 +3,8 @@
 State between steps, all on the model's device: ``tokens [B, L]`` (row ``b`` holds ``length[b]``
 tokens, the first ``pad[b]`` slots padding), ``length [B]``, ``pad [B]``, ``active [B]`` (bool) and
 ``k`` (0-d, drafts in use this step, ``<= K``). The target cache holds every token of a row but the
-last; the step feeds that last token and the ``K`` drafts (``K + 1`` positions), accepts, writes the
+last (the eager prefill leaves it so: it runs the whole prompt and appends the first new token);
+the step feeds that last token and the ``K`` drafts (``K + 1`` positions), accepts, writes the
 emitted tokens into ``tokens`` and advances ``length``. Rejected slots stay in the caches and are
 overwritten by the next step (rollback by position index). No ``.item()``, no host sync.
 """
@@ -14,19 +15,26 @@ from collections.abc import Callable
 
 import torch
 
-from .acceptance import greedy_accept, logits_to_probs, sample_accept
+from .acceptance import greedy_accept, logits_to_probs, sample_accept, sample_from
 from .cache import RowCache
 from .drafts import model_forward
 
 __all__ = ["build_step", "prefill"]
 
 
-def prefill(target, cache: RowCache, draft, tokens: torch.Tensor, pad: torch.Tensor) -> None:
-    """Fill the target cache (and a model draft's) with all prompt slots but the last; eager."""
-    B, S = tokens.shape
-    if S > 1:
-        model_forward(target, cache, tokens[:, :-1], torch.zeros_like(pad), pad, 1)
+def prefill(target, cache: RowCache, draft, tokens: torch.Tensor, pad: torch.Tensor, *, temperature: float = 0.0,
+            top_p: float = 1.0) -> torch.Tensor:
+    """Fill the target cache with every prompt slot (and a model draft's with all but the last);
+    eager. Returns the first new token ``[B]``: greedy, or sampled from the target's distribution.
+
+    The first token comes from the prompt's own forward, as in plain decoding, so the prompt's last
+    slot goes through the same kernels as there (a many-row GEMM can round differently from the
+    few-row kernels of the verify pass)."""
+    logits = model_forward(target, cache, tokens, torch.zeros_like(pad), pad, 1)[:, -1]  # [B, V]
     draft.prefill(tokens, pad)
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    return sample_from(logits_to_probs(logits, temperature, top_p))
 
 
 def build_step(
