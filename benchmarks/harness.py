@@ -203,13 +203,15 @@ def markdown_table(result: dict) -> str:
         f"{result['model']}, {result['num_prompts']} prompts (MT-Bench + HumanEval), {result['max_new_tokens']} new tokens,"
         f" greedy, {result['threads']} threads, torch {result['torch']}; medians, interleaved runs after warm-up.",
         "",
-        "| system | tok/s (median) | vs HF bf16 | identical to HF bf16 | prefix agreement | accepted/step "
+        "| system | tok/s (median) | vs HF bf16 | identical to HF bf16 | prefix agreement "
+        "| accepted/step / tokens/target forward "
         "| vs its plain decoding | setup+warm-up s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     n = result["num_prompts"]
     for name, row in result["summary"].items():
-        acc = f"{row['mean_accepted']:.2f}" if "mean_accepted" in row else "-"
+        acc = (f"{row['mean_accepted']:.2f} / {row['tokens_per_target_forward']:.2f}"
+               if "mean_accepted" in row and "tokens_per_target_forward" in row else "-")
         own = (f"{row['ratio_vs_plain']:.2f}x {row['plain']}, {row['identical_to_plain']}/{n} identical"
                if "plain" in row else "-")
         lines.append(

@@ -120,7 +120,8 @@ def generate(
         draft: ``"self"`` (the target with ``draft_bits``-bit linears via ``csd_compile.quant.QLinear``),
             ``"ngram"`` (prompt lookup on the host; steps with no proposal run a one-token decode
             graph), or a model sharing the target's vocabulary.
-        num_draft_tokens: ``K``, drafts per step (1..64); default 4 for model drafts, 8 for n-grams.
+        num_draft_tokens: ``K``, drafts per step (1..64); default 4 for model drafts, 3 for n-grams (a verify
+            pass over K + 1 positions is paid whenever a proposal exists; 3 measured best on CPU).
         temperature: 0 = greedy (output identical to the target's greedy decoding); > 0 = lossless
             speculative sampling from ``softmax(logits / temperature)`` restricted to ``top_p``.
         top_p: nucleus mass in (0, 1].
