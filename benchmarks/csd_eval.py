@@ -183,6 +183,8 @@ def _parse(argv):
     ap.add_argument("--lambda", dest="lambda_", type=float, default=6.0)
     ap.add_argument("--tau", type=float, default=0.01)
     ap.add_argument("--num-draft-tokens", type=int, default=6)
+    ap.add_argument("--no-protect", action="store_true",
+                    help="let csd rescue special tokens and code fences too (the paper's rule as written)")
     ap.add_argument("--backend", default="csd", help="step compile backend; 'none' runs eagerly")
     ap.add_argument("--timeout", type=float, default=10.0, help="pass@1 sandbox timeout (s)")
     ap.add_argument("--out", required=True)
@@ -205,7 +207,12 @@ def main(argv=None) -> dict:
     from csd_compile.kernels.gate import make_csd_accept
     from csd_compile.models.hf_generate import encode_prompt
     from csd_compile.speculative import generate
-    from csd_compile.speculative.memory import CorrectionMemory, seed_from_prompts, tokenizer_fingerprint
+    from csd_compile.speculative.memory import (
+        CorrectionMemory,
+        protected_tokens,
+        seed_from_prompts,
+        tokenizer_fingerprint,
+    )
 
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +231,8 @@ def main(argv=None) -> dict:
     log(f"seeded memory: {recorded} pairs recorded, {seeded_frequent} frequent, {time.perf_counter() - t0:.0f}s")
 
     backend = None if a.backend == "none" else a.backend
-    accept = {"exact": None, "csd": make_csd_accept(memory, tau=a.tau)}
+    protected = None if a.no_protect else protected_tokens(tok)
+    accept = {"exact": None, "csd": make_csd_accept(memory, tau=a.tau, protected=protected)}
     kw = dict(draft="self", draft_bits=4, num_draft_tokens=a.num_draft_tokens, compile_backend=backend)
     problems = _spread(humaneval_problems(), a.problems)
     prompts = [enc(_code_prompt(p))[0] for p in problems]

@@ -186,7 +186,7 @@ def _generate_speculative(args, parser, model, tokenizer, input_ids, options) ->
     acceptance = None
     if args.acceptance == "csd":
         from .kernels.gate import make_csd_accept
-        from .speculative.memory import CorrectionMemory, tokenizer_fingerprint
+        from .speculative.memory import CorrectionMemory, protected_tokens, tokenizer_fingerprint
 
         if args.memory:
             try:
@@ -196,7 +196,7 @@ def _generate_speculative(args, parser, model, tokenizer, input_ids, options) ->
         else:
             print("[csd-compile] no --memory given: the correction memory starts empty and learns online", file=err)
             memory = CorrectionMemory(fingerprint=tokenizer_fingerprint(tokenizer))
-        acceptance = make_csd_accept(memory, tau=args.tau)
+        acceptance = make_csd_accept(memory, tau=args.tau, protected=protected_tokens(tokenizer))
     kwargs = dict(
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,

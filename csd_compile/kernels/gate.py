@@ -276,20 +276,39 @@ def gate(
     return _launch(wrap_triton, draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_tau, update)
 
 
-def make_csd_accept(memory, tau: float = 0.01, *, lambda_: float | None = None, update: bool = True):
+def make_csd_accept(memory, tau: float = 0.01, *, lambda_: float | None = None, update: bool = True,
+                    protected=None):
     """A greedy acceptance rule ``accept(draft_tokens, target_logits) -> (tokens, num_accepted)``
     backed by ``torch.ops.csd.gate`` and ``memory`` (a ``CorrectionMemory``), for the step builder.
 
     Works inside a ``fullgraph`` compiled step: the memory tensors become graph inputs updated in
     place. ``lambda_`` defaults to ``memory.lambda_``; ``float('inf')`` gives exact acceptance.
+
+    ``protected``: token ids (e.g. ``speculative.memory.protected_tokens(tokenizer)``) never rescued, whether
+    the draft proposes one where the target wants another token or the target wants one where the
+    draft proposes another (*our addition to the paper*). Such a mismatch is rejected as in exact
+    acceptance and not counted in the memory; an exact match of a protected token is accepted.
     """
     log_tau = log_tau_of(tau)
     lam = memory.lambda_ if lambda_ is None else lambda_
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
         raise ValueError(f"lambda_={lam!r} must be a number >= 0 (inf disables rescue)")
     lam = float(lam)
+    guard = None
+    if protected is not None:
+        guard = torch.as_tensor(protected, dtype=torch.int64, device=memory.keys.device).reshape(-1)
 
     def accept(draft_tokens, target_logits):
+        if guard is not None:
+            draft_tokens = _unrescuable(draft_tokens, target_logits, guard)
         return torch.ops.csd.gate(draft_tokens, target_logits, memory.keys, memory.counts, lam, log_tau, update)
 
     return accept
+
+
+def _unrescuable(draft_tokens: torch.Tensor, target_logits: torch.Tensor, guard: torch.Tensor) -> torch.Tensor:
+    """``draft_tokens`` with ``-1`` ("no proposal": rejected, never counted) wherever the draft and
+    the target's top token differ and either of them is in ``guard``."""
+    t_star = target_logits[:, : draft_tokens.shape[1]].argmax(-1)
+    hit = torch.isin(draft_tokens, guard) | torch.isin(t_star, guard)
+    return torch.where(hit & (draft_tokens != t_star), torch.full_like(draft_tokens, -1), draft_tokens)

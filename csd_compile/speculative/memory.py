@@ -44,6 +44,7 @@ __all__ = [
     "MemoryFileError",
     "bucket_of",
     "pair_key",
+    "protected_tokens",
     "seed_from_prompts",
     "table_lookup",
     "table_record_",
@@ -266,6 +267,17 @@ class CorrectionMemory:
 
 
 @torch.no_grad()
+def protected_tokens(tokenizer: Any) -> list[int]:
+    """Token ids CSD should never rescue, as draft or as target (*our choice*, see ``make_csd_accept``):
+    the tokenizer's special tokens (end of text, chat markers) and every token holding a run of two
+    or more backticks (code fences). Swapping a fence for a newline, or ending a turn early, is a
+    structural change, not a paraphrase: it was the most-rescued pair on HumanEval prompts."""
+    ids = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    ids.update(int(i) for piece, i in vocab.items() if "``" in piece)
+    return sorted(ids)
+
+
 def seed_from_prompts(
     memory: CorrectionMemory,
     model: torch.nn.Module,

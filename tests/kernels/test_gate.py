@@ -244,3 +244,35 @@ def test_engine_integration_exact_then_rescue():
     _, csd = generate(target, ids, compile_backend="csd", acceptance=make_csd_accept(mem, lambda_=0, tau=1e-4), **kw)
     assert sum(counters["graph_break"].values()) == 0
     assert csd["mean_accepted"] > exact["mean_accepted"] and int(mem.counts.sum()) > 0
+
+
+@pytest.mark.parametrize("protected", [[2], [5]])  # the draft side, the target side of the pair (2 -> 5)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_protected_tokens_are_never_rescued_nor_counted(protected, compiled):
+    draft, logits, mem = _table_case()
+    accept = make_csd_accept(mem, tau=0.01, protected=protected)
+    if compiled:
+        accept = torch.compile(accept, fullgraph=True)
+    with torch.no_grad():
+        tokens, n = accept(draft, logits)
+    assert tokens.tolist() == [
+        [1, 2, 3, 7],  # an exact match of a protected token is still accepted
+        [1, 5, -1, -1],  # the rescue of (2 -> 5) from test_exact_table is refused: t* corrects
+        [5, -1, -1, -1],
+        [4, 3, -1, -1],  # unprotected pairs are counted as before
+    ]
+    assert n.tolist() == [3, 1, 0, 1]
+    c = lambda d, t: int(mem.count(torch.tensor(d), torch.tensor(t)))  # noqa: E731
+    assert (c(2, 5), c(6, 3)) == (6, 1)  # the seeded count of the protected pair did not grow
+
+
+def test_protected_tokens_of_the_real_tokenizer(smollm2):
+    from csd_compile.speculative.memory import protected_tokens
+
+    _, tok = smollm2
+    ids = protected_tokens(tok)
+    assert tok.eos_token_id in ids
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert "```" in pieces and all("``" in p or i in tok.all_special_ids for p, i in zip(pieces, ids))
+    fence = tok("```python\nprint(1)\n```")["input_ids"]
+    assert any(i in ids for i in fence)
