@@ -57,6 +57,25 @@ class Engine:
             self.decode_step = compiled(build_step(target, self.cache, nothing, temperature=args.temperature,
                                                    top_p=args.top_p))
         self.device = p.device
+        self.batch_size, self.K = batch_size, args.num_draft_tokens
+        self._warm = self.decode_step is None
+
+    def warm_up(self) -> None:
+        """Compile both steps of a host-draft engine before generating, so that the second compile
+        never lands in the middle of a generation. Each runs once on placeholder state: a row of two
+        zero tokens and no proposal, so nothing is accepted or counted, and the cache slots it writes
+        are overwritten before anything reads them. (A model draft's single step compiles on its
+        first call, inside the first generation's first step.)"""
+        if self._warm:
+            return
+        B, dev = self.batch_size, self.device
+        tokens = torch.zeros(B, self.max_len, dtype=torch.int64, device=dev)
+        state = (torch.full((B,), 2, dtype=torch.int64, device=dev), torch.ones(B, dtype=torch.int64, device=dev),
+                 torch.ones(B, dtype=torch.bool, device=dev), torch.tensor(self.K, dtype=torch.int64, device=dev))
+        self.draft.buffer.fill_(-1)
+        for step in (self.decode_step, self.step):
+            step(tokens, *state)
+        self._warm = True
 
 
 def _make_draft(target: nn.Module, args: GenerateArgs):
@@ -156,6 +175,7 @@ def generate(
         check_same_vocab(target, args.draft)
     B, S = args.input_ids.shape
     eng = _engine(target, args, B, args.cache_len)
+    eng.warm_up()
     dev = eng.device
 
     # internal layout: one extra pad slot on the left so every row has >= 2 slots
