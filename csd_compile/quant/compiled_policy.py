@@ -15,14 +15,13 @@ must have been calibrated for these weights (fingerprint) with the same group si
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx
 
-from .policy import CALIBRATE_HINT, DynamicPrecisionPolicy, check_avg_bits
+from .policy import DynamicPrecisionPolicy, check_avg_bits
 from .registry import lookup_compiled_quant
 from .table import PrecisionTable, TableError, weights_fingerprint
 
@@ -69,9 +68,7 @@ def _logits_index(gm: fx.GraphModule, vocab: set[int]) -> int | None:
 def load_table(path: str, avg_bits: float | None, group_size: int) -> tuple[PrecisionTable, float]:
     """The table at ``path`` and the budget to use with it; raise before any compile work when the
     file is missing or corrupt, ``avg_bits`` is off its ladder, or its group size differs."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"calibration table {path!r} not found; make one with `{CALIBRATE_HINT}`")
-    table = PrecisionTable.load(path)
+    table = PrecisionTable.load(path)  # a missing file: FileNotFoundError naming `csd-compile calibrate`
     lo, hi = min(table.ladder), max(table.ladder)
     avg = check_avg_bits(min(max(DEFAULT_AVG_BITS, lo), hi) if avg_bits is None else avg_bits, table.ladder)
     if table.group_size != group_size:

@@ -50,14 +50,14 @@ class Engine:
 
         self.step = compiled(step)
         # a draft that proposes on the host may leave a step with no proposal: plain decoding then
-        # (its own graph, compiled on first use; no drafts means nothing for a rescue rule to do)
+        # (its own graph, compiled by warm_up; no drafts means nothing for a rescue rule to do)
         self.decode_step = None
         if getattr(draft, "host", False):
             nothing = NoDraft(vocab_size(target))
             self.decode_step = compiled(build_step(target, self.cache, nothing, temperature=args.temperature,
                                                    top_p=args.top_p))
         self.device = p.device
-        self.batch_size, self.K = batch_size, args.num_draft_tokens
+        self.batch_size = batch_size
         self._warm = self.decode_step is None
 
     def warm_up(self) -> None:
@@ -71,7 +71,7 @@ class Engine:
         B, dev = self.batch_size, self.device
         tokens = torch.zeros(B, self.max_len, dtype=torch.int64, device=dev)
         state = (torch.full((B,), 2, dtype=torch.int64, device=dev), torch.ones(B, dtype=torch.int64, device=dev),
-                 torch.ones(B, dtype=torch.bool, device=dev), torch.tensor(self.K, dtype=torch.int64, device=dev))
+                 torch.ones(B, dtype=torch.bool, device=dev), torch.tensor(self.draft.K, dtype=torch.int64, device=dev))
         self.draft.buffer.fill_(-1)
         for step in (self.decode_step, self.step):
             step(tokens, *state)
