@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--ocm", action="store_true", help="seed the Online Correction Memory from shipped prompts instead")
     cal.add_argument("--prompts", type=_positive_int, default=64, help="with --ocm: prompts to seed from (default 64)")
     cal.add_argument("--max-new-tokens", type=_positive_int, default=64, help="with --ocm: tokens generated per prompt")
-    cal.add_argument("--dtype", choices=DTYPES, default="bf16")
+    cal.add_argument("--dtype", choices=DTYPES, default=None,
+                     help="model dtype; default fp32 for the precision table (in bf16 the forward's own rounding "
+                          "noise is as large as the 8-bit KL it measures; the table serves the model in any dtype), "
+                          "bf16 with --ocm (the dtype the memory's disagreements are generated in)")
 
     bench = sub.add_parser("bench", help="time several systems side by side on shipped prompts")
     bench.add_argument("--model", default=DEFAULT_MODEL)
@@ -254,7 +257,7 @@ def cmd_calibrate(args, parser) -> int:
         from .quant.calibrate import calibrate_main
 
         try:
-            table = calibrate_main(args.model, data=args.data, out=out, dtype=args.dtype)
+            table = calibrate_main(args.model, data=args.data, out=out, dtype=args.dtype or "fp32")
         except ValueError as e:
             _fail(parser, "calibrate", str(e))
         print(f"[csd-compile] wrote the precision-requirement table ({len(table.names)} layers) to {out}", file=sys.stderr)
@@ -267,7 +270,7 @@ def cmd_calibrate(args, parser) -> int:
     from .models.hf_generate import encode_prompt
     from .speculative.memory import CorrectionMemory, seed_from_prompts, tokenizer_fingerprint
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, verbose=True)
+    model, tokenizer = load_model(args.model, dtype=args.dtype or "bf16", verbose=True)
     prompts = [encode_prompt(tokenizer, p, chat=True)[0] for p in calibration_prompts(args.prompts)]
     memory = CorrectionMemory(fingerprint=tokenizer_fingerprint(tokenizer))
     with torch.inference_mode():

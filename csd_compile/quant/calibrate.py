@@ -149,8 +149,9 @@ def calibrate(
     ladder: Sequence[int] = SUPPORTED_BITS,
     group_size: int = 64,
     window: int = 32,
-    num_windows: int = 4,
+    num_windows: int = 8,
     positions: int | None = None,
+    entropy_buckets: int = 4,
     out: str | os.PathLike | None = None,
     progress: bool = True,
     fake_quantize: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
@@ -165,8 +166,11 @@ def calibrate(
         group_size: quantization group size (one of ``SUPPORTED_GROUP_SIZES``).
         window, num_windows: the batch run per variant: ``num_windows`` windows of ``window`` tokens.
         positions: score the next-token distributions of the last ``positions`` tokens of each
-            window (``None`` = the last ``min(16, window)``); fewer skips most of the LM head's cost
-            (HF ``logits_to_keep``); ``positions=window`` scores every position.
+            window (``None`` = every position); fewer skips part of the LM head's cost (HF
+            ``logits_to_keep``).
+        entropy_buckets: the scored positions are split into this many equally likely buckets of
+            their full-precision next-token entropy, and each variant's KL is also averaged per
+            bucket (``kl_by_entropy``, what the dynamic policy prices its per-entropy plans with).
         out: if given, the JSON table is written there.
         progress: show a tqdm progress bar.
         fake_quantize: ``(weight, bits, group_size) -> weight`` (default: the nested format's).
@@ -182,10 +186,12 @@ def calibrate(
             raise ValueError(f"{key}={v!r} must be a positive int")
     if window < 2:
         raise ValueError(f"window={window} must be >= 2 tokens")
-    keep = min(16, window) if positions is None else positions
+    keep = window if positions is None else positions
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= window:
         raise ValueError(f"positions={positions!r} must be an int in [1, window={window}] or None")
     keep = 0 if keep == window else keep
+    if isinstance(entropy_buckets, bool) or not isinstance(entropy_buckets, int) or entropy_buckets < 1:
+        raise ValueError(f"entropy_buckets={entropy_buckets!r} must be a positive int")
     layers = quantizable_linears(model, group_size)
     bad = [n for n, m in layers if type(m) is not nn.Linear]
     if bad:
@@ -201,6 +207,10 @@ def calibrate(
     ids = torch.as_tensor(tokenizer(text)["input_ids"]).flatten()
     device = next(model.parameters()).device
     batch = _windows(ids, window, num_windows).to(device)  # [W, T]
+    scored = batch.shape[0] * (keep or window)
+    if scored < 4 * entropy_buckets:
+        raise ValueError(f"{scored} scored positions are too few for entropy_buckets={entropy_buckets} (at least 4 "
+                         "per bucket): raise num_windows or positions, or lower entropy_buckets")
 
     was_training = model.training
     model.eval()
@@ -215,13 +225,17 @@ def calibrate(
         ref = _logprobs(model, batch, keep)
     p_ref = ref.exp()
     quantiles = entropy_quantiles(ref)
-    kl = []
+    entropy = -(p_ref * ref).sum(-1).flatten().cpu()  # [W * positions]; the bucket bookkeeping runs on the host
+    edges = torch.quantile(entropy, torch.arange(1, entropy_buckets, dtype=torch.float32) / entropy_buckets)
+    bucket = torch.bucketize(entropy, edges)  # equally likely buckets of the calibration positions
+    per_bucket = torch.bincount(bucket, minlength=entropy_buckets).clamp_min(1).to(torch.float64)
+    kl, kl_by_entropy = [], []
     bar = _progress(len(layers) * len(ladder), progress)
     try:
         for name, lin in layers:
             weight = lin.weight
             saved = weight.detach().clone()
-            row = []
+            row, cells = [], []
             for bits in ladder:
                 bar.set_postfix_str(f"{name} @{bits}b", refresh=False)
                 weight.copy_(fake_quantize(saved, bits, group_size))
@@ -230,10 +244,14 @@ def calibrate(
                 else:
                     with _replaying(blocks, outputs, _block_index(blocks, lin)):
                         lp = _logprobs(model, batch, keep)
-                row.append(float((p_ref * (ref - lp)).sum(-1).mean().clamp_min(0)))
+                kl_pos = (p_ref * (ref - lp)).sum(-1).flatten().to("cpu", torch.float64)  # [W * positions]
+                row.append(float(kl_pos.mean().clamp_min(0)))
+                sums = torch.zeros(entropy_buckets, dtype=torch.float64).index_add_(0, bucket, kl_pos)
+                cells.append(tuple((sums / per_bucket).clamp_min(0).tolist()))
                 bar.update(1)
             weight.copy_(saved)
             kl.append(tuple(row))
+            kl_by_entropy.append(tuple(cells))
     finally:
         bar.close()
         model.train(was_training)
@@ -244,8 +262,10 @@ def calibrate(
         numels=tuple(m.weight.numel() for _, m in layers),
         kl=tuple(kl),
         entropy_quantiles=tuple(quantiles),
+        kl_by_entropy=tuple(kl_by_entropy),
+        entropy_edges=tuple(edges.tolist()),
         settings={"group_size": group_size, "window": window, "num_windows": int(batch.shape[0]),
-                  "positions": keep or window,
+                  "positions": keep or window, "entropy_buckets": entropy_buckets,
                   "text": text_name, "text_tokens": int(ids.numel()), "dtype": str(next(model.parameters()).dtype)},
     )
     if out is not None:
@@ -266,9 +286,9 @@ def _progress(total: int, enabled: bool):
 
 
 def calibrate_main(model_name: str, data: str = "britannica", out: str | os.PathLike = "precision_table.json", *,
-                   dtype: str = "bf16", ladder: Sequence[int] = SUPPORTED_BITS, window: int = 32,
-                   num_windows: int = 4, positions: int | None = None, group_size: int = 64,
-                   progress: bool = True) -> PrecisionTable:
+                   dtype: str = "fp32", ladder: Sequence[int] = SUPPORTED_BITS, window: int = 32,
+                   num_windows: int = 8, positions: int | None = None, group_size: int = 64,
+                   entropy_buckets: int = 4, progress: bool = True) -> PrecisionTable:
     """The core of ``csd-compile calibrate --model M --data D --out F`` (no argparse here).
 
     ``data`` is a name from :data:`TEXTS` or a text file path. Loads the model with
@@ -280,8 +300,9 @@ def calibrate_main(model_name: str, data: str = "britannica", out: str | os.Path
 
     model, tokenizer = load_model(model_name, dtype=dtype)
     text = calibration_text(data)
-    table = calibrate(model, tokenizer, text, ladder=ladder, window=window, num_windows=num_windows, positions=positions, group_size=group_size,
-                      out=out, progress=progress)
+    table = calibrate(model, tokenizer, text, ladder=ladder, window=window, num_windows=num_windows,
+                      positions=positions, group_size=group_size, entropy_buckets=entropy_buckets, out=out,
+                      progress=progress)
     table.settings["text"] = data
     table.save(out)
     return table

@@ -10,11 +10,20 @@ How a plan is chosen (monotone and explainable):
 2. **Budget -> plan**. The plan for a budget ``B`` applies that sequence until the
    parameter-weighted average bit-width is <= ``B``. A smaller budget only applies more steps, so
    every layer's bits are non-increasing as the budget falls (monotone).
-3. **Entropy -> budget**. The full-precision next-token entropies seen during calibration are
-   split into ``num_buckets`` equally likely buckets; bucket ``b`` (low entropy = confident) gets
-   budget ``avg_bits + shift + spread * (2b / (NB - 1) - 1)`` clipped to the ladder, with
-   ``shift`` chosen so the plans average ``avg_bits`` over the buckets. Confident tokens run more
-   layers at low bits; uncertain ones at high bits.
+3. **Entropy -> plan**. With a version-2 table (``kl_by_entropy``: each layer's KL measured
+   separately on the calibration positions of each of ``NB`` equally likely entropy buckets),
+   every bucket gets its own lowering order, priced with that bucket's KL, and all buckets lower
+   at one common **price threshold** ``mu``: bucket ``b`` takes the steps of its order while their
+   price (running maximum) is <= ``mu``; ``mu`` is the smallest threshold whose plans average
+   <= ``avg_bits`` over the buckets. This spends bits where they buy the most KL: tokens whose
+   distribution a lowered layer barely moves (typically confident ones) get lower plans,
+   uncertain ones higher. Equal KL in every bucket gives one plan for all: the static
+   sensitivity plan is the special case of no entropy signal. A smaller budget raises ``mu``: every
+   bucket's bits are non-increasing as the budget falls (monotone).
+   With a version-1 table (one KL per layer and rung), or with an explicit ``spread``: the
+   calibration entropies are split into ``num_buckets`` equally likely buckets and bucket ``b``
+   (low entropy = confident) gets budget ``avg_bits + shift + spread * (2b / (NB - 1) - 1)``
+   clipped to the ladder, with ``shift`` chosen so the plans average ``avg_bits`` over the buckets.
 
 Online, :class:`DynamicPrecisionPolicy` holds the ``[NB, L]`` plan table and the ``NB - 1`` bucket
 edges on the device: entropy -> ``bucketize`` -> row of the table -> copied into the bits
@@ -82,7 +91,12 @@ def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def lowering_order(table: PrecisionTable) -> list[tuple[int, int]]:
     """The greedy sequence of ``(layer, rung index after the step)`` steps; see the module doc."""
-    ladder, kl, numels = table.ladder, table.kl, table.numels
+    return [(i, r) for _, i, r in _priced_order(table.kl, table.numels, table.ladder)]
+
+
+def _priced_order(kl: Sequence[Sequence[float]], numels: Sequence[int],
+                  ladder: Sequence[int]) -> list[tuple[float, int, int]]:
+    """``(price, layer, rung index after the step)`` in lowering order (cheapest step first)."""
     top = len(ladder) - 1
     # KL at the top rung counts as 0 loss relative to where every layer starts.
     def price(i: int, r: int) -> float:
@@ -93,8 +107,8 @@ def lowering_order(table: PrecisionTable) -> list[tuple[int, int]]:
     heapq.heapify(heap)
     steps = []
     while heap:
-        _, i, r = heapq.heappop(heap)
-        steps.append((i, r - 1))
+        p, i, r = heapq.heappop(heap)
+        steps.append((p, i, r - 1))
         if r - 1 > 0:
             heapq.heappush(heap, (price(i, r - 1), i, r - 1))
     return steps
@@ -144,14 +158,32 @@ def _bucket_edges(quantiles: Sequence[float], num_buckets: int) -> list[float]:
     return (q[idx - 1] + w * (q[idx] - q[idx - 1])).tolist()
 
 
-def bucket_plans(table: PrecisionTable, avg_bits: float, num_buckets: int = 8,
-                 spread: float = 1.5) -> tuple[list[list[int]], list[float]]:
-    """``(plans [NB][L], bucket edges [NB-1])`` for the dynamic policy; see the module doc."""
+DEFAULT_NUM_BUCKETS = 8
+DEFAULT_SPREAD = 1.5
+
+
+def bucket_plans(table: PrecisionTable, avg_bits: float, num_buckets: int | None = None,
+                 spread: float | None = None) -> tuple[list[list[int]], list[float]]:
+    """``(plans [NB][L], bucket edges [NB-1])`` for the dynamic policy; see the module doc.
+
+    A version-2 table and no ``spread``: the priced per-entropy plans on the table's own buckets
+    (``num_buckets`` must then be ``None`` or that count). Otherwise the ``spread`` rule (defaults:
+    8 buckets, spread 1.5 bits).
+    """
     check_avg_bits(avg_bits, table.ladder)
-    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 1:
+    if num_buckets is not None and (isinstance(num_buckets, bool) or not isinstance(num_buckets, int)
+                                    or num_buckets < 1):
         raise ValueError(f"num_buckets={num_buckets!r} must be a positive int")
-    if not isinstance(spread, (int, float)) or spread < 0:
+    if spread is not None and (isinstance(spread, bool) or not isinstance(spread, (int, float)) or not spread >= 0):
         raise ValueError(f"spread={spread!r} must be a number >= 0 (bits)")
+    if spread is None and table.kl_by_entropy is not None:
+        nb = table.num_entropy_buckets
+        if num_buckets is not None and num_buckets != nb:
+            raise ValueError(f"num_buckets={num_buckets} differs from the table's {nb} entropy buckets: leave it "
+                             "unset, pass a spread to use the spread rule, or calibrate with that many buckets")
+        return _priced_plans(table, avg_bits), list(table.entropy_edges)
+    num_buckets = DEFAULT_NUM_BUCKETS if num_buckets is None else num_buckets
+    spread = DEFAULT_SPREAD if spread is None else float(spread)
     lo, hi = table.ladder[0], table.ladder[-1]
     steps = lowering_order(table)
     averages = _step_averages(table, steps)
@@ -173,13 +205,48 @@ def bucket_plans(table: PrecisionTable, avg_bits: float, num_buckets: int = 8,
     return plans, _bucket_edges(table.entropy_quantiles, num_buckets)
 
 
+def _priced_plans(table: PrecisionTable, avg_bits: float) -> list[list[int]]:
+    """Per-entropy-bucket plans at one common price threshold (module doc, point 3)."""
+    ladder, top = table.ladder, len(table.ladder) - 1
+    orders = []  # per bucket: running-max prices and the parameter-weighted average after each step
+    for b in range(table.num_entropy_buckets):
+        kl_b = [[cells[b] for cells in row] for row in table.kl_by_entropy]
+        order = _priced_order(kl_b, table.numels, ladder)
+        prices, run = [], 0.0
+        for p, _, _ in order:
+            run = max(run, p)
+            prices.append(run)
+        steps = [(i, r) for _, i, r in order]
+        orders.append((prices, steps, _step_averages(table, steps)))
+
+    def taken(mu: float) -> list[int]:
+        return [next((k for k, p in enumerate(prices) if p > mu), len(prices)) for prices, _, _ in orders]
+
+    def mean_bits(mu: float) -> float:
+        return sum(avgs[n] for (_, _, avgs), n in zip(orders, taken(mu))) / len(orders)
+
+    # the smallest threshold meeting the budget: mean_bits is non-increasing in mu, so bisect the candidates
+    cands = sorted({0.0, *(p for prices, _, _ in orders for p in prices)})
+    lo, hi = 0, len(cands) - 1  # at cands[-1] every step is taken: the lowest rung, <= any valid budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if mean_bits(cands[mid]) <= avg_bits + 1e-9 else (mid + 1, hi)
+    plans = []
+    for (_, steps, _), n in zip(orders, taken(cands[lo])):
+        rung = [top] * len(table.names)
+        for i, r in steps[:n]:
+            rung[i] = r
+        plans.append([ladder[r] for r in rung])
+    return plans
+
+
 class DynamicPrecisionPolicy(nn.Module):
     """Entropy-driven per-token bit plans, all on the device.
 
-    Buffers: ``plans`` int32 [NB, L] (row b = plan of entropy bucket b, non-increasing bits as b
-    falls), ``edges`` float32 [NB-1] (bucket boundaries, nats), ``plan`` int32 [L] (the current
-    plan), ``entropy`` float32 0-d (the last entropy seen). Calling the policy on logits updates
-    ``plan`` and the attached bits tensors in place and returns ``plan``.
+    Buffers: ``plans`` int32 [NB, L] (row b = plan of entropy bucket b, low entropy first),
+    ``edges`` float32 [NB-1] (bucket boundaries, nats), ``plan`` int32 [L] (the current plan),
+    ``entropy`` float32 0-d (the last entropy seen). Calling the policy on logits updates ``plan``
+    and the attached bits tensors in place and returns ``plan``.
     """
 
     def __init__(self, plans: torch.Tensor, edges: torch.Tensor, names: Sequence[str] = ()) -> None:
@@ -195,8 +262,8 @@ class DynamicPrecisionPolicy(nn.Module):
         self._handle = None
 
     @classmethod
-    def from_table(cls, table: PrecisionTable, avg_bits: float, *, num_buckets: int = 8, spread: float = 1.5,
-                   device: torch.device | str | None = None) -> "DynamicPrecisionPolicy":
+    def from_table(cls, table: PrecisionTable, avg_bits: float, *, num_buckets: int | None = None,
+                   spread: float | None = None, device: torch.device | str | None = None) -> "DynamicPrecisionPolicy":
         """Build the bucket plans of ``table`` for the budget ``avg_bits`` (see the module doc)."""
         plans, edges = bucket_plans(table, avg_bits, num_buckets, spread)
         return cls(torch.tensor(plans, dtype=torch.int32, device=device),
@@ -245,7 +312,7 @@ class DynamicPrecisionPolicy(nn.Module):
 
 
 def enable_dynamic_precision(model: nn.Module, table: PrecisionTable | str | os.PathLike, avg_bits: float, *,
-                             num_buckets: int = 8, spread: float = 1.5) -> DynamicPrecisionPolicy:
+                             num_buckets: int | None = None, spread: float | None = None) -> DynamicPrecisionPolicy:
     """Quantize ``model`` in place and let each forward's output entropy set the next bit plan.
 
     For users who do not compile (it also works under ``torch.compile``: the hook is traced).

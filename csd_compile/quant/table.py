@@ -2,20 +2,25 @@
 
 Written by :func:`csd_compile.calibrate` (``csd-compile calibrate``), read by the dynamic-precision
 policy. One file per model; it carries the model's fingerprint so that a table made for another
-model is refused. Format (``format`` = ``"csd-precision-table"``, ``version`` = 1)::
+model is refused. Format (``format`` = ``"csd-precision-table"``, ``version`` = 2)::
 
     {
-      "format": "csd-precision-table", "version": 1,
+      "format": "csd-precision-table", "version": 2,
       "fingerprint": "<sha256 prefix of the layer names/shapes and a few weight values>",
       "ladder": [2, 3, 4, 8],
       "layers": [{"name": "model.layers.0.self_attn.q_proj", "numel": 331776,
-                  "kl": [kl@2, kl@3, kl@4, kl@8]}, ...],        # quantized-linear order
+                  "kl": [kl@2, kl@3, kl@4, kl@8],              # quantized-linear order
+                  "kl_by_entropy": [[kl@2 in bucket 0, ...], ...]}, ...],   # [rung][entropy bucket]
       "entropy_quantiles": [...],   # full-precision next-token entropies (nats) at q = 0, 1/16 .. 1
+      "entropy_edges": [...],       # the NB - 1 boundaries of the equally likely entropy buckets
       "settings": {"group_size": 64, "window": 64, "num_windows": 4, "text": "...", ...}
     }
 
 ``kl[r]`` is the mean KL(p_full || p_lowered) in nats over the calibration positions when only
-that layer runs at ``ladder[r]`` bits (every other layer full precision).
+that layer runs at ``ladder[r]`` bits (every other layer full precision); ``kl_by_entropy[r][b]``
+the same mean over the positions whose full-precision next-token entropy falls in bucket ``b``
+(between ``entropy_edges[b-1]`` and ``entropy_edges[b]``). Version 1 tables (no per-entropy KL)
+still load; the policy then uses the ``spread`` rule.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from .nested import group_minima
 __all__ = ["PrecisionTable", "TableError", "model_fingerprint", "quantizable_linears", "weights_fingerprint"]
 
 FORMAT = "csd-precision-table"
-VERSION = 1
+VERSION = 2
+_READABLE = (1, 2)
 
 
 class TableError(ValueError):
@@ -116,6 +122,9 @@ class PrecisionTable:
         entropy_quantiles: full-precision next-token entropy quantiles (nats), 17 values at
             q = 0, 1/16, ..., 1, over the calibration positions.
         settings: how the table was made (group size, windows, text, ...).
+        kl_by_entropy: ``kl_by_entropy[i][r][b]`` = that KL over the positions of entropy bucket ``b``
+            (``None`` for a version-1 table).
+        entropy_edges: the ``NB - 1`` increasing bucket boundaries (nats); ``None`` with ``kl_by_entropy``.
     """
 
     fingerprint: str
@@ -125,6 +134,8 @@ class PrecisionTable:
     kl: tuple[tuple[float, ...], ...]
     entropy_quantiles: tuple[float, ...]
     settings: dict = dataclasses.field(default_factory=dict)
+    kl_by_entropy: tuple[tuple[tuple[float, ...], ...], ...] | None = None
+    entropy_edges: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         ladder = tuple(self.ladder)
@@ -140,22 +151,42 @@ class PrecisionTable:
         q = self.entropy_quantiles
         if len(q) < 2 or list(q) != sorted(q) or not all(math.isfinite(v) for v in q):
             raise TableError(f"table entropy_quantiles must be >= 2 increasing finite values, got {list(q)!r}")
+        if (self.kl_by_entropy is None) != (self.entropy_edges is None):
+            raise TableError("table kl_by_entropy and entropy_edges come together (both or neither)")
+        if self.kl_by_entropy is not None:
+            edges = self.entropy_edges
+            if list(edges) != sorted(edges) or not all(math.isfinite(v) for v in edges):
+                raise TableError(f"table entropy_edges must be increasing finite values, got {list(edges)!r}")
+            nb = len(edges) + 1
+            if len(self.kl_by_entropy) != n:
+                raise TableError(f"table has {n} layers but {len(self.kl_by_entropy)} kl_by_entropy rows")
+            for name, row in zip(self.names, self.kl_by_entropy):
+                if len(row) != len(ladder) or any(
+                        len(cells) != nb or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in cells)
+                        for cells in row):
+                    raise TableError(f"table kl_by_entropy for {name!r} must be {len(ladder)} rungs x {nb} buckets "
+                                     f"of finite values, got {row!r}")
+
+    @property
+    def num_entropy_buckets(self) -> int | None:
+        """Entropy buckets of ``kl_by_entropy`` (``None`` for a version-1 table)."""
+        return None if self.entropy_edges is None else len(self.entropy_edges) + 1
 
     @property
     def group_size(self) -> int:
         return int(self.settings.get("group_size", 64))
 
     def to_json(self) -> dict:
-        """The JSON document (see the module docstring)."""
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "fingerprint": self.fingerprint,
-            "ladder": list(self.ladder),
-            "layers": [{"name": n, "numel": c, "kl": list(r)} for n, c, r in zip(self.names, self.numels, self.kl)],
-            "entropy_quantiles": list(self.entropy_quantiles),
-            "settings": dict(self.settings),
-        }
+        """The JSON document (see the module docstring); version 1 when there is no per-entropy KL."""
+        layers = [{"name": n, "numel": c, "kl": list(r)} for n, c, r in zip(self.names, self.numels, self.kl)]
+        doc = {"format": FORMAT, "version": 1 if self.kl_by_entropy is None else VERSION,
+               "fingerprint": self.fingerprint, "ladder": list(self.ladder), "layers": layers,
+               "entropy_quantiles": list(self.entropy_quantiles)}
+        if self.kl_by_entropy is not None:
+            for layer, row in zip(layers, self.kl_by_entropy):
+                layer["kl_by_entropy"] = [list(cells) for cells in row]
+            doc["entropy_edges"] = list(self.entropy_edges)
+        return doc | {"settings": dict(self.settings)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table to ``path`` (JSON)."""
@@ -164,14 +195,19 @@ class PrecisionTable:
 
     @classmethod
     def from_json(cls, doc: Any, source: str = "table") -> "PrecisionTable":
-        """Parse a JSON document; :class:`TableError` if it is not a valid version-1 table."""
+        """Parse a JSON document; :class:`TableError` if it is not a valid version-1 or -2 table."""
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise TableError(f"{source} is not a csd precision table (no format={FORMAT!r}); "
                              "make one with `csd-compile calibrate --model M --data D --out F`")
-        if doc.get("version") != VERSION:
-            raise TableError(f"{source} has table version {doc.get('version')!r}; this csd-compile reads version {VERSION}")
+        version = doc.get("version")
+        if isinstance(version, bool) or version not in _READABLE:
+            raise TableError(f"{source} has table version {version!r}; this csd-compile reads versions {list(_READABLE)}")
         try:
             layers = doc["layers"]
+            by_entropy = edges = None
+            if version >= 2:
+                by_entropy = tuple(tuple(tuple(float(v) for v in cells) for cells in l["kl_by_entropy"]) for l in layers)
+                edges = tuple(float(v) for v in doc["entropy_edges"])
             return cls(
                 fingerprint=str(doc["fingerprint"]),
                 ladder=tuple(int(b) for b in doc["ladder"]),
@@ -180,6 +216,8 @@ class PrecisionTable:
                 kl=tuple(tuple(float(v) for v in l["kl"]) for l in layers),
                 entropy_quantiles=tuple(float(v) for v in doc["entropy_quantiles"]),
                 settings=dict(doc.get("settings", {})),
+                kl_by_entropy=by_entropy,
+                entropy_edges=edges,
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, TableError):

@@ -83,8 +83,52 @@ def test_save_load_roundtrip(tmp_path, table_and_model):
     path = tmp_path / "t.json"
     table.save(path)
     loaded = PrecisionTable.load(path, model)
-    assert loaded == table
-    assert json.loads(path.read_text())["version"] == 1
+    assert loaded == table and loaded.kl_by_entropy is not None
+    assert json.loads(path.read_text())["version"] == 2
+
+
+def test_kl_by_entropy_splits_the_positions_into_equally_likely_buckets(table_and_model):
+    table, model, _ = table_and_model
+    assert table.num_entropy_buckets == 4 and list(table.entropy_edges) == sorted(table.entropy_edges)
+    by = torch.tensor(table.kl_by_entropy)  # [L, R, NB]
+    assert by.shape == (len(table.names), len(table.ladder), 4) and (by >= 0).all()
+    # 48 positions, 12 per bucket: the mean of the bucket means is the overall mean
+    torch.testing.assert_close(by.mean(-1), torch.tensor(table.kl), rtol=1e-5, atol=1e-7)  # both clamped at 0
+    # against a direct computation for one layer and rung, bucketing by the reference entropy
+    from csd_compile.quant.nested import fake_quantize
+
+    i, r = 3, 0
+    lin = dict(model.named_modules())[table.names[i]]
+    batch = cal._windows(torch.tensor(char_tokenizer(TEXT)["input_ids"]), 16, 3)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(batch).logits.float(), -1)
+        saved = lin.weight.clone()
+        lin.weight.copy_(fake_quantize(saved, table.ladder[r], 64))
+        low = torch.log_softmax(model(batch).logits.float(), -1)
+        lin.weight.copy_(saved)
+    kl = torch.nn.functional.kl_div(low, ref, log_target=True, reduction="none").sum(-1).flatten()
+    h = -(ref.exp() * ref).sum(-1).flatten()
+    order = h.argsort()
+    for b in range(4):
+        assert table.kl_by_entropy[i][r][b] == pytest.approx(float(kl[order[12 * b:12 * (b + 1)]].mean()), rel=1e-3)
+
+
+def test_version_1_table_still_loads(tmp_path, table_and_model):
+    table, model, _ = table_and_model
+    doc = table.to_json()
+    doc["version"] = 1
+    del doc["entropy_edges"]
+    for layer in doc["layers"]:
+        del layer["kl_by_entropy"]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(doc))
+    old = PrecisionTable.load(path, model)
+    assert old.kl == table.kl and old.kl_by_entropy is None and old.num_entropy_buckets is None
+
+
+def test_too_few_positions_for_the_entropy_buckets():
+    with pytest.raises(ValueError, match="entropy_buckets=8"):
+        calibrate(make_tiny_llama(), char_tokenizer, TEXT, window=4, num_windows=2, entropy_buckets=8, progress=False)
 
 
 def test_table_from_another_model_is_refused(tmp_path, table_and_model):
@@ -108,6 +152,12 @@ def test_table_from_another_model_is_refused(tmp_path, table_and_model):
                 "layers": [{"name": "a", "numel": 4, "kl": [1.0, 0.0]}], "entropy_quantiles": [0.0, 1.0]}),
     json.dumps({"format": "csd-precision-table", "version": 1, "fingerprint": "x", "ladder": [2, 8],
                 "layers": [{"name": "a", "numel": 4, "kl": [1.0]}], "entropy_quantiles": [0.0, 1.0]}),
+    # version 2 without its per-entropy KL, or with the wrong number of buckets
+    json.dumps({"format": "csd-precision-table", "version": 2, "fingerprint": "x", "ladder": [2, 8],
+                "layers": [{"name": "a", "numel": 4, "kl": [1.0, 0.0]}], "entropy_quantiles": [0.0, 1.0]}),
+    json.dumps({"format": "csd-precision-table", "version": 2, "fingerprint": "x", "ladder": [2, 8],
+                "layers": [{"name": "a", "numel": 4, "kl": [1.0, 0.0], "kl_by_entropy": [[1.0], [0.0]]}],
+                "entropy_quantiles": [0.0, 1.0], "entropy_edges": [0.5]}),
 ])
 def test_corrupt_table_is_a_clear_error(tmp_path, content):
     path = tmp_path / "bad.json"
@@ -128,7 +178,7 @@ def test_text_shorter_than_one_window():
 
 
 @pytest.mark.parametrize("kw", [dict(ladder=(4, 5)), dict(ladder=()), dict(group_size=48), dict(window=0),
-                                dict(num_windows=-1)])
+                                dict(num_windows=-1), dict(entropy_buckets=0), dict(entropy_buckets=True)])
 def test_bad_settings(kw):
     with pytest.raises(ValueError):
         calibrate(make_tiny_llama(), char_tokenizer, TEXT, progress=False, **kw)
@@ -151,7 +201,8 @@ def test_britannica_text_is_shipped():
 
 def test_positions_scores_the_last_tokens_only(table_and_model):
     table, model, _ = table_and_model
-    t = calibrate(model, char_tokenizer, TEXT, ladder=(2,), window=16, num_windows=3, positions=4, progress=False)
+    t = calibrate(model, char_tokenizer, TEXT, ladder=(2,), window=16, num_windows=3, positions=4, entropy_buckets=2,
+                  progress=False)
     assert t.settings["positions"] == 4 and len(t.kl) == len(table.kl)
     assert all(r[0] > 0 for r in t.kl)
     with pytest.raises(ValueError, match="positions"):

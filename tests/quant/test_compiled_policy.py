@@ -21,16 +21,17 @@ class CountingCSD:
         return csd_backend(gm, example_inputs, options=self.options)
 
 
-def _saved_table(model, tmp_path, seed=0):
-    table = table_for(model, seed)
+def _saved_table(model, tmp_path, seed=0, version=1):
+    table = table_for(model, seed, version)
     path = tmp_path / "table.json"
     table.save(path)
     return table, str(path)
 
 
-def test_dynamic_plan_follows_the_graphs_own_entropy_without_recompiling(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])  # the spread rule, the priced per-entropy plans
+def test_dynamic_plan_follows_the_graphs_own_entropy_without_recompiling(tmp_path, version):
     model = make_tiny_llama(seed=11)
-    table, path = _saved_table(model, tmp_path)
+    table, path = _saved_table(model, tmp_path, version=version)
     backend = CountingCSD({"bits": "dynamic", "calibration": path, "avg_bits": 4.0})
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     expected_policy = DynamicPrecisionPolicy.from_table(table, 4.0)

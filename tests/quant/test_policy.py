@@ -1,5 +1,6 @@
 """Policy: lowering order, budget -> plan, entropy buckets, the on-device policy and its hook."""
 
+import dataclasses
 import math
 
 import pytest
@@ -37,11 +38,25 @@ def random_table(seed, n_layers, ladder=LADDER):
                           tuple(tuple(r) for r in kl), tuple(q), {"group_size": 64})
 
 
-def table_for(model, seed=0):
+def random_v2_table(seed, n_layers, nb, factors=None, ladder=LADDER):
+    """A version-2 table: bucket ``b``'s KL is the layer's KL times a random (or given) factor."""
+    t = random_table(seed, n_layers, ladder)
+    g = torch.Generator().manual_seed(seed + 1)
+    rows = []
+    for row in t.kl:
+        f = factors if factors is not None else (0.2 + 2 * torch.rand(nb, generator=g)).tolist()
+        rows.append(tuple(tuple(v * f[b] for b in range(nb)) for v in row))
+    edges = tuple(sorted((torch.rand(nb - 1, generator=g) * 4).tolist()))
+    return PrecisionTable(t.fingerprint, ladder, t.names, t.numels, t.kl, t.entropy_quantiles, t.settings,
+                          kl_by_entropy=tuple(rows), entropy_edges=edges)
+
+
+def table_for(model, seed=0, version=1):
+    """A random table for ``model``'s layers: version 1 (one KL per rung) or 2 (per entropy bucket too)."""
     layers = quantizable_linears(model)
-    t = random_table(seed, len(layers))
-    return PrecisionTable(model_fingerprint(model), t.ladder, tuple(n for n, _ in layers),
-                          tuple(m.weight.numel() for _, m in layers), t.kl, t.entropy_quantiles, {"group_size": 64})
+    t = random_table(seed, len(layers)) if version == 1 else random_v2_table(seed, len(layers), 4)
+    return dataclasses.replace(t, fingerprint=model_fingerprint(model), names=tuple(n for n, _ in layers),
+                               numels=tuple(m.weight.numel() for _, m in layers))
 
 
 @settings(max_examples=40, deadline=None)
@@ -82,6 +97,63 @@ def test_bucket_plans_rise_with_entropy_and_average_the_budget(seed, n, avg, nb,
     assert mean <= avg + 1e-6
     # the budget is used: within one layer-step of it (steps are at most 6 bits of one layer)
     assert mean >= avg - max(table.numels) * 6 / sum(table.numels) - 1e-6
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 12), nb=st.sampled_from([1, 2, 4, 8]),
+       budgets=st.lists(st.floats(2.0, 8.0), min_size=2, max_size=5))
+def test_priced_plans_are_monotone_in_the_budget_and_within_it(seed, n, nb, budgets):
+    table = random_v2_table(seed, n, nb)
+    prev = None
+    for avg in sorted(budgets, reverse=True):
+        plans, edges = bucket_plans(table, avg)
+        assert len(plans) == nb and edges == list(table.entropy_edges)
+        assert all(x in LADDER for p in plans for x in p)
+        assert sum(weighted_average(table, p) for p in plans) / nb <= avg + 1e-9
+        if prev is not None:  # a smaller budget never raises a layer's bits in any bucket
+            assert all(a <= b for p, q in zip(plans, prev) for a, b in zip(p, q))
+        prev = plans
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 12), avg=st.floats(2.5, 7.5))
+def test_priced_plans_give_more_bits_to_buckets_where_lowering_costs_more(seed, n, avg):
+    """Bucket b's KL is the layer's KL times c_b, c rising with b: one lowering order, scaled prices,
+    so at one price threshold a costlier bucket takes a prefix of a cheaper one's steps."""
+    factors = [0.25, 0.5, 1.0, 2.0]
+    plans, _ = bucket_plans(random_v2_table(seed, n, 4, factors), avg)
+    for lo, hi in zip(plans, plans[1:]):
+        assert all(a <= b for a, b in zip(lo, hi))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 12), avg=st.floats(2.0, 8.0))
+def test_no_entropy_signal_gives_one_static_plan(seed, n, avg):
+    """Equal KL in every bucket: every bucket gets the same plan, the lowering order of the table's
+    mean KL cut at the common price (at least as many steps as ``plan_for_budget`` takes)."""
+    table = random_v2_table(seed, n, 4, factors=[1.0] * 4)
+    plans, _ = bucket_plans(table, avg)
+    assert all(p == plans[0] for p in plans)
+    assert weighted_average(table, plans[0]) <= avg + 1e-9
+    assert all(a <= b for a, b in zip(plans[0], plan_for_budget(table, avg)))
+
+
+def test_priced_plans_by_hand():
+    """Two layers of 100 weights, ladder (4, 8); KL at 4 bits: layer a 1.0 in bucket 0, 9.0 in
+    bucket 1; layer b 3.0 in both. Prices (KL per weight-bit): a 1/400 and 9/400, b 3/400."""
+    kl = ((5.0, 0.0), (3.0, 0.0))
+    by = (((1.0, 9.0), (0.0, 0.0)), ((3.0, 3.0), (0.0, 0.0)))
+    t = PrecisionTable("f" * 16, (4, 8), ("a", "b"), (100, 100), kl, (0.0, 1.0), {},
+                       kl_by_entropy=by, entropy_edges=(0.5,))
+    assert bucket_plans(t, 8.0)[0] == [[8, 8], [8, 8]]
+    assert bucket_plans(t, 7.0)[0] == [[4, 8], [8, 8]]  # the cheapest step of all: a in bucket 0
+    # 6 bits is not met at threshold 1/400 (mean 7): the next price, 3/400, lowers b in both buckets (mean 5)
+    assert bucket_plans(t, 6.0)[0] == [[4, 4], [8, 4]]
+    assert bucket_plans(t, 5.0)[0] == [[4, 4], [8, 4]]
+    assert bucket_plans(t, 4.5)[0] == [[4, 4], [4, 4]]  # a in the uncertain bucket goes last
+    with pytest.raises(ValueError, match="num_buckets=4 differs"):
+        bucket_plans(t, 6.0, num_buckets=4)
+    assert len(bucket_plans(t, 6.0, num_buckets=4, spread=1.0)[0]) == 4  # an explicit spread: the spread rule
 
 
 def test_avg_bits_outside_the_ladder():
