@@ -12,7 +12,7 @@ Rows (each ``row(model, tokenizer, prompts, max_new_tokens) -> dict`` with ``tok
 
 Speed: compiled (HF static cache; ``full`` with Inductor bf16, the rest with ``backend="csd"``,
 ``dynamic`` through ``options={"bits": "dynamic"}``) when a table is given, else eager (``--eager``
-forces eager). Quality: perplexity on a slice of the Britannica text scored token by token (the
+forces eager). Quality: perplexity on two slices of the Britannica text scored token by token (the
 dynamic plan of each token comes from the previous token's output, as in decoding) and greedy
 agreement with the full model on HumanEval prompts (matching prefix / max_new_tokens), batch 1.
 Run: ``python -m benchmarks.dynamic_rows --table T --avg-bits 6 --out DIR``.
@@ -66,19 +66,23 @@ def _generate(model, tokenizer, prompts, max_new_tokens, compile_options=None, b
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str | None = None, *, context: int = 16, tokens: int = 96,
-               offset: int = 60_000) -> float:
-    """Perplexity of ``tokens`` tokens after ``context`` tokens, scored one token at a time."""
-    text = calibration_text()[offset:] if text is None else text
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : context + tokens + 1]
+               offsets: tuple[int, ...] = (60_000, 200_000)) -> float:
+    """Perplexity of ``tokens`` tokens after ``context`` tokens, scored one token at a time, at each
+    character offset of ``offsets`` into the text (default: two slices of the Britannica text, far
+    from each other; the calibration windows are short and few, see ``calibrate``); one NLL mean
+    over all scored tokens."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    text = calibration_text() if text is None else text
     nll, n = 0.0, 0
-    for i in range(ids.shape[1] - 1):
-        logits = model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits[:, -1].float()
-        if i >= context:
-            nll -= float(torch.log_softmax(logits, -1)[0, ids[0, i + 1]])
-            n += 1
+    for offset in offsets:
+        ids = tokenizer(text[offset:], return_tensors="pt")["input_ids"][:, : context + tokens + 1]
+        cache = DynamicCache()
+        for i in range(ids.shape[1] - 1):
+            logits = model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits[:, -1].float()
+            if i >= context:
+                nll -= float(torch.log_softmax(logits, -1)[0, ids[0, i + 1]])
+                n += 1
     return float(torch.exp(torch.tensor(nll / n)))
 
 
@@ -106,7 +110,8 @@ def _static(plan_fn, backend=None):
     return row
 
 
-def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, num_buckets: int = 8, spread: float = 1.5,
+def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, num_buckets: int | None = None,
+              spread: float | None = None,
               table_path: str | None = None):
     """``{name: row}`` for the frontier at the dynamic policy's budget ``avg_bits`` (without a
     table: only ``full``, ``static8`` and ``static4``).
@@ -171,10 +176,14 @@ def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, n
     }
 
 
+_BUDGETED = ("sensitivity", "random", "dynamic")
+
+
 def frontier(model, tokenizer, table: PrecisionTable | None, prompts: list[str], max_new_tokens: int,
              avg_bits: float, *, rows: list[str] | None = None, previous: list[dict] = (), **kw) -> list[dict]:
     """Run the rows of :func:`make_rows` (all, or those named in ``rows``) after the ``previous``
-    results; add greedy agreement with the ``full`` row."""
+    results; add greedy agreement with the ``full`` row. Rows planned for the budget are named
+    ``row@budget`` (``dynamic@7``), so runs at several budgets merge into one frontier."""
     table_rows = make_rows(table, avg_bits, **kw)
     unknown = set(rows or ()) - set(table_rows)
     if unknown:
@@ -183,6 +192,8 @@ def frontier(model, tokenizer, table: PrecisionTable | None, prompts: list[str],
     for name, row in table_rows.items():
         if rows is None or name in rows:
             r = row(model, tokenizer, prompts, max_new_tokens)
+            if name in _BUDGETED:
+                name = f"{name}@{avg_bits:g}"
             results.append({"name": name} | r)
             print(f"{name}: ppl {r['ppl']:.3f} avg_bits {r['avg_bits']:.2f} tok/s {r['tok_s']:.2f}", flush=True)
     ref = next((r["ids"] for r in results if r["name"] == "full"), None)
@@ -192,19 +203,23 @@ def frontier(model, tokenizer, table: PrecisionTable | None, prompts: list[str],
 
 
 def plot_frontier(results: list[dict], path: str | Path, speed_label: str = "tok/s (eager, bs 1)") -> None:
-    """Two panels: perplexity and tok/s against average bits, one labelled point per row."""
+    """Two panels: perplexity and tok/s against average bits, one point per row (a marker per kind
+    of row: full / static / sensitivity / random / dynamic, a colour per row, named in the legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    markers = {"full": "*", "static8": "s", "static4": "s", "sensitivity": "o", "random": "x", "dynamic": "D"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "ppl", "perplexity (Britannica)"), (axes[1], "tok_s", speed_label)):
-        for r in results:
-            ax.scatter(r["avg_bits"], r[key])
-            ax.annotate(r["name"], (r["avg_bits"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, r in enumerate(results):
+            ax.scatter(r["avg_bits"], r[key], marker=markers.get(r["name"].split("@")[0], "o"), color=f"C{i % 10}",
+                       label=r["name"], s=45)
         ax.set_xlabel("average weight bits")
         ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("FlexQuant frontier, SmolLM2-135M bf16 (shared 2-core CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -213,9 +228,14 @@ def plot_frontier(results: list[dict], path: str | Path, speed_label: str = "tok
 
 def markdown(results: list[dict]) -> str:
     """A markdown table of the results."""
-    lines = ["| row | avg bits | perplexity | greedy agreement | tok/s |", "|---|---|---|---|---|"]
+    full = next((r for r in results if r["name"] == "full"), None)
+    lines = ["| row | avg bits | perplexity | vs full | greedy agreement | tok/s | vs full |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['name']} | {r['avg_bits']:.2f} | {r['ppl']:.2f} | {r['agreement']:.2f} | {r['tok_s']:.1f} |")
+        ppl = f"{100 * (r['ppl'] / full['ppl'] - 1):+.2f}%" if full else "-"
+        speed = f"{r['tok_s'] / full['tok_s']:.2f}x" if full else "-"
+        lines.append(f"| {r['name']} | {r['avg_bits']:.2f} | {r['ppl']:.2f} | {ppl} | {r['agreement']:.2f} "
+                     f"| {r['tok_s']:.1f} | {speed} |")
     return "\n".join(lines)
 
 
