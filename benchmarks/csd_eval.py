@@ -1,8 +1,8 @@
-"""CSD evaluation: exact vs csd acceptance with the same draft ("self", 4 bits) on HumanEval prompts.
+"""CSD evaluation: exact vs csd acceptance with the same draft (the target at low bits, "self") on HumanEval prompts.
 
 For each problem both modes generate (order alternating per problem, so tok/s is measured
-interleaved); the csd memory is seeded offline from held-out prompts (``calibration_prompts`` +
-``seed_from_prompts``) and then keeps learning online. Reported per mode: mean accepted length,
+interleaved); the csd memory is seeded offline from held-out prompts (``calibration_prompts`` other
+than the evaluated problems, through ``seed_from_prompts``) and then keeps learning online. Reported per mode: mean accepted length,
 median tok/s, HumanEval pass@1 (each completion run against its tests in a sandboxed subprocess),
 the full-precision target's mean log-likelihood per generated token (teacher-forced on the mode's own
 output), and the emitted tokens that differ from the fp32 target's argmax (for csd: the rescued
@@ -183,6 +183,7 @@ def _parse(argv):
     ap.add_argument("--lambda", dest="lambda_", type=float, default=6.0)
     ap.add_argument("--tau", type=float, default=0.01)
     ap.add_argument("--num-draft-tokens", type=int, default=6)
+    ap.add_argument("--draft-bits", type=int, default=4, choices=(2, 3, 4, 8), help="bit-width of the self draft")
     ap.add_argument("--no-protect", action="store_true",
                     help="let csd rescue special tokens and code fences too (the paper's rule as written)")
     ap.add_argument("--backend", default="csd", help="step compile backend; 'none' runs eagerly")
@@ -207,6 +208,7 @@ def main(argv=None) -> dict:
     from csd_compile.kernels.gate import make_csd_accept
     from csd_compile.models.hf_generate import encode_prompt
     from csd_compile.speculative import generate
+    from csd_compile.speculative.drafts import make_self_draft
     from csd_compile.speculative.memory import (
         CorrectionMemory,
         protected_tokens,
@@ -225,20 +227,24 @@ def main(argv=None) -> dict:
 
     memory = CorrectionMemory(lambda_=a.lambda_, fingerprint=tokenizer_fingerprint(tok))
     t0 = time.perf_counter()
-    seeds = [enc(p)[0] for p in calibration_prompts(a.seed_prompts)]
-    recorded = seed_from_prompts(memory, model, tok, seeds, draft="self", max_new_tokens=a.seed_tokens, progress=False)
+    problems = _spread(humaneval_problems(), a.problems)
+    asked = {_code_prompt(p) for p in problems}
+    # held-out prompts: calibration_prompts avoids the bench's prompts, not necessarily these problems
+    held = [p for p in calibration_prompts(a.seed_prompts + a.problems + 1) if p not in asked]
+    seeds = [enc(p)[0] for p in held[: a.seed_prompts]]
+    recorded = seed_from_prompts(memory, model, tok, seeds, draft=make_self_draft(model, bits=a.draft_bits),
+                                 max_new_tokens=a.seed_tokens, progress=False)
     seeded_frequent = sum(1 for _, _, c in memory.top_pairs(memory.capacity) if c > a.lambda_)
     log(f"seeded memory: {recorded} pairs recorded, {seeded_frequent} frequent, {time.perf_counter() - t0:.0f}s")
 
     backend = None if a.backend == "none" else a.backend
     protected = None if a.no_protect else protected_tokens(tok)
     accept = {"exact": None, "csd": make_csd_accept(memory, tau=a.tau, protected=protected)}
-    kw = dict(draft="self", draft_bits=4, num_draft_tokens=a.num_draft_tokens, compile_backend=backend)
-    problems = _spread(humaneval_problems(), a.problems)
+    kw = dict(draft="self", draft_bits=a.draft_bits, num_draft_tokens=a.num_draft_tokens, compile_backend=backend)
     prompts = [enc(_code_prompt(p))[0] for p in problems]
     width = max(len(p) for p in prompts)  # left-pad every prompt to one length: one cache bucket, one compile
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    warm = enc(calibration_prompts(a.seed_prompts + 1)[-1])[0][-width:]
+    warm = enc(held[a.seed_prompts])[0][-width:]
     for mode in ("exact", "csd"):  # compile both steps once (the warm-up also feeds the csd memory)
         t0 = time.perf_counter()
         w_ids, w_mask = _left_pad(warm, width, pad_id)
@@ -261,6 +267,7 @@ def main(argv=None) -> dict:
             rows[mode].append({
                 "task_id": prob["task_id"], "passed": res["passed"], "timeout": res["timeout"],
                 "mean_accepted": st["mean_accepted"], "tok_s": st["tok_per_s"], "new_tokens": int(new.numel()),
+                "steps": st["steps"], "seconds": st["seconds"], "prefill_seconds": st["prefill_seconds"],
                 "logp": logp, "pairs": divergent_pairs(new, amax), "reply": reply, "stderr": res["stderr"][-200:],
             })
         log(f"{i + 1}/{len(problems)} {prob['task_id']}: exact pass={rows['exact'][-1]['passed']} "
@@ -296,10 +303,16 @@ def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
             "pass_at_1": sum(r["passed"] for r in rs) / len(rs),
             "passed": sum(r["passed"] for r in rs), "problems": len(rs),
             "mean_loglik_per_token": mean_loglik([r["logp"] for r in rs]),
-            "new_tokens": n_tok, "diverged_from_fp32_argmax": sum(pairs.values()),
+            "new_tokens": n_tok,
+            # decoding after the prefill: tokens per draft-verify step x steps per second (the prefill
+            # emits each problem's first token)
+            "tokens_per_step": sum(r["new_tokens"] - 1 for r in rs) / max(sum(r["steps"] for r in rs), 1),
+            "ms_per_step": 1000 * sum(r["seconds"] - r["prefill_seconds"] for r in rs) / max(sum(r["steps"] for r in rs), 1),
+            "decode_tok_s": sum(r["new_tokens"] - 1 for r in rs) / sum(r["seconds"] - r["prefill_seconds"] for r in rs),
+            "diverged_from_fp32_argmax": sum(pairs.values()),
             "diverged_categories": dict(cats), "top_pairs": top,
             "per_problem": [{k: r[k] for k in ("task_id", "passed", "timeout", "mean_accepted", "tok_s", "new_tokens",
-                                                   "reply", "stderr")}
+                                                   "steps", "seconds", "prefill_seconds", "reply", "stderr")}
                             for r in rs],
         }
     e, c = res["modes"]["exact"], res["modes"]["csd"]
@@ -308,6 +321,9 @@ def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
         "mean_accepted_ratio": c["mean_accepted"] / e["mean_accepted"] if e["mean_accepted"] else None,
         "speedup_median_of_per_problem_ratios": statistics.median(ratios),
         "speedup_ratio_of_medians": c["tok_s_median"] / e["tok_s_median"],
+        "decode_speedup": c["decode_tok_s"] / e["decode_tok_s"],
+        "tokens_per_step_ratio": c["tokens_per_step"] / e["tokens_per_step"],
+        "ms_per_step_ratio": c["ms_per_step"] / e["ms_per_step"],
         "loglik_rel_change": (c["mean_loglik_per_token"] - e["mean_loglik_per_token"]) / abs(e["mean_loglik_per_token"]),
         "pass_at_1_delta": c["pass_at_1"] - e["pass_at_1"],
     }
@@ -317,23 +333,26 @@ def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
 def _markdown(res: dict) -> str:
     s = res["settings"]
     lines = [
-        f"# CSD evaluation: exact vs csd acceptance, self draft (4 bits), K={s['num_draft_tokens']}",
+        f"# CSD evaluation: exact vs csd acceptance, self draft ({s['draft_bits']} bits), K={s['num_draft_tokens']}",
         "",
         f"{s['problems']} HumanEval problems x {s['max_new_tokens']} new tokens; memory seeded on "
         f"{s['seed_prompts']} held-out prompts x {s['seed_tokens']} tokens, lambda={s['lambda_']}, tau={s['tau']}; "
         f"{res['machine']}.",
         "",
-        "| mode | mean accepted | tok/s (median) | pass@1 | mean log-lik/token (fp32 target) | tokens != fp32 argmax |",
-        "|---|---|---|---|---|---|",
+        "| mode | mean accepted | tokens/step | ms/step | tok/s (median) | pass@1 | mean log-lik/token (fp32 target) "
+        "| tokens != fp32 argmax |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in res["modes"].items():
         lines.append(
-            f"| {mode} | {m['mean_accepted']:.3f} | {m['tok_s_median']:.1f} | {m['passed']}/{m['problems']} "
+            f"| {mode} | {m['mean_accepted']:.3f} | {m['tokens_per_step']:.2f} | {m['ms_per_step']:.0f} | {m['tok_s_median']:.1f} | {m['passed']}/{m['problems']} "
             f"| {m['mean_loglik_per_token']:.4f} | {m['diverged_from_fp32_argmax']}/{m['new_tokens']} |"
         )
     r = res["csd_vs_exact"]
     lines += ["", f"csd/exact: mean accepted x{r['mean_accepted_ratio']:.3f}, tok/s x{r['speedup_median_of_per_problem_ratios']:.3f} "
-              f"(median of per-problem ratios; x{r['speedup_ratio_of_medians']:.3f} ratio of medians), "
+              f"(median of per-problem ratios; x{r['speedup_ratio_of_medians']:.3f} ratio of medians; after the prefill "
+              f"x{r['decode_speedup']:.3f} = tokens/step x{r['tokens_per_step_ratio']:.3f} / ms/step "
+              f"x{r['ms_per_step_ratio']:.3f}), "
               f"log-lik change {100 * r['loglik_rel_change']:+.2f}%, pass@1 delta {r['pass_at_1_delta']:+.3f}.", "",
               f"Memory: {res['memory']}", ""]
     for mode, m in res["modes"].items():

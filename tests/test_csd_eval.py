@@ -92,3 +92,50 @@ def test_canonical_humaneval_solutions_pass_and_stubs_fail():
         assert run_sandboxed(build_program(p, fenced))["passed"], p["task_id"]
         assert run_sandboxed(build_program(p, p["canonical_solution"]))["passed"], p["task_id"]
         assert not run_sandboxed(build_program(p, "    return None\n"))["passed"], p["task_id"]
+
+
+def test_summary_splits_the_speedup_into_tokens_per_step_and_step_time():
+    import random
+    from argparse import Namespace
+    from collections import Counter
+
+    from benchmarks.csd_eval import _markdown, _summarise
+
+    rng = random.Random(5)
+
+    def rows(tokens_per_step, ms_per_step):
+        out = []
+        for i in range(4):
+            steps = rng.randint(20, 40)
+            new = 1 + round(steps * tokens_per_step * rng.uniform(0.9, 1.1))
+            prefill = rng.uniform(0.1, 0.3)
+            seconds = prefill + steps * ms_per_step * rng.uniform(0.9, 1.1) / 1000
+            out.append({"task_id": f"T/{i}", "passed": i % 2 == 0, "timeout": False, "mean_accepted": tokens_per_step - 1,
+                        "tok_s": new / seconds, "new_tokens": new, "steps": steps, "seconds": seconds,
+                        "prefill_seconds": prefill, "logp": torch.randn(new, generator=torch.Generator().manual_seed(i)),
+                        "pairs": Counter({(1, 2): i}), "reply": "x", "stderr": ""})
+        return out
+
+    data = {"exact": rows(4.0, 90.0), "csd": rows(5.0, 95.0)}
+
+    class Tok:
+        def decode(self, ids):
+            return " w" + str(ids[0])
+
+    class Memory:
+        def num_pairs(self):
+            return 3
+
+    settings = Namespace(problems=4, max_new_tokens=64, seed_prompts=2, seed_tokens=8, lambda_=2.0, tau=0.01,
+                         num_draft_tokens=6, draft_bits=4)
+    res = _summarise(settings, data, Tok(), Memory(), 10, 1)
+    for mode, rs in data.items():
+        m = res["modes"][mode]
+        steps = sum(r["steps"] for r in rs)
+        decode_s = sum(r["seconds"] - r["prefill_seconds"] for r in rs)
+        assert m["tokens_per_step"] == pytest.approx(sum(r["new_tokens"] - 1 for r in rs) / steps)
+        assert m["ms_per_step"] == pytest.approx(1000 * decode_s / steps)
+    r = res["csd_vs_exact"]
+    assert r["decode_speedup"] == pytest.approx(r["tokens_per_step_ratio"] / r["ms_per_step_ratio"])
+    assert 1.1 < r["tokens_per_step_ratio"] < 1.4  # 5 vs 4 tokens per step, +-10% jitter
+    assert "tokens/step" in _markdown(res)

@@ -148,7 +148,7 @@ def generate(
         streamer: an HF streamer (``put`` / ``end``), batch 1 only; standalone calls only (HF's
             ``generate`` keeps its streamer for itself).
         return_stats: also return a dict ``mean_accepted``, ``tokens_per_target_forward``, ``steps``,
-            ``new_tokens``, ``tok_per_s``, ``seconds``.
+            ``new_tokens``, ``tok_per_s``, ``seconds`` (prefill included), ``prefill_seconds``.
         adaptive: adapt the drafts used per step within ``K`` (+2 after a full acceptance, -1 after a
             rejection); the compiled graph always has ``K`` slots.
         draft_bits: bit-width of the ``"self"`` draft.
@@ -209,7 +209,8 @@ def generate(
             streamer.put(torch.tensor(emitted))
         return ended
 
-    finished = [b for b, t in enumerate(first.tolist()) if emit(b, [t])]
+    finished = [b for b, t in enumerate(first.tolist()) if emit(b, [t])]  # (.tolist() waits for the prefill)
+    prefill_seconds = time.perf_counter() - t0
     if eng.decode_step is not None:  # host-side proposals: each row's real tokens, kept as lists
         prompts = [row[int(p) - 1:] for row, p in zip(args.input_ids.tolist(), pad.tolist())]
     steps = accepted = row_steps = 0
@@ -260,6 +261,7 @@ def generate(
         "new_tokens": total,
         "tok_per_s": total / seconds if seconds > 0 else float("inf"),
         "seconds": seconds,
+        "prefill_seconds": prefill_seconds,
         "num_draft_tokens": K,
     }
     return ids, stats

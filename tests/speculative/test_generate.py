@@ -66,6 +66,7 @@ def test_batch_left_padding_rows_advance_independently(target):
         assert out[b, 14:].tolist() == ref[0, row.shape[1] :].tolist()
     # rows accepted different numbers of drafts, yet all got exactly 30 tokens
     assert stats["new_tokens"] == 90 and stats["steps"] < 30
+    assert 0 < stats["prefill_seconds"] < stats["seconds"]
 
 
 def test_eos_inside_accepted_run_ends_row_there(target):
