@@ -137,5 +137,7 @@ def test_summary_splits_the_speedup_into_tokens_per_step_and_step_time():
         assert m["ms_per_step"] == pytest.approx(1000 * decode_s / steps)
     r = res["csd_vs_exact"]
     assert r["decode_speedup"] == pytest.approx(r["tokens_per_step_ratio"] / r["ms_per_step_ratio"])
+    whole = {m: sum(x["new_tokens"] for x in rs) / sum(x["seconds"] for x in rs) for m, rs in data.items()}
+    assert r["speedup_all_calls"] == pytest.approx(whole["csd"] / whole["exact"])
     assert 1.1 < r["tokens_per_step_ratio"] < 1.4  # 5 vs 4 tokens per step, +-10% jitter
     assert "tokens/step" in _markdown(res)

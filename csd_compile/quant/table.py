@@ -13,7 +13,7 @@ model is refused. Format (``format`` = ``"csd-precision-table"``, ``version`` = 
                   "kl_by_entropy": [[kl@2 in bucket 0, ...], ...]}, ...],   # [rung][entropy bucket]
       "entropy_quantiles": [...],   # full-precision next-token entropies (nats) at q = 0, 1/16 .. 1
       "entropy_edges": [...],       # the NB - 1 boundaries of the equally likely entropy buckets
-      "settings": {"group_size": 64, "window": 64, "num_windows": 4, "text": "...", ...}
+      "settings": {"group_size": 64, "window": 32, "num_windows": 8, "entropy_buckets": 4, "text": "...", ...}
     }
 
 ``kl[r]`` is the mean KL(p_full || p_lowered) in nats over the calibration positions when only
@@ -201,12 +201,14 @@ class PrecisionTable:
                              "make one with `csd-compile calibrate --model M --data D --out F`")
         version = doc.get("version")
         if isinstance(version, bool) or version not in _READABLE:
-            raise TableError(f"{source} has table version {version!r}; this csd-compile reads versions {list(_READABLE)}")
+            raise TableError(f"{source} has table version {version!r}; "
+                             f"this csd-compile reads versions {list(_READABLE)}")
         try:
             layers = doc["layers"]
             by_entropy = edges = None
             if version >= 2:
-                by_entropy = tuple(tuple(tuple(float(v) for v in cells) for cells in l["kl_by_entropy"]) for l in layers)
+                by_entropy = tuple(tuple(tuple(float(v) for v in cells) for cells in layer["kl_by_entropy"])
+                                   for layer in layers)
                 edges = tuple(float(v) for v in doc["entropy_edges"])
             return cls(
                 fingerprint=str(doc["fingerprint"]),
