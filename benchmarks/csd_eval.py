@@ -188,6 +188,8 @@ def _parse(argv):
     ap.add_argument("--draft-bits", type=int, default=4, choices=(2, 3, 4, 8), help="bit-width of the self draft")
     ap.add_argument("--no-protect", action="store_true",
                     help="let csd rescue special tokens and code fences too (the paper's rule as written)")
+    ap.add_argument("--same-kind", action="store_true",
+                    help="rescue only within a token kind (word, number, punctuation, whitespace; token_kinds)")
     ap.add_argument("--backend", default="csd", help="step compile backend; 'none' runs eagerly")
     ap.add_argument("--timeout", type=float, default=10.0, help="pass@1 sandbox timeout (s)")
     ap.add_argument("--out", required=True)
@@ -210,10 +212,11 @@ def main(argv=None) -> dict:
     from csd_compile.kernels.gate import make_csd_accept
     from csd_compile.models.hf_generate import encode_prompt
     from csd_compile.speculative import generate
-    from csd_compile.speculative.drafts import make_self_draft
+    from csd_compile.speculative.drafts import make_self_draft, vocab_size
     from csd_compile.speculative.memory import (
         CorrectionMemory,
         protected_tokens,
+        token_kinds,
         seed_from_prompts,
         tokenizer_fingerprint,
     )
@@ -241,7 +244,8 @@ def main(argv=None) -> dict:
 
     backend = None if a.backend == "none" else a.backend
     protected = None if a.no_protect else protected_tokens(tok)
-    accept = {"exact": None, "csd": make_csd_accept(memory, tau=a.tau, protected=protected)}
+    kinds = token_kinds(tok, vocab_size(model)) if a.same_kind else None
+    accept = {"exact": None, "csd": make_csd_accept(memory, tau=a.tau, protected=protected, kinds=kinds)}
     kw = dict(draft="self", draft_bits=a.draft_bits, num_draft_tokens=a.num_draft_tokens, compile_backend=backend)
     prompts = [enc(_code_prompt(p))[0] for p in problems]
     width = max(len(p) for p in prompts)  # left-pad every prompt to one length: one cache bucket, one compile
@@ -341,7 +345,8 @@ def _markdown(res: dict) -> str:
         f"# CSD evaluation: exact vs csd acceptance, self draft ({s['draft_bits']} bits), K={s['num_draft_tokens']}",
         "",
         f"{s['problems']} HumanEval problems x {s['max_new_tokens']} new tokens; memory seeded on "
-        f"{s['seed_prompts']} held-out prompts x {s['seed_tokens']} tokens, lambda={s['lambda_']}, tau={s['tau']}; "
+        f"{s['seed_prompts']} held-out prompts x {s['seed_tokens']} tokens, lambda={s['lambda_']}, tau={s['tau']}, "
+        f"rescues within a token kind only: {s.get('same_kind', False)}; "
         f"{res['machine']}.",
         "",
         "| mode | mean accepted | tokens/step | ms/step | tok/s (median) | pass@1 | mean log-lik/token (fp32 target) "

@@ -42,12 +42,14 @@ __all__ = [
     "CorrectionMemory",
     "FORMAT_VERSION",
     "MemoryFileError",
+    "TOKEN_KINDS",
     "bucket_of",
     "pair_key",
     "protected_tokens",
     "seed_from_prompts",
     "table_lookup",
     "table_record_",
+    "token_kinds",
     "tokenizer_fingerprint",
 ]
 
@@ -276,6 +278,45 @@ def protected_tokens(tokenizer: Any) -> list[int]:
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     ids.update(int(i) for piece, i in vocab.items() if "``" in piece)
     return sorted(ids)
+
+
+TOKEN_KINDS = ("word", "number", "punctuation", "whitespace", "other")
+
+
+def token_kinds(tokenizer: Any, vocab_size: int | None = None) -> torch.Tensor:
+    """The kind of every token id, int8 ``[V]`` (an index into :data:`TOKEN_KINDS`), from its decoded
+    text with surrounding whitespace stripped: letters only -> word, digits only -> number,
+    punctuation only -> punctuation, nothing left -> whitespace, anything else -> other.
+
+    For ``make_csd_accept(..., kinds=...)`` (*our choice*): a rescue may swap a word for a word,
+    punctuation for punctuation, whitespace for whitespace (the lexical variants the paper's
+    rescues are made of), never across kinds (``#`` for ``def``, ``\"\"\"`` for ``return``: a
+    comment or a docstring in place of code). ``vocab_size`` pads the table with "other" up to the
+    model's logits width (ids past the tokenizer's own)."""
+    import string
+
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    punct = set(string.punctuation)
+
+    def kind(text: str) -> int:
+        core = text.strip()
+        if not core:
+            return 3
+        if core.isascii() and core.isdigit():
+            return 1
+        if core.isalpha():
+            return 0
+        if all(c in punct for c in core):
+            return 2
+        return 4
+
+    kinds = [kind(t) for t in texts]
+    if vocab_size is not None:
+        if vocab_size < n:
+            raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {n} tokens")
+        kinds += [4] * (vocab_size - n)
+    return torch.tensor(kinds, dtype=torch.int8)
 
 
 def seed_from_prompts(

@@ -276,3 +276,44 @@ def test_protected_tokens_of_the_real_tokenizer(smollm2):
     assert "```" in pieces and all("``" in p or i in tok.all_special_ids for p, i in zip(pieces, ids))
     fence = tok("```python\nprint(1)\n```")["input_ids"]
     assert any(i in ids for i in fence)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_rescue_across_token_kinds_is_refused(compiled):
+    """kinds: the pair (2 -> 5) of test_exact_table is rescued when both tokens are of one kind,
+    refused (and not counted) when they differ; exact matches and same-kind pairs are unaffected."""
+    draft, logits, mem = _table_case()
+    same = torch.zeros(8, dtype=torch.int8)
+    other = same.clone()
+    other[5] = 2
+    results = []
+    for kinds in (same, other):
+        d, lg, m = _table_case()
+        accept = make_csd_accept(m, tau=0.01, kinds=kinds)
+        if compiled:
+            accept = torch.compile(accept, fullgraph=True)
+        with torch.no_grad():
+            tokens, n = accept(d, lg)
+        results.append((tokens.tolist(), n.tolist(), int(m.count(torch.tensor(2), torch.tensor(5)))))
+    assert results[0] == ([[1, 2, 3, 7], [1, 2, 3, 4], [5, -1, -1, -1], [4, 3, -1, -1]], [3, 3, 0, 1], 8)
+    assert results[1] == ([[1, 2, 3, 7], [1, 5, -1, -1], [5, -1, -1, -1], [4, 3, -1, -1]], [3, 1, 0, 1], 6)
+    with pytest.raises(ValueError, match="kinds has 7 entries"):
+        make_csd_accept(mem, kinds=torch.zeros(7, dtype=torch.int8))(draft, logits)
+
+
+def test_token_kinds_of_the_real_tokenizer(smollm2):
+    from csd_compile.speculative.memory import TOKEN_KINDS, token_kinds
+
+    _, tok = smollm2
+    kinds = token_kinds(tok, vocab_size=len(tok) + 3)
+    assert kinds.shape == (len(tok) + 3,) and kinds.dtype == torch.int8
+    kind = lambda text: TOKEN_KINDS[int(kinds[tok(text)["input_ids"][0]])]  # noqa: E731
+    assert (kind(" code"), kind(" function"), kind("def")) == ("word", "word", "word")
+    assert (kind("#"), kind(" \"\"\""), kind(",")) == ("punctuation", "punctuation", "punctuation")
+    assert (kind("7"), kind("\n"), kind("_")) == ("number", "whitespace", "punctuation")
+    others = (kinds[: len(tok)] == 4).nonzero().flatten()[:50].tolist()
+    assert others and all(not t.strip().isalpha() and not t.strip().isdigit() and t.strip()
+                          for t in tok.batch_decode([[i] for i in others]))
+    assert kinds[-3:].tolist() == [4, 4, 4]
+    with pytest.raises(ValueError, match="smaller than"):
+        token_kinds(tok, vocab_size=10)
