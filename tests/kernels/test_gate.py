@@ -246,22 +246,29 @@ def test_engine_integration_exact_then_rescue():
     assert csd["mean_accepted"] > exact["mean_accepted"] and int(mem.counts.sum()) > 0
 
 
-@pytest.mark.parametrize("protected", [[2], [5]])  # the draft side, the target side of the pair (2 -> 5)
-@pytest.mark.parametrize("compiled", [False, True])
-def test_protected_tokens_are_never_rescued_nor_counted(protected, compiled):
+def _accept_table_case(compiled: bool, **kwargs):
+    """``make_csd_accept(mem, tau=0.01, **kwargs)`` on :func:`_table_case`, eager or compiled:
+    ``(tokens, num_accepted, memory)``."""
     draft, logits, mem = _table_case()
-    accept = make_csd_accept(mem, tau=0.01, protected=protected)
+    accept = make_csd_accept(mem, tau=0.01, **kwargs)
     if compiled:
         accept = torch.compile(accept, fullgraph=True)
     with torch.no_grad():
         tokens, n = accept(draft, logits)
-    assert tokens.tolist() == [
+    return tokens.tolist(), n.tolist(), mem
+
+
+@pytest.mark.parametrize("protected", [[2], [5]])  # the draft side, the target side of the pair (2 -> 5)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_protected_tokens_are_never_rescued_nor_counted(protected, compiled):
+    tokens, n, mem = _accept_table_case(compiled, protected=protected)
+    assert tokens == [
         [1, 2, 3, 7],  # an exact match of a protected token is still accepted
         [1, 5, -1, -1],  # the rescue of (2 -> 5) from test_exact_table is refused: t* corrects
         [5, -1, -1, -1],
         [4, 3, -1, -1],  # unprotected pairs are counted as before
     ]
-    assert n.tolist() == [3, 1, 0, 1]
+    assert n == [3, 1, 0, 1]
     c = lambda d, t: int(mem.count(torch.tensor(d), torch.tensor(t)))  # noqa: E731
     assert (c(2, 5), c(6, 3)) == (6, 1)  # the seeded count of the protected pair did not grow
 
@@ -282,21 +289,16 @@ def test_protected_tokens_of_the_real_tokenizer(smollm2):
 def test_rescue_across_token_kinds_is_refused(compiled):
     """kinds: the pair (2 -> 5) of test_exact_table is rescued when both tokens are of one kind,
     refused (and not counted) when they differ; exact matches and same-kind pairs are unaffected."""
-    draft, logits, mem = _table_case()
     same = torch.zeros(8, dtype=torch.int8)
     other = same.clone()
     other[5] = 2
     results = []
     for kinds in (same, other):
-        d, lg, m = _table_case()
-        accept = make_csd_accept(m, tau=0.01, kinds=kinds)
-        if compiled:
-            accept = torch.compile(accept, fullgraph=True)
-        with torch.no_grad():
-            tokens, n = accept(d, lg)
-        results.append((tokens.tolist(), n.tolist(), int(m.count(torch.tensor(2), torch.tensor(5)))))
+        tokens, n, m = _accept_table_case(compiled, kinds=kinds)
+        results.append((tokens, n, int(m.count(torch.tensor(2), torch.tensor(5)))))
     assert results[0] == ([[1, 2, 3, 7], [1, 2, 3, 4], [5, -1, -1, -1], [4, 3, -1, -1]], [3, 3, 0, 1], 8)
     assert results[1] == ([[1, 2, 3, 7], [1, 5, -1, -1], [5, -1, -1, -1], [4, 3, -1, -1]], [3, 1, 0, 1], 6)
+    draft, logits, mem = _table_case()
     with pytest.raises(ValueError, match="kinds has 7 entries"):
         make_csd_accept(mem, kinds=torch.zeros(7, dtype=torch.int8))(draft, logits)
 
