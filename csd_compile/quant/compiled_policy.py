@@ -106,10 +106,7 @@ def policy_for_graph(gm: fx.GraphModule, example_inputs: Sequence[object], table
         raise TableError(f"the compiled model's quantized linears ({len(paths)}) do not match the precision "
                          f"table's {len(table.names)} layers (unmatched: {missing}); calibrate this model")
     weights = [(name, found[name]) for name in table.names]
-    fp = weights_fingerprint(weights, group_size)
-    if fp != table.fingerprint:
-        raise TableError(f"the precision table was calibrated for another model (fingerprint "
-                         f"{table.fingerprint}, this model {fp}); run `csd-compile calibrate` for this model")
+    table.check_fingerprint(weights_fingerprint(weights, group_size))
     targets = [_bits_of(w, group_size) for _, w in weights]
     return DynamicPrecisionPolicy.from_table(table, avg_bits, device=targets[0].device).drive(targets), idx
 

@@ -245,8 +245,12 @@ class PrecisionTable:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`TableError` unless this table was calibrated on ``model``."""
-        fp = model_fingerprint(model, self.group_size)
-        if fp != self.fingerprint:
+        self.check_fingerprint(model_fingerprint(model, self.group_size))
+
+    def check_fingerprint(self, fingerprint: str) -> None:
+        """Raise :class:`TableError` unless ``fingerprint`` (:func:`model_fingerprint` or
+        :func:`weights_fingerprint`) is the one this table was calibrated for."""
+        if fingerprint != self.fingerprint:
             raise TableError(
                 f"precision table was calibrated for another model (fingerprint {self.fingerprint}, "
-                f"this model {fp}); run `csd-compile calibrate` for this model")
+                f"this model {fingerprint}); run `csd-compile calibrate` for this model")
