@@ -40,7 +40,7 @@ class Engine:
         p = next(target.parameters())
         self.target, self.draft, self.max_len = target, draft, max_len
         self.cache = RowCache(target.config, batch_size, max_len, dtype=p.dtype, device=p.device)
-        draft.allocate(batch_size, max_len, p.dtype, p.device)
+        draft.allocate(batch_size, max_len, p.dtype, p.device, self.cache)
         step = build_step(target, self.cache, draft, temperature=args.temperature, top_p=args.top_p,
                           acceptance=args.acceptance)
         extra = {"options": args.options} if args.options else {}
@@ -82,9 +82,10 @@ def _make_draft(target: nn.Module, args: GenerateArgs):
     if isinstance(args.draft, str) and args.draft == "ngram":
         return NgramDraft(args.num_draft_tokens, vocab_size(target))
     if isinstance(args.draft, str) and args.draft == "self":
-        model = make_self_draft(target, bits=args.draft_bits)
-    else:
-        model = getattr(args.draft, "_orig_mod", args.draft)
+        # the target at low bits reads the target's own keys and values of every verified slot
+        return ModelDraft(make_self_draft(target, bits=args.draft_bits), args.num_draft_tokens,
+                          temperature=args.temperature, top_p=args.top_p, share_target_kv=True)
+    model = getattr(args.draft, "_orig_mod", args.draft)
     return ModelDraft(model, args.num_draft_tokens, temperature=args.temperature, top_p=args.top_p)
 
 

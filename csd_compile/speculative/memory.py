@@ -326,6 +326,7 @@ def seed_from_prompts(
     prompts: Any,
     *,
     draft: Any = "self",
+    draft_bits: int = 4,
     max_new_tokens: int = 64,
     progress: bool = True,
 ) -> int:
@@ -334,8 +335,10 @@ def seed_from_prompts(
     For each prompt the target continues greedily for ``max_new_tokens``; then both models read
     that text once (teacher forcing) and every generated position where the draft's top token
     differs from the target's is recorded with the update rule. Along the target's greedy text
-    these are exactly the pairs the online step would count with exact acceptance (each such
-    position is one the verify walk reaches). Statistics only: no weights change.
+    these are the pairs the online step would count with exact acceptance (each such position is
+    one the verify walk reaches). The ``"self"`` draft reads the target's keys and values of the
+    earlier slots, as it does in ``generate`` (``shared_kv_logits``; there, slots drafted earlier in
+    the same step carry the draft's own). Statistics only: no weights change.
 
     Args:
         memory: the table to add to; its ``fingerprint`` is set from ``tokenizer`` if unset and
@@ -343,7 +346,9 @@ def seed_from_prompts(
         model: the target (a transformers causal LM).
         tokenizer: the target's tokenizer; encodes string prompts.
         prompts: strings, or token-id lists / 1-D tensors.
-        draft: ``"self"`` (the target at 4 bits, ``make_self_draft``) or a causal LM sharing the vocabulary.
+        draft: ``"self"`` (the target at ``draft_bits`` bits, ``make_self_draft``) or a causal LM
+            sharing the vocabulary.
+        draft_bits: bit-width of the ``"self"`` draft.
         max_new_tokens: generated tokens per prompt (> 0).
         progress: show a tqdm progress bar.
 
@@ -358,12 +363,13 @@ def seed_from_prompts(
     fingerprint = tokenizer_fingerprint(tokenizer)
     if memory.fingerprint not in (None, fingerprint):
         raise ValueError("memory belongs to another tokenizer (fingerprint mismatch); seed a fresh CorrectionMemory")
-    if isinstance(draft, str):
+    from .drafts import make_self_draft, shared_kv_logits
+
+    shared = isinstance(draft, str)
+    if shared:
         if draft != "self":
             raise ValueError(f"draft={draft!r} is not supported; use 'self' or a model")
-        from .drafts import make_self_draft
-
-        draft = make_self_draft(model)
+        draft = make_self_draft(model, bits=draft_bits)
     elif not callable(draft):
         raise TypeError(f"draft must be 'self' or a causal LM, got {type(draft).__name__}")
     from tqdm.auto import tqdm
@@ -384,8 +390,12 @@ def seed_from_prompts(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=pad,
         )  # [1, n_prompt + new]
-        t_star = model(text).logits.argmax(-1)[0, n_prompt - 1 : -1]  # target's top at each generated slot
-        d_top = draft(text).logits.argmax(-1)[0, n_prompt - 1 : -1]
+        if shared:
+            t_logits, d_logits = shared_kv_logits(model, draft, text[0])
+        else:
+            t_logits, d_logits = model(text).logits[0], draft(text).logits[0]
+        t_star = t_logits.argmax(-1)[n_prompt - 1 : -1]  # target's top at each generated slot
+        d_top = d_logits.argmax(-1)[n_prompt - 1 : -1]
         miss = d_top != t_star
         memory.record(d_top[miss].to(memory.keys.device), t_star[miss].to(memory.keys.device))
         recorded += int(miss.sum())

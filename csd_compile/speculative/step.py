@@ -24,14 +24,19 @@ __all__ = ["build_step", "prefill"]
 
 def prefill(target, cache: RowCache, draft, tokens: torch.Tensor, pad: torch.Tensor, *, temperature: float = 0.0,
             top_p: float = 1.0) -> torch.Tensor:
-    """Fill the target cache with every prompt slot (and a model draft's with all but the last);
-    eager. Returns the first new token ``[B]``: greedy, or sampled from the target's distribution.
+    """Fill the target cache with every prompt slot from the batch's first real token on (and a
+    model draft's with all but the last); eager. Returns the first new token ``[B]``: greedy, or
+    sampled from the target's distribution.
 
     The first token comes from the prompt's own forward, as in plain decoding, so the prompt's last
     slot goes through the same kernels as there (a many-row GEMM can round differently from the
     few-row kernels of the verify pass)."""
-    logits = model_forward(target, cache, tokens, torch.zeros_like(pad), pad, 1)[:, -1]  # [B, V]
-    draft.prefill(tokens, pad)
+    # slots left of every row's first real token are padding no query sees: skip them (a prompt
+    # left-padded to a shared width costs its own length, not the width)
+    s0 = int(pad.min())
+    start = torch.full_like(pad, s0)
+    logits = model_forward(target, cache, tokens[:, s0:], start, pad, 1)[:, -1]  # [B, V]
+    draft.prefill(tokens, pad, s0, cache)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     return sample_from(logits_to_probs(logits, temperature, top_p))

@@ -135,16 +135,18 @@ def test_streamer_receives_prompt_then_every_new_token(target):
     assert sum(s.puts[1:], []) == out[0, 12:].tolist()
 
 
-def test_sampling_matches_target_distribution():
-    """Seeded chi-square: the first two sampled tokens follow the target's joint distribution."""
+@pytest.mark.parametrize("draft", ["model", "self"])
+def test_sampling_matches_target_distribution(draft):
+    """Seeded chi-square: the first two sampled tokens follow the target's joint distribution (a
+    separate draft model, and the 2-bit self draft reading the target's keys and values)."""
     from scipy.stats import chi2
 
     V, B = 8, 4000
     target = make_tiny_llama(0, vocab_size=V)
-    draft = _perturbed(target, noise=0.2)
+    draft = _perturbed(target, noise=0.2) if draft == "model" else "self"
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     torch.manual_seed(0)
-    out, stats = generate(target, prompt.expand(B, 5), draft=draft, num_draft_tokens=2, max_new_tokens=2,
+    out, stats = generate(target, prompt.expand(B, 5), draft=draft, draft_bits=2, num_draft_tokens=2, max_new_tokens=2,
                           temperature=0.9, top_p=0.95, eos_token_id=NO_EOS, compile_backend=None,
                           max_cache_len=16, return_stats=True)
     assert 0 < stats["mean_accepted"] < 2
@@ -199,3 +201,49 @@ def test_prompt_longer_than_cache_and_unequal_rows(target):
         generate(target, _prompt(S=300), draft="ngram", max_new_tokens=5, compile_backend=None)
     with pytest.raises(ValueError, match="attention_mask"):
         generate(target, [[5, 6, 7], [5, 6]], draft="ngram", max_new_tokens=5, compile_backend=None)
+
+
+
+def test_self_draft_reads_target_kv_as_seeding_does(target):
+    """The "self" draft's first proposal of every step is the argmax of ``shared_kv_logits`` along
+    the target's greedy text (the teacher-forced form seeding uses): the draft reads the target's
+    keys and values of every earlier slot, its own only for the token it feeds."""
+    from csd_compile.speculative.acceptance import greedy_accept
+    from csd_compile.speculative.drafts import make_self_draft, shared_kv_logits
+
+    steps = []  # (first draft, accepted) of every step
+
+    def recording(drafts, logits):
+        out, n = greedy_accept(drafts, logits)
+        steps.append((int(drafts[0, 0]), int(n[0])))
+        return out, n
+
+    S, N = 10, 24
+    ids = _prompt(S=S, seed=7)
+    out = generate(target, ids, draft="self", draft_bits=2, num_draft_tokens=3, max_new_tokens=N,
+                   eos_token_id=NO_EOS, compile_backend=None, acceptance=recording)
+    assert torch.equal(out, _hf_greedy(target, ids, N))  # still lossless
+    _, d_logits = shared_kv_logits(target, make_self_draft(target, bits=2), out[0])
+    d_top = d_logits.argmax(-1)
+    emitted = 1  # the prefill emits the first new token
+    for first, n in steps:  # a step feeds slot S + emitted - 1 and proposes the token after it
+        assert first == int(d_top[S + emitted - 1])
+        emitted += n + 1
+    assert emitted >= N and any(n < 3 for _, n in steps)  # 2-bit drafts: some steps were rejected
+
+
+def test_every_row_padded_prefill_skips_the_shared_padding(target):
+    """All rows left-padded (the prefill starts at the first real token of any row) after an earlier
+    call in the same engine left stale keys and values in those slots: every row still equals its
+    own unpadded greedy decoding."""
+    kw = dict(draft="self", max_new_tokens=20, eos_token_id=NO_EOS, compile_backend=None, max_cache_len=64)
+    generate(target, _prompt(B=2, S=16, seed=4), **kw)  # fills slots 0..16 of both rows
+    ids = _prompt(B=2, S=16, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    mask[1, :3] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    out = generate(target, ids, attention_mask=mask, **kw)
+    for b in range(2):
+        row = ids[b : b + 1, mask[b].bool()]
+        assert out[b, 16:].tolist() == _hf_greedy(target, row, 20)[0, row.shape[1] :].tolist()

@@ -195,3 +195,32 @@ def test_seed_from_prompts_counts_disagreements():
         seed_from_prompts(mem, target, TOK_B, prompts, draft=draft, max_new_tokens=2, progress=False)
     with pytest.raises(ValueError, match="max_new_tokens"):
         seed_from_prompts(mem, target, tok, prompts, draft=draft, max_new_tokens=0, progress=False)
+
+
+def test_seed_self_draft_counts_what_the_live_step_rejects():
+    """Seeding with the "self" draft (which reads the target's keys and values) records every
+    first-proposal rejection the live engine meets along the same greedy text."""
+    from tests.conftest import make_tiny_llama
+
+    from csd_compile.speculative import generate
+    from csd_compile.speculative.acceptance import greedy_accept
+    from csd_compile.speculative.memory import seed_from_prompts
+
+    target = make_tiny_llama(0)
+    tok = _Tok({f"t{i}": i for i in range(128)})
+    prompt = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(11))
+    rejected = []
+
+    def recording(drafts, logits):
+        out, n = greedy_accept(drafts, logits)
+        if int(n[0]) == 0:
+            rejected.append((int(drafts[0, 0]), int(out[0, 0])))  # (draft, the target's token)
+        return out, n
+
+    generate(target, prompt, draft="self", draft_bits=2, num_draft_tokens=3, max_new_tokens=16, eos_token_id=[],
+             compile_backend=None, acceptance=recording)
+    mem = CorrectionMemory(num_buckets=1024, ways=8)
+    seed_from_prompts(mem, target, tok, [prompt[0]], draft="self", draft_bits=2, max_new_tokens=16, progress=False)
+    assert rejected
+    for d, t in set(rejected):
+        assert int(mem.count(torch.tensor(d), torch.tensor(t))) >= rejected.count((d, t))
