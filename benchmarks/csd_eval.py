@@ -186,6 +186,9 @@ def _parse(argv):
     ap.add_argument("--tau", type=float, default=0.01)
     ap.add_argument("--num-draft-tokens", type=int, default=6)
     ap.add_argument("--draft-bits", type=int, default=4, choices=(2, 3, 4, 8), help="bit-width of the self draft")
+    ap.add_argument("--separate-draft", action="store_true",
+                    help="pass the low-bit copy as a separate draft model: it keeps its own keys and values "
+                         "instead of reading the target's (a weaker draft, like a separate small model)")
     ap.add_argument("--no-protect", action="store_true",
                     help="let csd rescue special tokens and code fences too (the paper's rule as written)")
     ap.add_argument("--same-kind", action="store_true",
@@ -221,9 +224,16 @@ def main(argv=None) -> dict:
         tokenizer_fingerprint,
     )
 
+    log = lambda msg: print(f"[csd_eval {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    problems = _spread(humaneval_problems(), a.problems)
+    asked = {_code_prompt(p) for p in problems}
+    # held-out prompts: calibration_prompts avoids the bench's prompts, not necessarily these problems
+    held = [p for p in calibration_prompts(a.seed_prompts + a.problems + 1) if p not in asked]
+    if len(held) < a.seed_prompts + 1:  # the seeds and one warm-up prompt
+        raise SystemExit(f"--seed-prompts={a.seed_prompts} with --problems={a.problems}: only {len(held)} held-out "
+                         f"prompts (one is the warm-up); use at most --seed-prompts={len(held) - 1}")
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(f"[csd_eval {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m-instruct", dtype="bf16")
     ref, _ = load_model("smollm2-135m-instruct", dtype="fp32")
@@ -232,12 +242,11 @@ def main(argv=None) -> dict:
 
     memory = CorrectionMemory(lambda_=a.lambda_, fingerprint=tokenizer_fingerprint(tok))
     t0 = time.perf_counter()
-    problems = _spread(humaneval_problems(), a.problems)
-    asked = {_code_prompt(p) for p in problems}
-    # held-out prompts: calibration_prompts avoids the bench's prompts, not necessarily these problems
-    held = [p for p in calibration_prompts(a.seed_prompts + a.problems + 1) if p not in asked]
     seeds = [enc(p)[0] for p in held[: a.seed_prompts]]
-    recorded = seed_from_prompts(memory, model, tok, seeds, draft=make_self_draft(model, bits=a.draft_bits),
+    # one draft for seeding and both modes: "self" reads the target's keys and values; the separate
+    # copy is an ordinary draft model with its own
+    draft = make_self_draft(model, bits=a.draft_bits) if a.separate_draft else "self"
+    recorded = seed_from_prompts(memory, model, tok, seeds, draft=draft, draft_bits=a.draft_bits,
                                  max_new_tokens=a.seed_tokens, progress=False)
     seeded_frequent = sum(1 for _, _, c in memory.top_pairs(memory.capacity) if c > a.lambda_)
     log(f"seeded memory: {recorded} pairs recorded, {seeded_frequent} frequent, {time.perf_counter() - t0:.0f}s")
@@ -246,7 +255,7 @@ def main(argv=None) -> dict:
     protected = None if a.no_protect else protected_tokens(tok)
     kinds = token_kinds(tok, vocab_size(model)) if a.same_kind else None
     accept = {"exact": None, "csd": make_csd_accept(memory, tau=a.tau, protected=protected, kinds=kinds)}
-    kw = dict(draft="self", draft_bits=a.draft_bits, num_draft_tokens=a.num_draft_tokens, compile_backend=backend)
+    kw = dict(draft=draft, draft_bits=a.draft_bits, num_draft_tokens=a.num_draft_tokens, compile_backend=backend)
     prompts = [enc(_code_prompt(p))[0] for p in problems]
     width = max(len(p) for p in prompts)  # left-pad every prompt to one length: one cache bucket, one compile
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -342,7 +351,8 @@ def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
 def _markdown(res: dict) -> str:
     s = res["settings"]
     lines = [
-        f"# CSD evaluation: exact vs csd acceptance, self draft ({s['draft_bits']} bits), K={s['num_draft_tokens']}",
+        f"# CSD evaluation: exact vs csd acceptance, {'separate' if s.get('separate_draft') else 'self'} draft "
+        f"({s['draft_bits']} bits), K={s['num_draft_tokens']}",
         "",
         f"{s['problems']} HumanEval problems x {s['max_new_tokens']} new tokens; memory seeded on "
         f"{s['seed_prompts']} held-out prompts x {s['seed_tokens']} tokens, lambda={s['lambda_']}, tau={s['tau']}, "

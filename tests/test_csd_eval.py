@@ -141,3 +141,12 @@ def test_summary_splits_the_speedup_into_tokens_per_step_and_step_time():
     assert r["speedup_all_calls"] == pytest.approx(whole["csd"] / whole["exact"])
     assert 1.1 < r["tokens_per_step_ratio"] < 1.4  # 5 vs 4 tokens per step, +-10% jitter
     assert "tokens/step" in _markdown(res)
+
+
+def test_too_many_seed_prompts_is_an_error_before_any_work(tmp_path):
+    from benchmarks.csd_eval import main
+
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit, match=r"--seed-prompts=500 with --problems=40: only \d+ held-out"):
+        main(["--problems", "40", "--seed-prompts", "500", "--out", str(out)])
+    assert not out.exists()
