@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--ocm", action="store_true", help="seed the Online Correction Memory from shipped prompts instead")
     cal.add_argument("--prompts", type=_positive_int, default=64, help="with --ocm: prompts to seed from (default 64)")
     cal.add_argument("--max-new-tokens", type=_positive_int, default=64, help="with --ocm: tokens generated per prompt")
+    cal.add_argument("--draft-bits", type=int, choices=(2, 3, 4, 8), default=4,
+                     help="with --ocm: bits of the self draft whose disagreements are counted (use the value "
+                          "`generate --draft-bits` will use; default 4)")
     cal.add_argument("--dtype", choices=DTYPES, default=None,
                      help="model dtype; default fp32 for the precision table (in bf16 the forward's own rounding "
                           "noise is as large as the 8-bit KL it measures; the table serves the model in any dtype), "
@@ -274,7 +277,8 @@ def cmd_calibrate(args, parser) -> int:
     prompts = [encode_prompt(tokenizer, p, chat=True)[0] for p in calibration_prompts(args.prompts)]
     memory = CorrectionMemory(fingerprint=tokenizer_fingerprint(tokenizer))
     with torch.inference_mode():
-        recorded = seed_from_prompts(memory, model, tokenizer, prompts, draft="self", max_new_tokens=args.max_new_tokens)
+        recorded = seed_from_prompts(memory, model, tokenizer, prompts, draft="self", draft_bits=args.draft_bits,
+                                     max_new_tokens=args.max_new_tokens)
     memory.save(out)
     print(f"[csd-compile] seeded the correction memory from {len(prompts)} held-out prompts "
           f"({recorded} rejection pairs) -> {out}", file=sys.stderr)

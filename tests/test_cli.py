@@ -33,6 +33,7 @@ def _run_cli(argv, capsys):
         (["calibrate", "--out", "/no/such/dir/t.json"], "folder '/no/such/dir' does not exist"),
         (["calibrate", "--out", "t.json", "--data", "/no/text.txt"], "--data '/no/text.txt' is neither a text file nor one of"),
         (["calibrate", "--out", "t.json", "--model", "/no/model"], "'/no/model' is neither an embedded model"),
+        (["calibrate", "--ocm", "--out", "m.ocm", "--draft-bits", "5"], "invalid choice: 5"),
         (["bench", "--systems", "hf-bf16,warp-drive"], r"unknown system\(s\) \['warp-drive'\]"),
         (["bench", "--prompts", "0"], "must be >= 1"),
     ],
@@ -58,3 +59,19 @@ def test_bench_list(capsys):
     out = capsys.readouterr().out
     for name in ("hf-bf16", "hf-fp32", "hf-inductor-static", "hf-prompt-lookup", "csd", "llama.cpp"):
         assert name in out
+
+
+def test_calibrate_ocm_seeds_a_loadable_memory(tmp_path, capsys):
+    """`calibrate --ocm` on the embedded model: a memory file that loads, carries the tokenizer's
+    fingerprint and holds every recorded pair (a big table: nothing evicted)."""
+    from csd_compile import load_model
+    from csd_compile.speculative.memory import CorrectionMemory, tokenizer_fingerprint
+
+    out = tmp_path / "m.ocm"
+    assert main(["calibrate", "--ocm", "--prompts", "2", "--max-new-tokens", "12", "--draft-bits", "2",
+                 "--out", str(out)]) == 0
+    recorded = int(re.search(r"\((\d+) rejection pairs\)", capsys.readouterr().err).group(1))
+    _, tok = load_model("smollm2-135m-instruct", dtype="bf16")
+    memory = CorrectionMemory.load(out, tok)  # checks the fingerprint
+    assert memory.fingerprint == tokenizer_fingerprint(tok)
+    assert recorded > 0 and int(memory.counts.sum()) == recorded
