@@ -36,7 +36,7 @@ def prefill(target, cache: RowCache, draft, tokens: torch.Tensor, pad: torch.Ten
     s0 = int(pad.min())
     start = torch.full_like(pad, s0)
     logits = model_forward(target, cache, tokens[:, s0:], start, pad, 1)[:, -1]  # [B, V]
-    draft.prefill(tokens, pad, s0, cache)
+    draft.prefill(tokens, pad, s0)  # after the target's: a self draft copies its keys and values
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     return sample_from(logits_to_probs(logits, temperature, top_p))

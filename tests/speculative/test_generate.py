@@ -146,8 +146,8 @@ def test_sampling_matches_target_distribution(draft):
     draft = _perturbed(target, noise=0.2) if draft == "model" else "self"
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     torch.manual_seed(0)
-    out, stats = generate(target, prompt.expand(B, 5), draft=draft, draft_bits=2, num_draft_tokens=2, max_new_tokens=2,
-                          temperature=0.9, top_p=0.95, eos_token_id=NO_EOS, compile_backend=None,
+    out, stats = generate(target, prompt.expand(B, 5), draft=draft, draft_bits=2, num_draft_tokens=2,
+                          max_new_tokens=2, temperature=0.9, top_p=0.95, eos_token_id=NO_EOS, compile_backend=None,
                           max_cache_len=16, return_stats=True)
     assert 0 < stats["mean_accepted"] < 2
     from csd_compile.speculative.acceptance import logits_to_probs
@@ -201,7 +201,6 @@ def test_prompt_longer_than_cache_and_unequal_rows(target):
         generate(target, _prompt(S=300), draft="ngram", max_new_tokens=5, compile_backend=None)
     with pytest.raises(ValueError, match="attention_mask"):
         generate(target, [[5, 6, 7], [5, 6]], draft="ngram", max_new_tokens=5, compile_backend=None)
-
 
 
 def test_self_draft_reads_target_kv_as_seeding_does(target):
