@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RowCache", "row_mask"]
+__all__ = ["RowCache", "encode_mask", "row_mask"]
 
 
 class RowCache:
@@ -61,8 +61,13 @@ def row_mask(start: torch.Tensor, pad: torch.Tensor, num_queries: int, max_len: 
     q = start.view(B, 1, 1) + torch.arange(num_queries, device=start.device).view(1, num_queries, 1)
     j = torch.arange(max_len, device=start.device).view(1, 1, max_len)
     visible = (j <= q) & (j >= pad.view(B, 1, 1))  # [B, T, L]
-    visible = visible.unsqueeze(1)
+    return encode_mask(visible.unsqueeze(1), boolean=boolean, dtype=dtype)
+
+
+def encode_mask(visible: torch.Tensor, *, boolean: bool, dtype) -> torch.Tensor:
+    """``visible`` (True = attend) as the model's attention takes it: itself for SDPA
+    (``boolean=True``), else an additive float mask in ``dtype`` (0 or the dtype's minimum)."""
     if boolean:
         return visible
-    zero = torch.zeros((), dtype=dtype, device=start.device)
-    return torch.where(visible, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=start.device))
+    zero = torch.zeros((), dtype=dtype, device=visible.device)
+    return torch.where(visible, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=visible.device))

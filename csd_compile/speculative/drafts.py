@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .acceptance import logits_to_probs, sample_from
-from .cache import RowCache, row_mask
+from .cache import RowCache, encode_mask, row_mask
 
 __all__ = [
     "ModelDraft", "NgramDraft", "NoDraft", "check_same_vocab", "make_self_draft", "model_forward", "shared_kv_logits",
@@ -48,14 +48,18 @@ def check_same_vocab(target: nn.Module, draft: nn.Module) -> None:
             )
 
 
+def _boolean_mask(model) -> bool:
+    """Whether ``model``'s attention takes a boolean mask (SDPA) rather than an additive one."""
+    return getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
+
+
 def model_forward(model, cache: RowCache, ids: torch.Tensor, start: torch.Tensor, pad: torch.Tensor, keep: int):
     """Run ``model`` on ``ids [B, T]`` placed at slots ``start[b] + t`` of ``cache``; logits of the last
     ``keep`` positions ``[B, keep, V]``."""
     B, T = ids.shape
     cache.start.copy_(start)
     pos = (start.view(B, 1) + torch.arange(T, device=ids.device).view(1, T) - pad.view(B, 1)).clamp(min=0)
-    sdpa = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
-    mask = row_mask(start, pad, T, cache.max_len, boolean=sdpa, dtype=cache.keys[0].dtype)
+    mask = row_mask(start, pad, T, cache.max_len, boolean=_boolean_mask(model), dtype=cache.keys[0].dtype)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=keep)
     return out.logits
 
@@ -77,12 +81,7 @@ def shared_kv_logits(target, draft, ids: torch.Tensor) -> tuple[torch.Tensor, to
     i = torch.arange(T, device=ids.device).view(T, 1)
     j = torch.arange(2 * T, device=ids.device).view(1, 2 * T)
     visible = (j < i) | (j == T + i)  # [T, 2T]
-    sdpa = getattr(draft.config, "_attn_implementation", "sdpa") == "sdpa"
-    if sdpa:
-        mask = visible.view(1, 1, T, 2 * T)
-    else:
-        low = torch.finfo(p.dtype).min
-        mask = torch.where(visible, 0.0, low).to(p.dtype).view(1, 1, T, 2 * T)
+    mask = encode_mask(visible.view(1, 1, T, 2 * T), boolean=_boolean_mask(draft), dtype=p.dtype)
     cache.start.fill_(T)
     out = draft(input_ids=ids, attention_mask=mask, position_ids=i.view(1, T), cache=cache, use_cache=True,
                 logits_to_keep=T)
@@ -136,7 +135,7 @@ class ModelDraft:
         """Fill the cache with the prompt slots ``first .. S - 2`` (all but the last; eager, once per
         generation), after the target's prefill: with ``share_target_kv`` they are copied from the
         target's cache instead of running the draft over the prompt."""
-        B, S = tokens.shape
+        S = tokens.shape[1]
         if S - 1 <= first:
             return
         if self.share_target_kv:

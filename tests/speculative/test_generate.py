@@ -246,3 +246,16 @@ def test_every_row_padded_prefill_skips_the_shared_padding(target):
     for b in range(2):
         row = ids[b : b + 1, mask[b].bool()]
         assert out[b, 16:].tolist() == _hf_greedy(target, row, 20)[0, row.shape[1] :].tolist()
+
+
+def test_shared_kv_logits_same_under_eager_attention():
+    """The additive-mask path (eager attention) gives the boolean-mask (SDPA) path's logits."""
+    from csd_compile.speculative.drafts import make_self_draft, shared_kv_logits
+
+    ids = _prompt(S=20, seed=9)[0]
+    out = {}
+    for impl in ("sdpa", "eager"):
+        model = make_tiny_llama(0, attn_implementation=impl)
+        out[impl] = shared_kv_logits(model, make_self_draft(model, bits=2), ids)
+    for a, b in zip(out["sdpa"], out["eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
