@@ -115,6 +115,17 @@ def csd_self4(ctx):
     return _csd_generate_runner(ctx.load("bf16"), ctx, draft="self", draft_bits=4)
 
 
+def _self4_with_k(k: int):
+    def setup(ctx):
+        return _csd_generate_runner(ctx.load("bf16"), ctx, draft="self", draft_bits=4, num_draft_tokens=k)
+
+    return setup
+
+
+for _k in (3, 5, 6, 8):  # the draft-length sweep behind the self draft's default K
+    system(f"csd-self4-k{_k}", f"csd-self4 with K={_k} drafts per step", default=False)(_self4_with_k(_k))
+
+
 _LOSSLESS_INT8 = {"bits": 8, "quantize_lm_head": True}
 
 
