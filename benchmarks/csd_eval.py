@@ -7,7 +7,9 @@ than the evaluated problems, through ``seed_from_prompts``) and then keeps learn
 Reported per mode: mean accepted length, tokens per step and ms per step after the prefill,
 median tok/s, HumanEval pass@1 (each completion run against its tests in a sandboxed subprocess),
 the full-precision target's mean log-likelihood per generated token (teacher-forced on the mode's own
-output), and the emitted tokens that differ from the fp32 target's argmax (for csd: the rescued
+output), the rescue cost (per generated token, the log-likelihood given up where the emitted token is
+not that target's argmax; unlike the mean log-likelihood it does not compare two texts that part at
+the first rescue), and the emitted tokens that differ from the fp32 target's argmax (for csd: the rescued
 pairs; for exact: the bf16-vs-fp32 near-tie noise floor), decoded and put in coarse categories.
 
     python -m benchmarks.csd_eval --problems 12 --max-new-tokens 160 --out results/csd_eval
@@ -34,6 +36,7 @@ import torch
 
 __all__ = [
     "build_program", "extract_code", "main", "run_sandboxed", "token_category", "mean_loglik", "divergent_pairs",
+    "rescue_cost",
 ]
 
 _SANDBOX_PREAMBLE = '''\
@@ -137,12 +140,14 @@ def token_category(draft_text: str, target_text: str) -> str:
 
 
 @torch.no_grad()
-def _teacher_forced(model, ids: torch.Tensor, n_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the generated tokens and the model's argmax at those positions (1-D each)."""
+def _teacher_forced(model, ids: torch.Tensor, n_prompt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs of the generated tokens, the model's argmax at those positions and its log-prob
+    (1-D each)."""
     logits = model(ids).logits[0, n_prompt - 1 : -1].float()
     gen = ids[0, n_prompt:]
-    logp = torch.log_softmax(logits, -1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
-    return logp, logits.argmax(-1)
+    logp_all = torch.log_softmax(logits, -1)
+    top_logp, amax = logp_all.max(-1)
+    return logp_all.gather(-1, gen.unsqueeze(-1)).squeeze(-1), amax, top_logp
 
 
 def mean_loglik(logps: list[torch.Tensor]) -> float:
@@ -152,6 +157,13 @@ def mean_loglik(logps: list[torch.Tensor]) -> float:
     if count == 0:
         raise ValueError("no generated tokens to score")
     return total / count
+
+
+def rescue_cost(top_logp: torch.Tensor, emitted_logp: torch.Tensor) -> float:
+    """Sum over positions of ``log p(argmax) - log p(emitted)`` (``>= 0``; 0 where they agree)."""
+    if top_logp.shape != emitted_logp.shape:
+        raise ValueError(f"shapes differ: {tuple(top_logp.shape)} vs {tuple(emitted_logp.shape)}")
+    return float((top_logp - emitted_logp).clamp(min=0).sum())
 
 
 def divergent_pairs(emitted: torch.Tensor, argmax: torch.Tensor) -> Counter:
@@ -207,49 +219,66 @@ def _parse(argv):
     return a
 
 
-def main(argv=None) -> dict:
-    """Run the evaluation (CLI in the module docstring); returns the JSON result."""
-    a = _parse(argv)
-    from csd_compile import load_model
-    from csd_compile.data import _code_prompt, _spread, calibration_prompts, humaneval_problems
-    from csd_compile.kernels.gate import make_csd_accept
-    from csd_compile.models.hf_generate import encode_prompt
-    from csd_compile.speculative import generate
-    from csd_compile.speculative.drafts import make_self_draft, vocab_size
-    from csd_compile.speculative.memory import (
-        CorrectionMemory,
-        protected_tokens,
-        token_kinds,
-        seed_from_prompts,
-        tokenizer_fingerprint,
-    )
+def _logger(name: str):
+    return lambda msg: print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    log = lambda msg: print(f"[csd_eval {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    problems = _spread(humaneval_problems(), a.problems)
+
+def held_out_prompts(problems: list[dict], n_seed: int, n_more: int) -> list[str]:
+    """``n_seed + n_more`` calibration prompts none of which is one of ``problems`` (HumanEval dicts).
+
+    ``calibration_prompts`` avoids the bench's prompts, not necessarily these problems. Asking for more
+    than the pool holds exits with the largest ``n_seed`` that fits, before any work starts."""
+    from csd_compile.data import _code_prompt, calibration_prompts
+
     asked = {_code_prompt(p) for p in problems}
-    # held-out prompts: calibration_prompts avoids the bench's prompts, not necessarily these problems
-    held = [p for p in calibration_prompts(a.seed_prompts + a.problems + 1) if p not in asked]
-    if len(held) < a.seed_prompts + 1:  # the seeds and one warm-up prompt
-        raise SystemExit(f"--seed-prompts={a.seed_prompts} with --problems={a.problems}: only {len(held)} held-out "
-                         f"prompts (one is the warm-up); use at most --seed-prompts={len(held) - 1}")
-    out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    held = [p for p in calibration_prompts(n_seed + n_more + len(problems)) if p not in asked]
+    if len(held) < n_seed + n_more:
+        raise SystemExit(f"--seed-prompts={n_seed} with --problems={len(problems)}: only {len(held)} held-out "
+                         f"prompts ({n_more} needed besides the seeds); use at most --seed-prompts={len(held) - n_more}")
+    return held[: n_seed + n_more]
+
+
+def seeded_setup(a, seed_texts: list[str], log):
+    """The bf16 target, its tokenizer, the fp32 reference, the chat encoder, the correction memory
+    seeded on ``seed_texts`` (``a.lambda_``, ``a.seed_tokens``), the draft both modes use, the number
+    of pairs recorded and of frequent ones."""
+    from csd_compile import load_model
+    from csd_compile.models.hf_generate import encode_prompt
+    from csd_compile.speculative.drafts import make_self_draft
+    from csd_compile.speculative.memory import CorrectionMemory, seed_from_prompts, tokenizer_fingerprint
+
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m-instruct", dtype="bf16")
     ref, _ = load_model("smollm2-135m-instruct", dtype="fp32")
     model.eval(), ref.eval()
     enc = lambda text: encode_prompt(tok, text, chat=True)  # noqa: E731
-
     memory = CorrectionMemory(lambda_=a.lambda_, fingerprint=tokenizer_fingerprint(tok))
     t0 = time.perf_counter()
-    seeds = [enc(p)[0] for p in held[: a.seed_prompts]]
     # one draft for seeding and both modes: "self" reads the target's keys and values; the separate
     # copy is an ordinary draft model with its own
     draft = make_self_draft(model, bits=a.draft_bits) if a.separate_draft else "self"
-    recorded = seed_from_prompts(memory, model, tok, seeds, draft=draft, draft_bits=a.draft_bits,
-                                 max_new_tokens=a.seed_tokens, progress=False)
+    recorded = seed_from_prompts(memory, model, tok, [enc(p)[0] for p in seed_texts], draft=draft,
+                                 draft_bits=a.draft_bits, max_new_tokens=a.seed_tokens, progress=False)
     seeded_frequent = sum(1 for _, _, c in memory.top_pairs(memory.capacity) if c > a.lambda_)
     log(f"seeded memory: {recorded} pairs recorded, {seeded_frequent} frequent, {time.perf_counter() - t0:.0f}s")
+    return model, tok, ref, enc, memory, draft, recorded, seeded_frequent
+
+
+def main(argv=None) -> dict:
+    """Run the evaluation (CLI in the module docstring); returns the JSON result."""
+    a = _parse(argv)
+    from csd_compile.data import _code_prompt, _spread, humaneval_problems
+    from csd_compile.kernels.gate import make_csd_accept
+    from csd_compile.speculative import generate
+    from csd_compile.speculative.drafts import vocab_size
+    from csd_compile.speculative.memory import protected_tokens, token_kinds
+
+    log = _logger("csd_eval")
+    problems = _spread(humaneval_problems(), a.problems)
+    held = held_out_prompts(problems, a.seed_prompts, 1)  # the seeds and one warm-up prompt
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok, ref, enc, memory, draft, recorded, seeded_frequent = seeded_setup(a, held[: a.seed_prompts], log)
 
     backend = None if a.backend == "none" else a.backend
     protected = None if a.no_protect else protected_tokens(tok)
@@ -276,14 +305,15 @@ def main(argv=None) -> dict:
                                acceptance=accept[mode], return_stats=True, **kw)
             new = _strip_tail(out[0, width:].cpu(), eos)
             full = torch.cat([ids[0], new]).unsqueeze(0)
-            logp, amax = _teacher_forced(ref, full, ids.shape[1])
+            logp, amax, top_logp = _teacher_forced(ref, full, ids.shape[1])
             reply = tok.decode(new, skip_special_tokens=True)
             res = run_sandboxed(build_program(prob, reply), timeout=a.timeout)
             rows[mode].append({
                 "task_id": prob["task_id"], "passed": res["passed"], "timeout": res["timeout"],
                 "mean_accepted": st["mean_accepted"], "tok_s": st["tok_per_s"], "new_tokens": int(new.numel()),
                 "steps": st["steps"], "seconds": st["seconds"], "prefill_seconds": st["prefill_seconds"],
-                "logp": logp, "pairs": divergent_pairs(new, amax), "reply": reply, "stderr": res["stderr"][-200:],
+                "logp": logp, "cost": rescue_cost(top_logp, logp), "pairs": divergent_pairs(new, amax),
+                "reply": reply, "stderr": res["stderr"][-200:],
             })
         log(f"{i + 1}/{len(problems)} {prob['task_id']}: exact pass={rows['exact'][-1]['passed']} "
             f"acc={rows['exact'][-1]['mean_accepted']:.2f} | csd pass={rows['csd'][-1]['passed']} "
@@ -320,6 +350,7 @@ def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
             "pass_at_1": sum(r["passed"] for r in rs) / len(rs),
             "passed": sum(r["passed"] for r in rs), "problems": len(rs),
             "mean_loglik_per_token": mean_loglik([r["logp"] for r in rs]),
+            "rescue_cost_per_token": sum(r["cost"] for r in rs) / n_tok,
             "new_tokens": n_tok,
             # decoding after the prefill: tokens per draft-verify step x steps per second (the prefill
             # emits each problem's first token)
@@ -343,6 +374,7 @@ def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
         "tokens_per_step_ratio": c["tokens_per_step"] / e["tokens_per_step"],
         "ms_per_step_ratio": c["ms_per_step"] / e["ms_per_step"],
         "loglik_rel_change": (c["mean_loglik_per_token"] - e["mean_loglik_per_token"]) / abs(e["mean_loglik_per_token"]),
+        "rescue_cost_rel": (c["rescue_cost_per_token"] - e["rescue_cost_per_token"]) / abs(e["mean_loglik_per_token"]),
         "pass_at_1_delta": c["pass_at_1"] - e["pass_at_1"],
     }
     return res
@@ -360,14 +392,15 @@ def _markdown(res: dict) -> str:
         f"{res['machine']}.",
         "",
         "| mode | mean accepted | tokens/step | ms/step | tok/s (median) | pass@1 | mean log-lik/token (fp32 target) "
-        "| tokens != fp32 argmax |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rescue cost/token | tokens != fp32 argmax |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in res["modes"].items():
         lines.append(
             f"| {mode} | {m['mean_accepted']:.3f} | {m['tokens_per_step']:.2f} | {m['ms_per_step']:.0f} "
             f"| {m['tok_s_median']:.1f} | {m['passed']}/{m['problems']} "
-            f"| {m['mean_loglik_per_token']:.4f} | {m['diverged_from_fp32_argmax']}/{m['new_tokens']} |"
+            f"| {m['mean_loglik_per_token']:.4f} | {m['rescue_cost_per_token']:.4f} "
+            f"| {m['diverged_from_fp32_argmax']}/{m['new_tokens']} |"
         )
     r = res["csd_vs_exact"]
     lines += ["", f"csd/exact: mean accepted x{r['mean_accepted_ratio']:.3f}, tok/s x{r['speedup_median_of_per_problem_ratios']:.3f} "
@@ -375,7 +408,8 @@ def _markdown(res: dict) -> str:
               f"x{r['speedup_all_calls']:.3f} all tokens over all seconds; after the prefill "
               f"x{r['decode_speedup']:.3f} = tokens/step x{r['tokens_per_step_ratio']:.3f} / ms/step "
               f"x{r['ms_per_step_ratio']:.3f}), "
-              f"log-lik change {100 * r['loglik_rel_change']:+.2f}%, pass@1 delta {r['pass_at_1_delta']:+.3f}.", "",
+              f"log-lik change {100 * r['loglik_rel_change']:+.2f}% (rescue cost {100 * r['rescue_cost_rel']:+.2f}%), "
+              f"pass@1 delta {r['pass_at_1_delta']:+.3f}.", "",
               f"Memory: {res['memory']}", ""]
     for mode, m in res["modes"].items():
         lines += [f"## {mode}: emitted tokens that differ from the fp32 target's argmax", "",

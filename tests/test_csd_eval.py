@@ -113,7 +113,7 @@ def test_summary_splits_the_speedup_into_tokens_per_step_and_step_time():
             out.append({"task_id": f"T/{i}", "passed": i % 2 == 0, "timeout": False, "mean_accepted": tokens_per_step - 1,
                         "tok_s": new / seconds, "new_tokens": new, "steps": steps, "seconds": seconds,
                         "prefill_seconds": prefill, "logp": torch.randn(new, generator=torch.Generator().manual_seed(i)),
-                        "pairs": Counter({(1, 2): i}), "reply": "x", "stderr": ""})
+                        "cost": rng.uniform(0, 3), "pairs": Counter({(1, 2): i}), "reply": "x", "stderr": ""})
         return out
 
     data = {"exact": rows(4.0, 90.0), "csd": rows(5.0, 95.0)}
@@ -135,12 +135,16 @@ def test_summary_splits_the_speedup_into_tokens_per_step_and_step_time():
         decode_s = sum(r["seconds"] - r["prefill_seconds"] for r in rs)
         assert m["tokens_per_step"] == pytest.approx(sum(r["new_tokens"] - 1 for r in rs) / steps)
         assert m["ms_per_step"] == pytest.approx(1000 * decode_s / steps)
+        assert m["rescue_cost_per_token"] == pytest.approx(sum(r["cost"] for r in rs) / m["new_tokens"])
     r = res["csd_vs_exact"]
     assert r["decode_speedup"] == pytest.approx(r["tokens_per_step_ratio"] / r["ms_per_step_ratio"])
     whole = {m: sum(x["new_tokens"] for x in rs) / sum(x["seconds"] for x in rs) for m, rs in data.items()}
     assert r["speedup_all_calls"] == pytest.approx(whole["csd"] / whole["exact"])
     assert 1.1 < r["tokens_per_step_ratio"] < 1.4  # 5 vs 4 tokens per step, +-10% jitter
-    assert "tokens/step" in _markdown(res)
+    e, c = res["modes"]["exact"], res["modes"]["csd"]
+    assert r["rescue_cost_rel"] == pytest.approx(
+        (c["rescue_cost_per_token"] - e["rescue_cost_per_token"]) / abs(e["mean_loglik_per_token"]))
+    assert "tokens/step" in _markdown(res) and "rescue cost" in _markdown(res)
 
 
 def test_too_many_seed_prompts_is_an_error_before_any_work(tmp_path):

@@ -1,0 +1,81 @@
+"""benchmarks/csd_frontier.py: its helpers, its argument checks and one small run on the embedded model."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.csd_eval import rescue_cost
+from benchmarks.csd_frontier import _parse, main, pick_tau
+
+
+def test_rescue_cost_is_the_likelihood_given_up_where_the_text_leaves_the_argmax():
+    g = torch.Generator().manual_seed(3)
+    logp = torch.log_softmax(torch.randn(40, 50, generator=g), -1)
+    top, amax = logp.max(-1)
+    emitted = amax.clone()
+    assert rescue_cost(top, logp.gather(-1, emitted[:, None])[:, 0]) == 0.0
+    off = torch.randperm(40, generator=g)[:7]
+    emitted[off] = (amax[off] + 1 + torch.randint(0, 48, (7,), generator=g)) % 50  # never the argmax
+    e_logp = logp.gather(-1, emitted[:, None])[:, 0]
+    expected = sum(float(top[i] - logp[i, emitted[i]]) for i in off.tolist())
+    assert rescue_cost(top, e_logp) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+    with pytest.raises(ValueError, match="shapes differ"):
+        rescue_cost(top, e_logp[:-1])
+
+
+def test_pick_tau_takes_the_longest_acceptance_whose_rescue_cost_fits_the_budget():
+    # the log-likelihood change is noise here (it may even rise with more rescues): it must not decide
+    rows = {
+        "tau=0.01": {"accepted_ratio": 1.20, "rescue_cost_rel": 0.14, "loglik_rel_change": +0.05},
+        "tau=0.1": {"accepted_ratio": 1.10, "rescue_cost_rel": 0.05, "loglik_rel_change": +0.10},
+        "tau=0.3": {"accepted_ratio": 1.04, "rescue_cost_rel": 0.015, "loglik_rel_change": -0.09},
+        "tau=0.9": {"accepted_ratio": 1.01, "rescue_cost_rel": 0.001, "loglik_rel_change": -0.07},
+    }
+    assert pick_tau(rows, 0.02) == "tau=0.3"
+    assert pick_tau(rows, 0.05) == "tau=0.1"
+    assert pick_tau(rows, 1.0) == "tau=0.01"
+    assert pick_tau({k: rows[k] for k in ("tau=0.01", "tau=0.1")}, 0.02) is None
+    with pytest.raises(ValueError, match="budget=-0.1"):
+        pick_tau(rows, -0.1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--taus", "0,0.5"], "must be distinct values in"),
+    (["--taus", "0.1,1.5"], "must be distinct values in"),
+    (["--taus", "0.1,0.1"], "must be distinct values in"),
+    (["--taus", "a,b"], "comma-separated numbers"),
+    (["--budget", "-1"], "--budget=-1.0 must be >= 0"),
+    (["--prompts", "0"], "--prompts=0 must be >= 1"),
+    (["--lambda", "-2"], "--lambda=-2.0 must be >= 0"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _parse(argv + ["--out", "x"])
+    assert message in capsys.readouterr().err
+
+
+def test_too_many_prompts_is_an_error_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit, match=r"--seed-prompts=170 with --problems=32: only \d+ held-out"):
+        main(["--seed-prompts", "170", "--prompts", "16", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_small_sweep_on_the_embedded_model(tmp_path):
+    """At tau = 1 the gate admits a draft token only when its logit ties the target's top one, which
+    these prompts never meet, so that row decodes exactly what exact acceptance decodes; every row's
+    figures stay in range and the files are written."""
+    res = main(["--prompts", "2", "--max-new-tokens", "24", "--seed-prompts", "2", "--seed-tokens", "8",
+                "--lambda", "0", "--taus", "1,0.01", "--num-draft-tokens", "3", "--out", str(tmp_path)])
+    exact, tie, loose = res["modes"]["exact"], res["modes"]["tau=1"], res["modes"]["tau=0.01"]
+    for key in ("mean_accepted", "tokens_per_step", "mean_loglik_per_token", "new_tokens", "tokens_off_fp32_argmax"):
+        assert tie[key] == pytest.approx(exact[key]), key
+    assert exact["accepted_ratio"] == 1.0 and exact["loglik_rel_change"] == 0.0
+    for m in (exact, tie, loose):
+        assert 0 < m["new_tokens"] <= 2 * 24
+        assert m["rescue_cost_per_token"] >= 0
+        assert 0 <= m["mean_accepted"] <= 3
+    assert json.loads((tmp_path / "csd_frontier.json").read_text())["modes"].keys() == res["modes"].keys()
+    assert "tau=0.01" in (tmp_path / "csd_frontier.md").read_text()
