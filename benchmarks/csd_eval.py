@@ -36,7 +36,7 @@ import torch
 
 __all__ = [
     "build_program", "extract_code", "main", "run_sandboxed", "token_category", "mean_loglik", "divergent_pairs",
-    "rescue_cost",
+    "rescue_cost", "likelihood_vs_exact",
 ]
 
 _SANDBOX_PREAMBLE = '''\
@@ -164,6 +164,17 @@ def rescue_cost(top_logp: torch.Tensor, emitted_logp: torch.Tensor) -> float:
     if top_logp.shape != emitted_logp.shape:
         raise ValueError(f"shapes differ: {tuple(top_logp.shape)} vs {tuple(emitted_logp.shape)}")
     return float((top_logp - emitted_logp).clamp(min=0).sum())
+
+
+def likelihood_vs_exact(mode: dict, exact: dict) -> dict:
+    """A mode's mean log-likelihood change and extra rescue cost against exact acceptance's, each as a
+    share of exact's mean log-likelihood per token (from the ``mean_loglik_per_token`` and
+    ``rescue_cost_per_token`` of both)."""
+    scale = abs(exact["mean_loglik_per_token"])
+    return {
+        "loglik_rel_change": (mode["mean_loglik_per_token"] - exact["mean_loglik_per_token"]) / scale,
+        "rescue_cost_rel": (mode["rescue_cost_per_token"] - exact["rescue_cost_per_token"]) / scale,
+    }
 
 
 def divergent_pairs(emitted: torch.Tensor, argmax: torch.Tensor) -> Counter:
@@ -373,8 +384,7 @@ def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
         "decode_speedup": c["decode_tok_s"] / e["decode_tok_s"],
         "tokens_per_step_ratio": c["tokens_per_step"] / e["tokens_per_step"],
         "ms_per_step_ratio": c["ms_per_step"] / e["ms_per_step"],
-        "loglik_rel_change": (c["mean_loglik_per_token"] - e["mean_loglik_per_token"]) / abs(e["mean_loglik_per_token"]),
-        "rescue_cost_rel": (c["rescue_cost_per_token"] - e["rescue_cost_per_token"]) / abs(e["mean_loglik_per_token"]),
+        **likelihood_vs_exact(c, e),
         "pass_at_1_delta": c["pass_at_1"] - e["pass_at_1"],
     }
     return res

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.csd_eval import (
-    _left_pad, _logger, _strip_tail, _teacher_forced, held_out_prompts, mean_loglik, rescue_cost, seeded_setup,
+    _left_pad, _logger, _strip_tail, _teacher_forced, held_out_prompts, likelihood_vs_exact, mean_loglik,
+    rescue_cost, seeded_setup,
 )
 
 __all__ = ["main", "pick_tau"]
@@ -139,8 +140,7 @@ def main(argv=None) -> dict:
     for label, s in stats.items():
         s["accepted_ratio"] = s["mean_accepted"] / e["mean_accepted"]
         s["tokens_per_step_ratio"] = s["tokens_per_step"] / e["tokens_per_step"]
-        s["loglik_rel_change"] = (s["mean_loglik_per_token"] - e["mean_loglik_per_token"]) / abs(e["mean_loglik_per_token"])
-        s["rescue_cost_rel"] = (s["rescue_cost_per_token"] - e["rescue_cost_per_token"]) / abs(e["mean_loglik_per_token"])
+        s |= likelihood_vs_exact(s, e)
     csd_rows = {k: v for k, v in stats.items() if k != "exact"}
     result = {
         "settings": {k: v for k, v in vars(a).items()},
