@@ -20,7 +20,7 @@ rescue cost (over exact's, relative to exact's mean log-likelihood) stays within
 can run at a tau chosen without its problems. The change of mean log-likelihood is reported but does
 not pick: it compares texts that part at the first rescue and is too noisy at this size.
 
-    python -m benchmarks.csd_frontier --prompts 16 --max-new-tokens 128 --seed-prompts 160 \\
+    python -m benchmarks.csd_frontier --prompts 18 --max-new-tokens 192 --seed-prompts 160 \\
         --seed-tokens 64 --lambda 2 --separate-draft --out results/csd_frontier
 
 Writes ``DIR/csd_frontier.json`` and ``DIR/csd_frontier.md``.
@@ -66,7 +66,7 @@ def _parse(argv):
     ap.add_argument("--lambda", dest="lambda_", type=float, default=2.0)
     ap.add_argument("--taus", default="0.01,0.03,0.1,0.3,0.6,0.9",
                     help="comma-separated gate thresholds, each in (0, 1]")
-    ap.add_argument("--budget", type=float, default=0.02, help="allowed relative log-likelihood loss")
+    ap.add_argument("--budget", type=float, default=0.02, help="allowed rescue cost over exact's, as a share of exact's mean log-likelihood per token")
     ap.add_argument("--num-draft-tokens", type=int, default=6)
     ap.add_argument("--draft-bits", type=int, default=4, choices=(2, 3, 4, 8))
     ap.add_argument("--separate-draft", action="store_true", help="as in benchmarks.csd_eval")
