@@ -36,7 +36,7 @@ import torch
 
 __all__ = [
     "build_program", "extract_code", "main", "run_sandboxed", "token_category", "mean_loglik", "divergent_pairs",
-    "rescue_cost", "likelihood_vs_exact",
+    "rescue_cost", "likelihood_vs_exact", "decode_and_score",
 ]
 
 _SANDBOX_PREAMBLE = '''\
@@ -199,6 +199,24 @@ def _left_pad(ids: torch.Tensor, width: int, pad_id: int) -> tuple[torch.Tensor,
     return padded, mask
 
 
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def decode_and_score(model, ref, tok, prompt: torch.Tensor, width: int, max_new_tokens: int, accept, kw: dict):
+    """Decode ``prompt`` (1-D ids, left-padded to ``width``) with ``csd_compile.generate`` and score the
+    new tokens (cut after the first EOS) with the reference model, teacher-forced. Returns
+    ``(new ids, generate's stats, log-probs of the new tokens, ref's argmax there, rescue cost)``."""
+    from csd_compile.speculative import generate
+
+    padded, mask = _left_pad(prompt, width, _pad_id(tok))
+    out, stats = generate(model, padded, attention_mask=mask, max_new_tokens=max_new_tokens, acceptance=accept,
+                          return_stats=True, **kw)
+    new = _strip_tail(out[0, width:].cpu(), {tok.eos_token_id} if tok.eos_token_id is not None else set())
+    logp, amax, top_logp = _teacher_forced(ref, torch.cat([prompt, new]).unsqueeze(0), prompt.numel())
+    return new, stats, logp, amax, rescue_cost(top_logp, logp)
+
+
 def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.csd_eval", description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=int, default=12, help="HumanEval problems (spread over the set)")
@@ -298,32 +316,25 @@ def main(argv=None) -> dict:
     kw = dict(draft=draft, draft_bits=a.draft_bits, num_draft_tokens=a.num_draft_tokens, compile_backend=backend)
     prompts = [enc(_code_prompt(p))[0] for p in problems]
     width = max(len(p) for p in prompts)  # left-pad every prompt to one length: one cache bucket, one compile
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     warm = enc(held[a.seed_prompts])[0][-width:]
     for mode in ("exact", "csd"):  # compile both steps once (the warm-up also feeds the csd memory)
         t0 = time.perf_counter()
-        w_ids, w_mask = _left_pad(warm, width, pad_id)
+        w_ids, w_mask = _left_pad(warm, width, _pad_id(tok))
         generate(model, w_ids, attention_mask=w_mask, max_new_tokens=a.max_new_tokens, acceptance=accept[mode], **kw)
         log(f"{mode}: warm-up/compile {time.perf_counter() - t0:.0f}s")
 
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     rows = {m: [] for m in ("exact", "csd")}
     for i, prob in enumerate(problems):
-        ids = prompts[i].unsqueeze(0)
-        padded, mask = _left_pad(prompts[i], width, pad_id)
         for mode in (("exact", "csd") if i % 2 == 0 else ("csd", "exact")):
-            out, st = generate(model, padded, attention_mask=mask, max_new_tokens=a.max_new_tokens,
-                               acceptance=accept[mode], return_stats=True, **kw)
-            new = _strip_tail(out[0, width:].cpu(), eos)
-            full = torch.cat([ids[0], new]).unsqueeze(0)
-            logp, amax, top_logp = _teacher_forced(ref, full, ids.shape[1])
+            new, st, logp, amax, cost = decode_and_score(model, ref, tok, prompts[i], width, a.max_new_tokens,
+                                                         accept[mode], kw)
             reply = tok.decode(new, skip_special_tokens=True)
             res = run_sandboxed(build_program(prob, reply), timeout=a.timeout)
             rows[mode].append({
                 "task_id": prob["task_id"], "passed": res["passed"], "timeout": res["timeout"],
                 "mean_accepted": st["mean_accepted"], "tok_s": st["tok_per_s"], "new_tokens": int(new.numel()),
                 "steps": st["steps"], "seconds": st["seconds"], "prefill_seconds": st["prefill_seconds"],
-                "logp": logp, "cost": rescue_cost(top_logp, logp), "pairs": divergent_pairs(new, amax),
+                "logp": logp, "cost": cost, "pairs": divergent_pairs(new, amax),
                 "reply": reply, "stderr": res["stderr"][-200:],
             })
         log(f"{i + 1}/{len(problems)} {prob['task_id']}: exact pass={rows['exact'][-1]['passed']} "

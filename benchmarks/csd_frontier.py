@@ -34,11 +34,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks.csd_eval import (
-    _left_pad, _logger, _strip_tail, _teacher_forced, held_out_prompts, likelihood_vs_exact, mean_loglik,
-    rescue_cost, seeded_setup,
+    _logger, decode_and_score, held_out_prompts, likelihood_vs_exact, mean_loglik, seeded_setup,
 )
 
 __all__ = ["main", "pick_tau"]
@@ -94,7 +91,6 @@ def main(argv=None) -> dict:
     a = _parse(argv)
     from csd_compile.data import _spread, humaneval_problems
     from csd_compile.kernels.gate import make_csd_accept
-    from csd_compile.speculative import generate
     from csd_compile.speculative.memory import protected_tokens
 
     log = _logger("csd_frontier")
@@ -105,8 +101,6 @@ def main(argv=None) -> dict:
     protected = protected_tokens(tok)
     prompts = [enc(p)[0] for p in held[a.seed_prompts:]]
     width = max(len(p) for p in prompts)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     kw = dict(draft=draft, draft_bits=a.draft_bits, num_draft_tokens=a.num_draft_tokens, compile_backend=None)
 
     modes = {"exact": None} | {f"tau={t:g}": t for t in a.taus}
@@ -116,17 +110,12 @@ def main(argv=None) -> dict:
         accept = None if tau is None else make_csd_accept(copy.deepcopy(memory), tau=tau, protected=protected)
         acc, steps, n_new, logps, cost, rescued = [], 0, 0, [], 0.0, 0
         for p in prompts:
-            padded, mask = _left_pad(p, width, pad_id)
-            out, st = generate(model, padded, attention_mask=mask, max_new_tokens=a.max_new_tokens,
-                               acceptance=accept, return_stats=True, **kw)
-            new = _strip_tail(out[0, width:].cpu(), eos)
-            full = torch.cat([p, new]).unsqueeze(0)
-            logp, amax, top_logp = _teacher_forced(ref, full, p.numel())
+            new, st, logp, amax, p_cost = decode_and_score(model, ref, tok, p, width, a.max_new_tokens, accept, kw)
             acc.append(st["mean_accepted"])
             steps += st["steps"]
             n_new += new.numel()
             logps.append(logp)
-            cost += rescue_cost(top_logp, logp)
+            cost += p_cost
             rescued += int((new != amax).sum())
         stats[label] = {
             "tau": tau, "mean_accepted": sum(acc) / len(acc), "tokens_per_step": (n_new - len(prompts)) / max(steps, 1),
