@@ -48,7 +48,10 @@ def test_pick_tau_takes_the_longest_acceptance_whose_rescue_cost_fits_the_budget
     (["--taus", "a,b"], "comma-separated numbers"),
     (["--budget", "-1"], "--budget=-1.0 must be >= 0"),
     (["--prompts", "0"], "--prompts=0 must be >= 1"),
-    (["--lambda", "-2"], "--lambda=-2.0 must be >= 0"),
+    (["--lambda", "-2"], "--lambda=-2 must be distinct finite values >= 0"),
+    (["--lambda", "2,inf"], "--lambda=2,inf must be distinct finite values >= 0"),
+    (["--lambda", "2,2"], "--lambda=2,2 must be distinct finite values >= 0"),
+    (["--lambda", "two"], "--lambda='two' must be comma-separated numbers"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -79,3 +82,23 @@ def test_small_sweep_on_the_embedded_model(tmp_path):
         assert 0 <= m["mean_accepted"] <= 3
     assert json.loads((tmp_path / "csd_frontier.json").read_text())["modes"].keys() == res["modes"].keys()
     assert "tau=0.01" in (tmp_path / "csd_frontier.md").read_text()
+
+
+def test_lambda_grid_sweeps_every_pair_from_one_seeding(tmp_path):
+    """Several lambdas sweep every (lambda, tau) pair from one seeding (a 2-bit draft, so that a few
+    seeding tokens disagree): each row is labelled with
+    both, the seeded-frequent counts fall as lambda rises, and tau = 1 still decodes what exact
+    acceptance decodes at every lambda."""
+    res = main(["--prompts", "2", "--max-new-tokens", "16", "--seed-prompts", "2", "--seed-tokens", "8",
+                "--lambda", "0,3", "--taus", "1,0.01", "--num-draft-tokens", "3", "--draft-bits", "2", "--out", str(tmp_path)])
+    assert list(res["modes"]) == ["exact", "lambda=0 tau=1", "lambda=0 tau=0.01", "lambda=3 tau=1", "lambda=3 tau=0.01"]
+    assert (res["modes"]["lambda=3 tau=0.01"]["lambda"], res["modes"]["lambda=3 tau=0.01"]["tau"]) == (3.0, 0.01)
+    freq = res["memory"]["seeded_frequent_pairs"]
+    assert 0 < freq["0"] <= res["memory"]["seeded_pairs_recorded"] and freq["0"] >= freq["3"]
+    for lam in ("0", "3"):
+        row, exact = res["modes"][f"lambda={lam} tau=1"], res["modes"]["exact"]
+        assert row["new_tokens"] == exact["new_tokens"]
+        assert row["mean_accepted"] == pytest.approx(exact["mean_accepted"])
+        assert row["mean_loglik_per_token"] == pytest.approx(exact["mean_loglik_per_token"])
+    md = (tmp_path / "csd_frontier.md").read_text()
+    assert "| lambda=0 tau=0.01 |" in md and "above lambda: 0: " in md
