@@ -129,8 +129,9 @@ if __name__ == "__main__":  # python -m benchmarks.quant_rows
     from csd_compile import load_model
 
     model, tok = load_model("smollm2-135m-instruct", dtype="bf16")
-    if "ppl" in sys.argv[1:]:
-        for r in perplexity_table(model, tok, max_tokens=1024):
+    if "ppl" in sys.argv[1:]:  # python -m benchmarks.quant_rows ppl [--group-size 32|64|128]
+        group = int(sys.argv[sys.argv.index("--group-size") + 1]) if "--group-size" in sys.argv else 64
+        for r in perplexity_table(model, tok, group_size=group, max_tokens=1024):
             print(r, flush=True)
     else:
         prompts = ["The history of the printing press", "def fibonacci(n):", "Explain photosynthesis simply."]

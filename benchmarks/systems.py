@@ -142,6 +142,29 @@ def csd_int8_ngram(ctx):
                                 compile_options=_LOSSLESS_INT8)
 
 
+# The embedded GGUF is Q4_1 (blocks of 32, w = d * q + m): at group_size 32 the 4-bit rung's grid
+# (float zero point) is the file's own, so these rows run the file's weights, not an approximation.
+_Q4_1_GRID = {"bits": 4, "group_size": 32}
+
+
+@system("csd-q4-g32", "HF greedy, static cache, backend='csd' bits=4 group_size=32, bf16: the GGUF's own "
+        "Q4_1 grid, i.e. hf-bf16's weights up to bf16 rounding", default=False)
+def csd_q4_g32(ctx):
+    return _static_compiled(ctx, "csd", _Q4_1_GRID)
+
+
+@system("csd-q4-g32-fp32", "HF greedy, static cache, backend='csd' bits=4 group_size=32, fp32 activations: "
+        "the GGUF's own Q4_1 grid, i.e. hf-fp32's weights", default=False, plain="hf-fp32")
+def csd_q4_g32_fp32(ctx):
+    return _static_compiled(ctx, "csd", _Q4_1_GRID, model=ctx.load("fp32"))
+
+
+@system("csd-q4-g32-ngram", "csd_compile.generate, n-gram draft (K=3), on csd-q4-g32-fp32's model",
+        default=False, plain="csd-q4-g32-fp32")
+def csd_q4_g32_ngram(ctx):
+    return _csd_generate_runner(ctx.load("fp32"), ctx, draft="ngram", num_draft_tokens=3, compile_options=_Q4_1_GRID)
+
+
 @system("hf-assisted-q4", "HF assisted generation, assistant = the model at 4 bits (csd QLinear), bf16")
 def hf_assisted_q4(ctx):
     import copy

@@ -15,6 +15,14 @@ the range instead of 1/255); the 3- and 2-bit rungs are uniform quantizers with 
 steps wide. Every rung's error is at most half its bin. No rung needs extra storage: memory is
 that of plain 8-bit group quantization (1 byte per weight plus two float32 numbers per group).
 
+A group whose weights already lie on a 16-level min-max grid (every weight within 0.2 of a step of
+``min + q * S``) keeps that grid instead: origin ``lo = min``, a float zero point. So a checkpoint
+stored as GGUF Q4_1 (blocks of 32, ``w = d * q + m``), read at ``group_size=32``, decodes at 4 bits
+to its own weights, up to float rounding. Other groups (weights not already 4-bit; Q4_1 blocks
+joined by a larger group, which seldom share one grid) keep the integer zero point: on the embedded
+model at group size 64 a float zero point everywhere had the smaller squared error but perplexity
+30.1 against 26.7 on Britannica. Every kernel takes the zero as a float.
+
 Storage (``NestedWeight``):
     qdata  uint8 [2, N, K/2]: plane 0 holds the high nibbles (the 4-bit codes), plane 1 the low
            nibbles, each packed two per byte in the layout of PyTorch's CPU int4 kernel
@@ -92,7 +100,10 @@ def _codes8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     step4 = (w.amax(-1) - lo) / 15.0  # the RTN-4 step [N, K/g]
     live = step4 > 0
     safe4 = torch.where(live, step4, torch.ones_like(step4))
-    origin = torch.where(live, -torch.round(-lo / safe4) * step4, lo)  # RTN-4 grid with integer zero point
+    u = (w - lo[..., None]) / safe4[..., None]
+    on_grid = ((u - u.round()).abs() <= 0.2).all(-1)  # already 4-bit (e.g. GGUF Q4_1): keep that grid
+    integer = -torch.round(-lo / safe4) * step4  # RTN-4 grid with integer zero point
+    origin = torch.where(live & ~on_grid, integer, lo)
     scale = step4 / 16.0
     zero = origin - 7.5 * scale
     q = torch.round((w - zero[..., None]) / (safe4[..., None] / 16.0)).clamp_(0, 255)

@@ -94,6 +94,28 @@ def test_nested_error_vs_direct_rtn(group):
     assert [nested[b] for b in BITS] == sorted(nested.values(), reverse=True)
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 16).map(lambda v: 2 * v), groups=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_4bit_rung_reads_a_q4_1_checkpoint_back_exactly(n, groups, seed):
+    """A weight on a GGUF Q4_1 grid (blocks of 32: w = d * q + m, q in 0..15, every block using codes
+    0 and 15 as Q4_1's min-max quantizer does) decodes to itself at group_size=32; held in bf16 (off
+    the grid by bf16 rounding) it still gets Q4_1's codes back, and decodes to within that rounding."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, groups, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0.0, 15.0
+    q = q[..., torch.randperm(32, generator=g)]
+    d = (torch.rand(n, groups, 1, generator=g) * 0.02 + 1e-2).to(torch.float16).float()
+    m = (torch.randn(n, groups, 1, generator=g) * 0.02).to(torch.float16).float()
+    w = (d * q + m).reshape(n, groups * 32)
+    top = float(w.abs().max())
+    torch.testing.assert_close(dequantize(*quantize(w, 32), 4), w, rtol=0, atol=2e-6 * top)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(nested_codes(quantize(w.to(dtype), 32).qdata, 4).reshape(n, groups, 32).float(), q)
+    torch.testing.assert_close(dequantize(*quantize(w.to(torch.bfloat16), 32), 4), w, rtol=0, atol=2 ** -8 * top)
+    # the integer zero point moves the grid off Q4_1's and misses some of the weights
+    assert (rtn_fake_quantize(w, 4, 32) - w).abs().max() > 1e-3 * float(d.min())
+
+
 def test_memory_is_plain_8bit():
     w = _weight(128, 256, 1)
     nw = quantize(w, 64)

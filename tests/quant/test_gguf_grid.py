@@ -1,0 +1,42 @@
+"""The embedded model is a GGUF Q4_1 file (blocks of 32, w = d * q + m): at group_size 32 the
+nested format's 4-bit rung is the file's own grid, so ``bits=4, group_size=32`` runs its weights."""
+
+import torch
+
+from csd_compile import load_model
+from csd_compile.models.hf_generate import compile_config, encode_prompt
+from csd_compile.quant.nested import dequantize, quantize
+
+PROMPT = "Name three primary colours and say why they are called primary."
+
+
+def _linears(model):
+    head = model.get_output_embeddings()
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+def test_4bit_rung_at_group_32_is_the_embedded_checkpoint():
+    model, _ = load_model(dtype="fp32")
+    linears = _linears(model)
+    assert len(linears) == 7 * model.config.num_hidden_layers
+    for name, mod in linears:
+        w = mod.weight.detach()
+        err = (dequantize(*quantize(w, 32), 4) - w).abs().max()
+        assert err <= 1e-6 * w.abs().max(), (name, float(err))
+    # a group that straddles two Q4_1 blocks has no such grid: 64 is an ordinary lossy 4-bit format
+    w = linears[0][1].weight.detach()
+    assert (dequantize(*quantize(w, 64), 4) - w).abs().max() > 1e-2 * w.abs().max()
+
+
+def test_compiled_4bit_group_32_decodes_what_eager_fp32_decodes():
+    model, tok = load_model(dtype="fp32")
+    ids = encode_prompt(tok, PROMPT, chat=True)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24, pad_token_id=tok.eos_token_id)
+    with torch.inference_mode():
+        eager = model.generate(ids, **kw)
+        compiled = model.generate(ids, cache_implementation="static",
+                                  compile_config=compile_config({"bits": 4, "group_size": 32}), **kw)
+    assert eager.shape[1] > ids.shape[1] + 10
+    assert torch.equal(compiled, eager)
+    # the user's weights are untouched
+    assert all(m.weight.dtype == torch.float32 for _, m in _linears(model))
