@@ -86,9 +86,8 @@ def test_small_sweep_on_the_embedded_model(tmp_path):
 
 def test_lambda_grid_sweeps_every_pair_from_one_seeding(tmp_path):
     """Several lambdas sweep every (lambda, tau) pair from one seeding (a 2-bit draft, so that a few
-    seeding tokens disagree): each row is labelled with
-    both, the seeded-frequent counts fall as lambda rises, and tau = 1 still decodes what exact
-    acceptance decodes at every lambda."""
+    seeding tokens disagree): each row is labelled with both, the seeded-frequent counts fall as
+    lambda rises, and tau = 1 still decodes what exact acceptance decodes at every lambda."""
     res = main(["--prompts", "2", "--max-new-tokens", "16", "--seed-prompts", "2", "--seed-tokens", "8",
                 "--lambda", "0,3", "--taus", "1,0.01", "--num-draft-tokens", "3", "--draft-bits", "2", "--out", str(tmp_path)])
     assert list(res["modes"]) == ["exact", "lambda=0 tau=1", "lambda=0 tau=0.01", "lambda=3 tau=1", "lambda=3 tau=0.01"]

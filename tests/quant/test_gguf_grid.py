@@ -1,9 +1,11 @@
 """The embedded model is a GGUF Q4_1 file (blocks of 32, w = d * q + m): at group_size 32 the
 nested format's 4-bit rung is the file's own grid, so ``bits=4, group_size=32`` runs its weights."""
 
+import warnings
+
 import torch
 
-from csd_compile import load_model
+from csd_compile import CSDFallbackWarning, load_model
 from csd_compile.models.hf_generate import compile_config, encode_prompt
 from csd_compile.quant.nested import dequantize, quantize
 
@@ -32,11 +34,13 @@ def test_compiled_4bit_group_32_decodes_what_eager_fp32_decodes():
     model, tok = load_model(dtype="fp32")
     ids = encode_prompt(tok, PROMPT, chat=True)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24, pad_token_id=tok.eos_token_id)
-    with torch.inference_mode():
+    before = [m.weight.detach().double().sum().item() for _, m in _linears(model)]
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error", CSDFallbackWarning)  # the 4-bit pass must run, not plain Inductor
         eager = model.generate(ids, **kw)
         compiled = model.generate(ids, cache_implementation="static",
                                   compile_config=compile_config({"bits": 4, "group_size": 32}), **kw)
     assert eager.shape[1] > ids.shape[1] + 10
     assert torch.equal(compiled, eager)
     # the user's weights are untouched
-    assert all(m.weight.dtype == torch.float32 for _, m in _linears(model))
+    assert [m.weight.detach().double().sum().item() for _, m in _linears(model)] == before
