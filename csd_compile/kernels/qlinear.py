@@ -9,9 +9,10 @@ per-layer plan) *inside* the op: changing it never recompiles and never syncs th
 - CPU: ``csd::qlinear_cpu_native``, a C++ kernel (``csrc/qlinear_cpu.cpp``, built on first use by
   ``native.load()``) that reads the rung's codes straight from the nested planes: up to 16 rows
   decode each 64-row weight tile once and multiply it by every row (decode and verify); more rows
-  dequantize once and call a dense GEMM. Without a C++ compiler, ``csd::qlinear_cpu`` (PyTorch ops:
-  PyTorch's int4 CPU kernel on the high-nibble plane, or dequantize + ``F.linear``) computes the
-  same values more slowly.
+  dequantize once and call a dense GEMM. Without a C++ compiler, ``csd::qlinear_cpu`` (PyTorch ops)
+  computes the same values more slowly: bf16 activations with up to 4 rows go through PyTorch's
+  int4 CPU kernel on the rung's codes repacked by PyTorch itself (its packed layout depends on the
+  instruction set), anything else dequantizes and calls ``F.linear``.
 - ``qlinear_ref``: the pure-torch reference every path is tested against.
 """
 
@@ -25,7 +26,7 @@ from torch.library import triton_op, wrap_triton
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from ..quant.nested import check_bits, dequantize
+from ..quant.nested import check_bits, dequantize, unpack_nibbles
 from . import native
 
 __all__ = ["qlinear", "qlinear_ref", "qlinear_triton", "check_qlinear_args"]
@@ -49,7 +50,7 @@ def _qlinear_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.load(bits_ptr).to(tl.int32)
     half_k = K // 2
-    # Byte offset and nibble shift of (n, k) in one plane of the CPU int4 layout (see nested.py).
+    # Byte offset and nibble shift of (n, k) in one plane of the nested layout (see nested.py).
     in_full = rn < N_FULL
     j = rn % 64
     row_full = (rn // 64) * 64 * half_k + j % 32
@@ -142,10 +143,14 @@ def _int4_scale_zeros(scale, zero, step, offset) -> torch.Tensor:
     return torch.stack([s, zero + (offset + 8.0) * s], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
 
 
-# scale tensor -> ((bits, versions), int4 scale/zero tensors of that rung). Building them costs
-# about two int4 products at decode sizes, so each layer keeps its current rung's (bf16,
-# 1/16 byte per weight; 1/8 at 8 bits): switching rungs rebuilds them, staying on one is free.
-_SZ_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# qdata tensor -> ((bits, versions), operands of that rung for PyTorch's int4 CPU kernel: weights
+# packed by PyTorch itself, and bf16 scale/zero tensors). PyTorch's packed int4 layout depends on
+# the instruction set its kernel was built for (AVX-512, AVX2, ...), so the nested planes are never
+# handed to it directly: the rung's codes are unpacked and repacked with
+# ``_convert_weight_to_int4pack_for_cpu``, whose layout matches its own kernel on every CPU.
+# Building them costs about a dequantization; each layer keeps its current rung's (0.5 byte per
+# weight, 1 at 8 bits): switching rungs rebuilds them, staying on one is free.
+_INT4_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _version(t: torch.Tensor) -> int:
@@ -155,18 +160,27 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def _rung_scale_zeros(scale, zero, b) -> tuple[torch.Tensor, ...]:
-    key = (b, _version(scale), _version(zero), zero.data_ptr())
-    hit = _SZ_CACHE.get(scale)
+def _int4_operands(qdata, scale, zero, b) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(packed codes, scale/zeros)]`` whose int4 products sum to ``x @ W_b.T`` (two at 8 bits)."""
+    key = (b, _version(qdata), _version(scale), _version(zero), scale.data_ptr(), zero.data_ptr())
+    hit = _INT4_CACHE.get(qdata)
     if hit is not None and hit[0] == key:
         return hit[1]
+    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    hi = unpack_nibbles(qdata[0]).to(torch.int32)
     if b == 8:  # q8 = 16 * hi + lo: lo + q8 * s
-        sz = (_int4_scale_zeros(scale, zero, 16.0, 0.0), _int4_scale_zeros(scale, torch.zeros_like(zero), 1.0, 0.0))
-    else:  # bin centre lo + ((c + 0.5) * m - 0.5) * s, codes stored shifted by +off (see below)
+        lo = unpack_nibbles(qdata[1]).to(torch.int32)
+        ops = [(pack(hi, 1), _int4_scale_zeros(scale, zero, 16.0, 0.0)),
+               (pack(lo, 1), _int4_scale_zeros(scale, torch.zeros_like(zero), 1.0, 0.0))]
+    else:
+        # bin centre lo + ((c + 0.5) * m - 0.5) * s. 3/2-bit codes are shifted to the middle of the
+        # int4 range (+4 / +6) so the bf16 zero term sits near the group centre instead of
+        # cancelling a large product.
         off = {4: 0, 3: 4, 2: 6}[b]
-        sz = (_int4_scale_zeros(scale, zero - 0.5 * scale, float(2 ** (8 - b)), 0.5 - off),)
-    _SZ_CACHE[scale] = (key, sz)
-    return sz
+        codes = (hi >> (4 - b)) + off
+        ops = [(pack(codes, 1), _int4_scale_zeros(scale, zero - 0.5 * scale, float(2 ** (8 - b)), 0.5 - off))]
+    _INT4_CACHE[qdata] = (key, ops)
+    return ops
 
 
 def _qlinear_cpu_impl(x, qdata, scale, zero, bits) -> torch.Tensor:
@@ -178,19 +192,10 @@ def _qlinear_cpu_impl(x, qdata, scale, zero, bits) -> torch.Tensor:
     if x.dtype == torch.bfloat16 and n % 16 == 0 and x2.shape[0] <= _INT4_MAX_ROWS:
         x2 = x2.contiguous()
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-        sz = _rung_scale_zeros(scale, zero, b)
-        if b == 8:
-            y = mm(x2, qdata[0], group, sz[0]) + mm(x2, qdata[1], group, sz[1])
-        else:
-            # 3/2-bit codes are shifted to the middle of the int4 range (+4 / +6 per nibble) so
-            # the bf16 zero term sits near the group centre instead of cancelling a large product.
-            if b == 4:
-                codes = qdata[0]
-            elif b == 3:
-                codes = ((qdata[0] >> 1) & 0x77) + 0x44
-            else:
-                codes = ((qdata[0] >> 2) & 0x33) + 0x66
-            y = mm(x2, codes, group, sz[0])
+        ops = _int4_operands(qdata, scale, zero, b)
+        y = mm(x2, ops[0][0], group, ops[0][1])
+        for packed, sz in ops[1:]:
+            y = y + mm(x2, packed, group, sz)
     else:
         y = F.linear(x2, dequantize(qdata, scale, zero, b, dtype=x.dtype))
     return y.reshape(*x.shape[:-1], n)

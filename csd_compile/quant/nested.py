@@ -25,8 +25,11 @@ model at group size 64 a float zero point everywhere had the smaller squared err
 
 Storage (``NestedWeight``):
     qdata  uint8 [2, N, K/2]: plane 0 holds the high nibbles (the 4-bit codes), plane 1 the low
-           nibbles, each packed two per byte in the layout of PyTorch's CPU int4 kernel
-           (``aten._weight_int4pack_mm_for_cpu``), so the 4-bit rung feeds it with no copy.
+           nibbles, each packed two per byte (:func:`pack_nibbles`): rows in blocks of 64; inside a
+           block, for every input feature k, 32 bytes where byte j holds row j (low nibble) and row
+           j + 32 (high nibble); rows past the last full block: for every k, (N % 64) / 2 bytes,
+           byte i holding rows 2i (low) and 2i + 1 (high). This layout is ours and the same on
+           every CPU (it is not PyTorch's packed int4 layout, which depends on the instruction set).
     scale  float32 [N, K/group_size]: ``s`` above (the 8-bit step).
     zero   float32 [N, K/group_size]: ``z`` above (the value of 8-bit code 0).
 """
@@ -52,7 +55,7 @@ __all__ = [
     "unpack_nibbles",
 ]
 
-_BLOCK_N = 64  # row block of the CPU int4 layout: byte (k, j) holds rows j (low) and j + 32 (high)
+_BLOCK_N = 64  # row block of the plane layout: byte (k, j) holds rows j (low) and j + 32 (high)
 
 
 class NestedWeight(NamedTuple):
@@ -155,7 +158,7 @@ def rtn_fake_quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> 
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit codes uint8 [N, K] (N even, K even) into the CPU int4 kernel's layout [N, K/2]."""
+    """Pack 4-bit codes uint8 [N, K] (N even, K even) into the plane layout [N, K/2] (module doc)."""
     n, k = codes.shape
     if n % 2 or k % 2:
         raise ValueError(f"pack_nibbles needs even N and K, got shape {tuple(codes.shape)}")

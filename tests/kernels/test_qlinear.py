@@ -171,3 +171,41 @@ def test_changing_bits_every_step_never_recompiles():
         x = torch.tanh(y)
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["recompiles"].values()) == 0
+
+
+_ISA_CHECK = r"""
+import sys, torch
+from csd_compile.kernels.qlinear import qlinear_ref
+from csd_compile.quant.nested import quantize
+worst = 0.0
+for n in (16, 64, 128, 130, 192, 256, 576):
+    for group in (32, 64):
+        g = torch.Generator().manual_seed(n + group)
+        nw = quantize(torch.randn(n, 2 * group, generator=g) * 0.1, group)
+        for m in (1, 3, 4):
+            x = torch.randn(m, 2 * group, generator=g).to(torch.bfloat16)
+            for bits in (2, 3, 4, 8):
+                b = torch.tensor(bits)
+                r = qlinear_ref(x, *nw, b).float()
+                y = torch.ops.csd.qlinear_cpu(x, *nw, b).float()
+                worst = max(worst, ((y - r).norm() / r.norm()).item())
+print(torch.backends.cpu.get_cpu_capability(), worst)
+sys.exit(0 if worst < 6e-3 else 1)
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", None])
+def test_pytorch_fallback_is_right_for_every_instruction_set(capability):
+    """The fallback uses PyTorch's int4 CPU kernel, whose packed layout differs between the kernels
+    PyTorch builds for each instruction set. ATen can be told to dispatch to a lower one
+    (``ATEN_CPU_CAPABILITY``), so this machine runs the AVX2 and the plain kernels too (None: its
+    own best), each checked against the reference for N multiples of 64 and not."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    proc = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

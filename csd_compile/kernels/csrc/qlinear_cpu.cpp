@@ -1,7 +1,7 @@
 // CPU kernel of csd::qlinear: y = x @ W_b^T for a nested quantized weight at a runtime bit-width.
 //
 // Weight layout (csd_compile/quant/nested.py): qdata uint8 [2, N, K/2], plane 0 the high nibbles of
-// the 8-bit codes, plane 1 the low ones, both in the layout of PyTorch's CPU int4 kernel: rows in
+// the 8-bit codes, plane 1 the low ones, both in the same layout (ours, the same on every CPU): rows in
 // blocks of 64; inside a block, for every input feature k, 32 bytes where byte j holds row j (low
 // nibble) and row j + 32 (high nibble). Rows past the last full block: for every k, (N % 64) / 2
 // bytes, byte i holding rows 2i (low) and 2i + 1 (high).
