@@ -1,1 +1,2 @@
-"""Side-by-side benchmarks of csd-compile against its peers (run: ``csd-compile bench``)."""
+"""Research scripts run from a checkout (``python -m benchmarks.X``); the benchmark that ships with
+the package, ``csd-compile bench``, lives in ``csd_compile.bench``."""

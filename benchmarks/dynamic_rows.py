@@ -255,7 +255,7 @@ def main(argv=None) -> None:
     import functools
 
     perplexity = functools.partial(perplexity, tokens=args.ppl_tokens)
-    from benchmarks.prompts import humaneval_problems
+    from csd_compile.bench.prompts import humaneval_problems
     from csd_compile import load_model
 
     model, tokenizer = load_model("smollm2-135m-instruct", dtype="bf16")

@@ -111,7 +111,7 @@ if __name__ == "__main__":  # python -m benchmarks.spec_rows [n_prompts] [max_ne
 
     from csd_compile import load_model
 
-    from .prompts import load_prompts
+    from csd_compile.bench.prompts import load_prompts
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     new = int(sys.argv[2]) if len(sys.argv) > 2 else 64

@@ -286,7 +286,8 @@ def cmd_calibrate(args, parser) -> int:
 
 
 def cmd_bench(args, parser) -> int:
-    harness = _load_bench_harness(parser)
+    from .bench import harness  # importing the package registers the systems
+
     if args.list:
         for name, system in harness.SYSTEMS.items():
             print(f"{name:24s} {system.description}")
@@ -306,20 +307,6 @@ def cmd_bench(args, parser) -> int:
         out_dir=Path(args.out),
     )
     return 0
-
-
-def _load_bench_harness(parser):
-    """The harness lives in the source tree's ``benchmarks/`` folder, next to the package."""
-    import importlib
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "harness.py").is_file():
-        _fail(parser, "bench", f"the benchmarks/ folder was not found next to {Path(__file__).parent}; run from a source checkout")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    harness = importlib.import_module("benchmarks.harness")
-    importlib.import_module("benchmarks.systems")  # registers the systems
-    return harness
 
 
 def main(argv: list[str] | None = None) -> int:

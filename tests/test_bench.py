@@ -20,8 +20,7 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
 
 
 def test_a_row_is_compared_with_its_own_plain_decoding(tmp_path, monkeypatch):
-    from benchmarks import systems  # noqa: F401  (registers the systems)
-    from benchmarks.harness import SYSTEMS, System
+    from csd_compile.bench import SYSTEMS, System  # importing the package registers the systems
 
     fp32 = SYSTEMS["hf-fp32"]
     monkeypatch.setitem(SYSTEMS, "fp32-again", System("fp32-again", "hf-fp32 once more", fp32.setup, plain="hf-fp32"))
