@@ -50,11 +50,15 @@ def attention_math(query, key, value, attn_mask=None, scale=None, enable_gqa=Fal
     return torch.matmul(probs, value.float()).to(query.dtype)
 
 
+def _val(node) -> torch.Tensor | None:
+    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
 def _cpu_query_len(node: fx.Node) -> int | None:
     """The query length of an SDPA node whose query is a CPU tensor of static shape, else None."""
-    q = node.args[0] if node.args else node.kwargs.get("query")
-    val = q.meta.get("example_value", q.meta.get("val")) if isinstance(q, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() < 2 or val.device.type != "cpu":
+    val = _val(node.args[0] if node.args else node.kwargs.get("query"))
+    if val is None or val.dim() < 2 or val.device.type != "cpu":
         return None
     t = val.shape[-2]
     return t if isinstance(t, int) else None
@@ -63,8 +67,39 @@ def _cpu_query_len(node: fx.Node) -> int | None:
 _ARG_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+def _emit_attention(graph: fx.Graph, bound: dict) -> fx.Node | None:
+    """:func:`attention_math` written into ``graph`` as public torch / aten calls (before the current
+    insertion point), with the shapes and dtypes it branches on read from the nodes' example values;
+    ``None`` when those are unknown. Plain calls (no Python function of ours in the graph) keep the
+    graph cacheable by AOT autograd's cache: a warm compile then skips re-tracing the step."""
+    q, k, v, mask = bound["query"], bound["key"], bound["value"], bound.get("attn_mask")
+    qv, kv = _val(q), _val(k)
+    mv = _val(mask) if mask is not None else None
+    scale = bound.get("scale")
+    if qv is None or kv is None or (mask is not None and mv is None) or not isinstance(scale, (float, int, type(None))):
+        return None
+    call = graph.call_function
+
+    def f32(x):
+        return call(torch.ops.aten._to_copy.default, (x,), {"dtype": torch.float32})
+
+    hq, hkv = qv.shape[-3], kv.shape[-3]
+    if bound.get("enable_gqa", False) and hq != hkv:
+        k = call(torch.repeat_interleave, (k, hq // hkv), {"dim": -3})
+        v = call(torch.repeat_interleave, (v, hq // hkv), {"dim": -3})
+    scale = 1.0 / math.sqrt(qv.shape[-1]) if scale is None else float(scale)
+    scores = call(torch.mul, (call(torch.matmul, (f32(q), call(torch.transpose, (f32(k), -1, -2)))), scale))
+    if mask is not None:
+        if mv.dtype == torch.bool:
+            scores = call(torch.masked_fill, (scores, call(torch.logical_not, (mask,)), float("-inf")))
+        else:
+            scores = call(torch.add, (scores, f32(mask)))
+    out = call(torch.matmul, (call(torch.softmax, (scores, -1)), f32(v)))
+    return call(torch.ops.aten._to_copy.default, (out,), {"dtype": qv.dtype})
+
+
 def decode_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], cfg: CSDConfig) -> fx.GraphModule:
-    """Rewrite short-query SDPA calls of ``gm`` into :func:`attention_math` (in place; returns ``gm``)."""
+    """Rewrite short-query SDPA calls of ``gm`` into :func:`attention_math`'s ops (in place; returns ``gm``)."""
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _SDPA_TARGETS:
@@ -79,15 +114,9 @@ def decode_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         if any(k not in _ARG_NAMES for k in bound):
             continue
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                attention_math,
-                (bound["query"], bound["key"], bound["value"]),
-                {
-                    "attn_mask": bound.get("attn_mask"),
-                    "scale": bound.get("scale"),
-                    "enable_gqa": bound.get("enable_gqa", False),
-                },
-            )
+            new = _emit_attention(gm.graph, bound)
+        if new is None:
+            continue
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
