@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from . import progress
 from .config import CSDConfig, OptionError
 from .passes import clone_graph_module, pre_aot_passes
 
@@ -66,11 +67,14 @@ def csd_backend(
 
     compiled_gm = gm
     passes = pre_aot_passes(cfg)
+    ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    progress.note(f"{ops} ops, csd passes", new_graph=True)
     if passes:
         work = clone_graph_module(gm)
         name = "?"
         try:
             for name, fn in passes:
+                progress.note(f"{ops} ops, pass {name}")
                 work = fn(work, example_inputs, cfg)
             compiled_gm = work
         except Exception as e:  # a pass must never break the user's program
@@ -96,7 +100,7 @@ def csd_backend(
         # cache slot: recomputed 512 times, a fifth of the step. Realizing any producer of more
         # than a few ops keeps such work out of reduction loops.
         patches["realize_opcount_threshold"] = 4
-    if cfg.acceptance == "csd":
+    if cfg.fuse_gating:
         from .passes.fuse_gating import FuseGatingPass
 
         patches["post_grad_custom_pre_pass"] = FuseGatingPass()
@@ -106,6 +110,8 @@ def csd_backend(
             driver = compiled_policy.policy_for_graph(compiled_gm, example_inputs, table, avg_bits, cfg.group_size)
         except ValueError as e:
             raise _OptionErrorForDynamo(str(e)) from None
+    qlinears = sum(1 for n in compiled_gm.graph.nodes if str(n.target) == "csd.qlinear.default")
+    progress.note(f"{ops} ops ({qlinears} quantized linears), Inductor: lowering, C++ code and its build")
     compiled = compile_fx(compiled_gm, example_inputs, config_patches=patches)
     return compiled if driver is None else compiled_policy.wrap(compiled, *driver)
 

@@ -131,6 +131,7 @@ def cmd_generate(args, parser) -> int:
 
     from .models import load_model
     from .models.hf_generate import TextPrinter, compile_config, encode_prompt
+    from .progress import CompileProgress
 
     err = sys.stderr
     t0 = time.perf_counter()
@@ -162,11 +163,11 @@ def cmd_generate(args, parser) -> int:
         if not args.no_compile:
             # Warm-up with the same prompt and max_new_tokens (so the same static cache shape),
             # stopped after a few tokens: it compiles the decode step once, outside the timing.
-            print("[csd-compile] compiling the decode step with backend='csd' (cached after the first run)", file=err, flush=True)
-            t0 = time.perf_counter()
-            model.generate(input_ids, stopping_criteria=StoppingCriteriaList([_StopAfter(input_ids.shape[1] + 3)]), **gen_kwargs)
-            compile_s = time.perf_counter() - t0
-            print(f"[csd-compile] compiled in {compile_s:.1f}s; generating", file=err, flush=True)
+            what = f"the decode step with backend='csd' ({_options_text(options)})"
+            with CompileProgress(what) as progress:
+                model.generate(input_ids, stopping_criteria=StoppingCriteriaList([_StopAfter(input_ids.shape[1] + 3)]),
+                               **gen_kwargs)
+            compile_s = progress.seconds
         printer = TextPrinter(tokenizer)
         t0 = time.perf_counter()
         out = model.generate(input_ids, streamer=printer, **gen_kwargs)
@@ -233,6 +234,10 @@ def _generate_speculative(args, parser, model, tokenizer, input_ids, options) ->
         flush=True,
     )
     return 0
+
+
+def _options_text(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "no options: unquantized"
 
 
 class _StopAfter:
