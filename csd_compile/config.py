@@ -17,16 +17,19 @@ __all__ = ["CSDConfig", "OptionError", "SUPPORTED_BITS", "SUPPORTED_GROUP_SIZES"
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
-ACCEPTANCE_MODES = ("exact", "csd")
 
 
 class OptionError(ValueError):
     """A backend option that is unknown or has a value outside what is allowed."""
 
 
-# User-facing option key -> dataclass field, where the key is not a valid Python name.
-_KEY_TO_FIELD = {"lambda": "ocm_lambda"}
-_FIELD_TO_KEY = {v: k for k, v in _KEY_TO_FIELD.items()}
+# Keys earlier versions accepted that the backend cannot honour: the decoding loop (and so the
+# acceptance rule, its memory and gate) belongs to ``csd_compile.generate``, never to a compiled graph.
+_MOVED_KEYS = {
+    "acceptance": "csd_compile.generate(..., acceptance='csd')",
+    "lambda": "csd_compile.generate(..., acceptance='csd', lam=...)",
+    "tau": "csd_compile.generate(..., acceptance='csd', tau=...)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +47,10 @@ class CSDConfig:
         avg_bits: bit budget of the dynamic policy, between the lowest and highest rung of the
             table (default 6.0, clipped to its ladder).
         calibration: path of the precision-requirement table made by ``csd-compile calibrate``.
-        acceptance: ``"exact"`` (lossless speculative decoding) or ``"csd"`` (calibrated rescue).
-        ocm_lambda: option key ``"lambda"``: a rejected (draft, target) pair is a rescue
-            candidate once its count exceeds this.
-        tau: semantic-consistency gate: admit draft x iff p(x) / p(t*) >= tau, tau in (0, 1].
+        fuse_gating: rewrite acceptance written in plain torch (exact greedy acceptance, or CSD's
+            read-only rescue test) into one fused ``csd.gate`` op (off by default). The rule itself
+            (exact or CSD, its ``tau`` and ``lambda``) is the caller's code, e.g. the step that
+            ``csd_compile.generate`` builds; the backend only fuses what it finds.
     """
 
     bits: int | str | None = None
@@ -55,13 +58,11 @@ class CSDConfig:
     quantize_lm_head: bool = False
     avg_bits: float | None = None
     calibration: str | None = None
-    acceptance: str = "exact"
-    ocm_lambda: int = 6
-    tau: float = 0.01
+    fuse_gating: bool = False
 
     @classmethod
     def option_keys(cls) -> list[str]:
-        return [_FIELD_TO_KEY.get(f.name, f.name) for f in dataclasses.fields(cls)]
+        return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> "CSDConfig":
@@ -77,9 +78,12 @@ class CSDConfig:
         valid = cls.option_keys()
         kwargs = {}
         for key, value in options.items():
+            if key in _MOVED_KEYS:
+                raise OptionError(f"csd option {key!r} is not a backend option (the backend never owns the decoding "
+                                  f"loop): use {_MOVED_KEYS[key]}; valid options are {valid}")
             if key not in valid:
                 raise OptionError(f"unknown csd option {key!r}; valid options are {valid}")
-            kwargs[_KEY_TO_FIELD.get(key, key)] = value
+            kwargs[key] = value
         return cls(**kwargs)
 
     def __post_init__(self) -> None:
@@ -106,14 +110,7 @@ class CSDConfig:
         if self.calibration is not None:
             _check_type("calibration", self.calibration, (str, os.PathLike))
             object.__setattr__(self, "calibration", os.fspath(self.calibration))
-        _check_choice("acceptance", self.acceptance, ACCEPTANCE_MODES, str)
-        _check_type("lambda", self.ocm_lambda, int)
-        if self.ocm_lambda < 0:
-            raise OptionError(f"option 'lambda'={self.ocm_lambda!r} must be >= 0")
-        _check_type("tau", self.tau, (int, float))
-        if not (0.0 < self.tau <= 1.0):
-            raise OptionError(f"option 'tau'={self.tau!r} must be in (0, 1]")
-
+        _check_type("fuse_gating", self.fuse_gating, bool)
 
 def _check_type(key: str, value: Any, types: type | tuple[type, ...]) -> None:
     names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)

@@ -107,12 +107,12 @@ def test_different_graph_is_left_alone():
 
 @pytest.mark.parametrize("which", ["csd", "greedy"])
 @torch._inductor.config.patch(fx_graph_cache=False)  # the pass must run, not a cache hit
-def test_backend_fuses_when_acceptance_is_csd(which):
+def test_backend_fuses_when_asked(which):
     draft, logits, mem = _inputs(torch.bfloat16, seed=1)
     fn = _csd if which == "csd" else (lambda d, z, k, c: greedy_accept(d, z))
     expected = fn(draft, logits, mem.keys, mem.counts)
     counters.clear()
-    compiled = torch.compile(fn, backend="csd", options={"acceptance": "csd"}, fullgraph=True)
+    compiled = torch.compile(fn, backend="csd", options={"fuse_gating": True}, fullgraph=True)
     with torch.no_grad():
         got, (code, *_) = run_and_get_code(compiled, draft, logits, mem.keys, mem.counts)
     assert counters["inductor"]["pattern_matcher_count"] >= 1
@@ -121,9 +121,9 @@ def test_backend_fuses_when_acceptance_is_csd(which):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-def test_backend_leaves_exact_mode_alone():
+def test_backend_leaves_acceptance_alone_by_default():
     draft, logits, _ = _inputs()
-    compiled = torch.compile(greedy_accept, backend="csd", options={"acceptance": "exact"}, fullgraph=True)
+    compiled = torch.compile(greedy_accept, backend="csd", options={}, fullgraph=True)
     with torch.no_grad():
         got, (code, *_) = run_and_get_code(compiled, draft, logits)
     assert "csd.gate" not in code
