@@ -21,6 +21,7 @@ divisible by the group size) are left alone. Idempotent: a second run finds noth
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -93,12 +94,14 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
 
     name_to_source = getattr(gm, "_param_name_to_source", None)
     count = sum(1 for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("_csd_q"))
+    changed_bits = False
     for node in linears:
         weight = values[node.args[1]]
         n_out, k_in = weight.shape
         if node in skip or n_out % 2 or k_in % group:
             continue
-        cq = compiled_quant(weight, group, init_bits)
+        cq, was_changed = compiled_quant(weight, group, init_bits, static=isinstance(cfg.bits, int))
+        changed_bits |= was_changed
         tensors = dict(zip(("qdata", "scale", "zero", "bits"), (*cq.weight, cq.bits)))
         with gm.graph.inserting_before(node):
             attrs = []
@@ -122,6 +125,10 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         count += 1
+    if changed_bits:
+        warnings.warn(f"csd backend: bits={cfg.bits} now also applies to the graphs compiled earlier from this model "
+                      "(its linears share one quantized copy and one bit-width); use csd_compile.set_bits(model, b) "
+                      "to switch widths without compiling", stacklevel=2)
     gm.graph.lint()
     gm.recompile()
     return gm

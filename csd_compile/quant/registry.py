@@ -5,7 +5,9 @@ Two kinds of quantized linear exist: :class:`~csd_compile.quant.linear.QLinear` 
 into a graph in place of an ``nn.Linear`` whose module stays in the user's model. For the latter,
 the nested weight and its bits tensor are kept here, keyed weakly by the original weight Parameter,
 so every graph compiled from the same model (prefill, decode, recompiles) shares one quantized copy
-and one bits tensor, and ``set_bits(model, ...)`` finds them by walking ``model.modules()``.
+and one bits tensor, and ``set_bits(model, ...)`` finds them by walking ``model.modules()``. The
+bit-width is thus the model's state: compiling again with other static ``bits`` options sets it
+(with one warning when graphs compiled earlier share it), like ``set_bits`` does.
 """
 
 from __future__ import annotations
@@ -27,12 +29,27 @@ class CompiledQuant(NamedTuple):
     bits: torch.Tensor
 
 
-# Parameter -> {group_size: CompiledQuant}. Weak keys: dropping the model frees the quantized copy.
+class _Entry:
+    __slots__ = ("quant", "requested")
+
+    def __init__(self, quant: CompiledQuant, requested: int | None):
+        self.quant, self.requested = quant, requested
+
+
+# Parameter -> {group_size: _Entry}. Weak keys: dropping the model frees the quantized copy.
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def compiled_quant(weight: torch.nn.Parameter, group_size: int, bits: int) -> CompiledQuant:
-    """The shared quantized copy of ``weight`` (created on first use with bit-width ``bits``)."""
+def compiled_quant(weight: torch.nn.Parameter, group_size: int, bits: int, *,
+                   static: bool = True) -> tuple[CompiledQuant, bool]:
+    """The shared quantized copy of ``weight`` and whether this call changed its bit-width.
+
+    Created on first use at ``bits``. Later compiles share it; a compile whose *static* ``bits``
+    differ from what the previous static compile asked for sets the shared bits tensor to
+    ``bits`` (the options take effect, for every graph of the model, as ``set_bits`` would), while
+    a recompile with the same options leaves a width chosen since by ``set_bits`` alone.
+    ``static=False`` (the dynamic policy drives the width) never writes it.
+    """
     per_group = _REGISTRY.get(weight)
     if per_group is None:
         per_group = {}
@@ -41,11 +58,17 @@ def compiled_quant(weight: torch.nn.Parameter, group_size: int, bits: int) -> Co
     if entry is None:
         with torch.no_grad():
             nw = quantize(weight, group_size)
-        entry = CompiledQuant(nw, torch.tensor(bits, dtype=torch.int32, device=weight.device))
-        per_group[group_size] = entry
-    return entry
+        quant = CompiledQuant(nw, torch.tensor(bits, dtype=torch.int32, device=weight.device))
+        per_group[group_size] = _Entry(quant, bits if static else None)
+        return quant, False
+    changed = False
+    if static and entry.requested != bits:
+        changed = entry.requested is not None and int(entry.quant.bits) != bits
+        entry.quant.bits.fill_(bits)
+        entry.requested = bits
+    return entry.quant, changed
 
 
 def lookup_compiled_quant(weight: torch.Tensor) -> list[CompiledQuant]:
     """All quantized copies registered for ``weight`` (empty if it was never compiled quantized)."""
-    return list(_REGISTRY.get(weight, {}).values())
+    return [e.quant for e in _REGISTRY.get(weight, {}).values()]

@@ -131,3 +131,33 @@ def test_set_bits_errors():
         set_bits(model, torch.full((14,), 4.0))
     set_bits(model, torch.tensor([8, 2] * 7))
     assert [int(b) for _, b in quantized_linears(model)] == [8, 2] * 7
+
+
+def test_recompiling_with_other_bits_runs_at_those_bits():
+    """The same model compiled at bits=4, then (after a Dynamo reset) at bits=8, runs at 8 bits:
+    its logits equal those of a fresh copy compiled at 8 bits, not the 4-bit ones; one warning
+    says the width is shared with the graphs compiled before."""
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    model = make_tiny_llama(seed=4)
+    with torch.no_grad():
+        full = model(ids).logits
+
+        def run(m, bits):
+            return torch.compile(m, backend="csd", options={"bits": bits, "group_size": 32}, fullgraph=True)(ids).logits
+
+        y4 = run(model, 4)
+        torch._dynamo.reset()
+        with pytest.warns(UserWarning, match="bits=8 now also applies to the graphs compiled earlier"):
+            y8 = run(model, 8)
+        torch._dynamo.reset()
+        fresh8 = run(make_tiny_llama(seed=4), 8)
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same options again: nothing changes, nothing to say
+            again8 = run(model, 8)
+
+    def rel(y):
+        return ((y - full).norm() / full.norm()).item()
+
+    assert torch.equal(y8, fresh8) and torch.equal(again8, fresh8)
+    assert rel(y8) < rel(y4) / 4, (rel(y8), rel(y4))
