@@ -187,15 +187,18 @@ class CorrectionMemory:
         *,
         fingerprint: str | None = None,
         device: torch.device | str | None = None,
+        check_tokenizer: bool = True,
     ) -> "CorrectionMemory":
         """Read a memory saved by :meth:`save`, checking it belongs to ``tokenizer``.
 
         Give ``tokenizer`` or its ``fingerprint``. Raises :class:`MemoryFileError` if the file is
         missing, corrupt, of another format version, or made with another tokenizer.
+        ``check_tokenizer=False`` with neither given takes the file's own fingerprint unchecked
+        (for callers that have no tokenizer; the counts then apply only if the vocabulary matches).
         """
         if tokenizer is not None:
             fingerprint = tokenizer_fingerprint(tokenizer)
-        if fingerprint is None:
+        if fingerprint is None and check_tokenizer:
             raise ValueError("CorrectionMemory.load needs the tokenizer (or its fingerprint) to check the file")
         path = os.fspath(path)
         try:
@@ -210,10 +213,12 @@ class CorrectionMemory:
             raise MemoryFileError(f"{path!r} is not a correction-memory file (format={header.get('format') if isinstance(header, dict) else header!r})")
         if header.get("version") != FORMAT_VERSION:
             raise MemoryFileError(f"{path!r} has format version {header.get('version')!r}; this build reads version {FORMAT_VERSION}")
-        if header.get("tokenizer") != fingerprint:
+        if fingerprint is None:
+            fingerprint = header.get("tokenizer")
+        if header.get("tokenizer") != fingerprint or not isinstance(fingerprint, str):
             raise MemoryFileError(
                 f"{path!r} was made with another tokenizer (fingerprint {str(header.get('tokenizer'))[:12]}..., "
-                f"expected {fingerprint[:12]}...); its counts do not apply"
+                f"expected {str(fingerprint)[:12]}...); its counts do not apply"
             )
         shape = (header.get("num_buckets"), header.get("ways"))
         if (
