@@ -297,7 +297,7 @@ def main(argv=None) -> dict:
     """Run the evaluation (CLI in the module docstring); returns the JSON result."""
     a = _parse(argv)
     from csd_compile.data import _code_prompt, _spread, humaneval_problems
-    from csd_compile.kernels.gate import make_csd_accept
+    from csd_compile.speculative.csd_accept import make_csd_accept
     from csd_compile.speculative import generate
     from csd_compile.speculative.drafts import vocab_size
     from csd_compile.speculative.memory import protected_tokens, token_kinds

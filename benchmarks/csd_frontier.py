@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     """Run the sweep (CLI in the module docstring); returns the JSON result."""
     a = _parse(argv)
     from csd_compile.data import _spread, humaneval_problems
-    from csd_compile.kernels.gate import make_csd_accept
+    from csd_compile.speculative.csd_accept import make_csd_accept
     from csd_compile.speculative.memory import protected_tokens
 
     log = _logger("csd_frontier")

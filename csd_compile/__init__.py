@@ -12,11 +12,14 @@ from .quant.calibrate import calibrate
 from .quant.policy import DynamicPrecisionPolicy, enable_dynamic_precision
 from .quant.table import PrecisionTable
 from .speculative import generate
+from .speculative.memory import CorrectionMemory, MemoryFileError, protected_tokens, seed_from_prompts
 
 __all__ = [
     "CSDConfig",
     "CSDFallbackWarning",
+    "CorrectionMemory",
     "DynamicPrecisionPolicy",
+    "MemoryFileError",
     "OptionError",
     "PrecisionTable",
     "QLinear",
@@ -25,7 +28,9 @@ __all__ = [
     "enable_dynamic_precision",
     "generate",
     "load_model",
+    "protected_tokens",
     "quantize_",
+    "seed_from_prompts",
     "set_bits",
 ]
 __version__ = "0.1.0"

@@ -27,6 +27,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _lambda(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or inf, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or inf, got {text!r}")
+    return value
+
+
+# acceptance settings are generate's (--acceptance/--tau/--lambda), not backend options
+_ACCEPTANCE_OPTIONS = {"acceptance": "--acceptance", "lambda": "--lambda", "tau": "--tau"}
+
+
 def _option(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -63,8 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--acceptance", choices=("exact", "csd"), default="exact",
         help="exact (lossless) or csd (calibrated rescue through the correction memory)",
     )
-    gen.add_argument("--memory", default=None, help="correction-memory file from `csd-compile calibrate --ocm` (acceptance=csd)")
-    gen.add_argument("--tau", type=float, default=0.01, help="csd gate: admit draft x iff p(x)/p(t*) >= tau (default 0.01)")
+    gen.add_argument("--memory", default=None,
+                     help="with --acceptance csd: a seeded correction-memory file from `csd-compile calibrate --ocm` "
+                          "(default: the memory starts empty and learns online)")
+    gen.add_argument("--tau", type=float, default=None,
+                     help="with --acceptance csd: admit draft x iff p(x)/p(t*) >= tau (default 0.3; the paper's: 0.01)")
+    gen.add_argument("--lambda", dest="lam", type=_lambda, default=None,
+                     help="with --acceptance csd: rescue a pair once rejected more than this often (default 6; inf: never)")
     gen.add_argument(
         "--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
         help="a csd backend option, e.g. -o bits=4 (repeatable)",
@@ -118,9 +137,17 @@ def cmd_generate(args, parser) -> int:
         _fail(parser, "generate", "--acceptance csd needs a draft: use --draft self or --draft ngram")
     if args.memory is not None and not Path(args.memory).is_file():
         _fail(parser, "generate", f"--memory {args.memory!r} is not a file")
-    if not (0.0 < args.tau <= 1.0):
+    if args.tau is not None and not (0.0 < args.tau <= 1.0):
         _fail(parser, "generate", f"--tau {args.tau!r} must be in (0, 1]")
+    if args.acceptance != "csd":
+        given = [flag for flag, value in (("--memory", args.memory), ("--tau", args.tau), ("--lambda", args.lam))
+                 if value is not None]
+        if given:
+            _fail(parser, "generate", f"{', '.join(given)}: only with --acceptance csd (got --acceptance {args.acceptance})")
     options = dict(args.option)
+    for key, flag in _ACCEPTANCE_OPTIONS.items():
+        if key in options:
+            _fail(parser, "generate", f"-o {key}=... is not a backend option of generate; use {flag}")
     try:
         CSDConfig.from_options(options)
     except OptionError as e:
@@ -190,28 +217,29 @@ def _generate_speculative(args, parser, model, tokenizer, input_ids, options) ->
     from .speculative.generate import generate as spec_generate
 
     err = sys.stderr
-    acceptance = None
+    csd = {}
     if args.acceptance == "csd":
-        from .kernels.gate import make_csd_accept
-        from .speculative.memory import CorrectionMemory, protected_tokens, tokenizer_fingerprint
+        from .speculative.memory import CorrectionMemory
 
+        memory = None
         if args.memory:
-            try:
-                memory = CorrectionMemory.load(args.memory, fingerprint=tokenizer_fingerprint(tokenizer))
+            try:  # loaded once here, so the warm-up and the run share one engine and one memory
+                memory = CorrectionMemory.load(args.memory, tokenizer, device=next(model.parameters()).device)
             except (ValueError, OSError) as e:
                 _fail(parser, "generate", str(e))
         else:
             print("[csd-compile] no --memory given: the correction memory starts empty and learns online", file=err)
-            memory = CorrectionMemory(fingerprint=tokenizer_fingerprint(tokenizer))
-        acceptance = make_csd_accept(memory, tau=args.tau, protected=protected_tokens(tokenizer))
+        csd = dict(memory=memory, tokenizer=tokenizer)
+        csd.update({k: v for k, v in (("tau", args.tau), ("lam", args.lam)) if v is not None})
     kwargs = dict(
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,
         draft_bits=args.draft_bits,
         compile_backend=None if args.no_compile else "csd",
         compile_options=options or None,
-        acceptance=acceptance,
+        acceptance=args.acceptance,
         eos_token_id=tokenizer.eos_token_id,
+        **csd,
     )
     compile_s = 0.0
     with torch.inference_mode():
@@ -226,10 +254,15 @@ def _generate_speculative(args, parser, model, tokenizer, input_ids, options) ->
             model, input_ids, max_new_tokens=args.max_new_tokens, streamer=printer, return_stats=True, **kwargs
         )
     draft = f"self {args.draft_bits}-bit" if args.draft == "self" else args.draft
+    acceptance = args.acceptance
+    if csd:
+        from .speculative.csd_accept import DEFAULT_LAMBDA, DEFAULT_TAU
+
+        acceptance += f" (tau {csd.get('tau', DEFAULT_TAU):g}, lambda {csd.get('lam', DEFAULT_LAMBDA):g})"
     print(
         f"[csd-compile] prompt tokens {input_ids.shape[1]} | new tokens {stats['new_tokens']} | {stats['tok_per_s']:.1f} tok/s"
         f" | accepted/step {stats['mean_accepted']:.2f} | tokens/target-forward {stats['tokens_per_target_forward']:.2f}"
-        f" | compile {compile_s:.1f} s | draft {draft} | acceptance {args.acceptance} | {args.dtype}",
+        f" | compile {compile_s:.1f} s | draft {draft} | acceptance {acceptance} | {args.dtype}",
         file=err,
         flush=True,
     )

@@ -30,6 +30,13 @@ def _run_cli(argv, capsys):
         (["generate", "--prompt", "hi", "--tau", "0"], r"--tau 0.0 must be in \(0, 1\]"),
         (["generate", "--prompt", "hi", "--tau", "1.5"], r"--tau 1.5 must be in \(0, 1\]"),
         (["generate", "--prompt", "hi", "--draft-bits", "5"], "invalid choice: 5"),
+        (["generate", "--prompt", "hi", "--draft", "self", "--acceptance", "csd", "--lambda", "-1"], "must be a number >= 0 or inf, got '-1'"),
+        (["generate", "--prompt", "hi", "--draft", "self", "--acceptance", "csd", "--lambda", "six"], "expected a number >= 0 or inf, got 'six'"),
+        (["generate", "--prompt", "hi", "--draft", "self", "--tau", "0.3"], r"--tau: only with --acceptance csd \(got --acceptance exact\)"),
+        (["generate", "--prompt", "hi", "--draft", "ngram", "--lambda", "2", "--tau", "0.5"], "--tau, --lambda: only with --acceptance csd"),
+        (["generate", "--prompt", "hi", "--draft", "self", "--acceptance", "csd", "-o", "tau=0.3"], r"-o tau=\.\.\. is not a backend option of generate; use --tau"),
+        (["generate", "--prompt", "hi", "-o", "lambda=2"], "use --lambda"),
+        (["generate", "--prompt", "hi", "-o", "acceptance=csd"], "use --acceptance"),
         (["calibrate", "--out", "/no/such/dir/t.json"], "folder '/no/such/dir' does not exist"),
         (["calibrate", "--out", "t.json", "--data", "/no/text.txt"], "--data '/no/text.txt' is neither a text file nor one of"),
         (["calibrate", "--out", "t.json", "--model", "/no/model"], "'/no/model' is neither an embedded model"),
@@ -59,6 +66,18 @@ def test_bench_list(capsys):
     out = capsys.readouterr().out
     for name in ("hf-bf16", "hf-fp32", "hf-inductor-static", "hf-prompt-lookup", "csd", "llama.cpp"):
         assert name in out
+
+
+def test_generate_csd_without_memory_runs(capsys):
+    """`generate --acceptance csd` on the embedded model: no --memory needed, the stats line names
+    the settings (the defaults, or --tau / --lambda)."""
+    argv = ["generate", "--prompt", "def add(a, b):", "--draft", "ngram", "--acceptance", "csd", "--no-compile",
+            "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "starts empty and learns online" in err and "acceptance csd (tau 0.3, lambda 6)" in err
+    assert main(argv + ["--tau", "0.01", "--lambda", "inf"]) == 0
+    assert "acceptance csd (tau 0.01, lambda inf)" in capsys.readouterr().err
 
 
 def test_calibrate_ocm_seeds_a_loadable_memory(tmp_path, capsys):

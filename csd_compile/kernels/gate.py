@@ -4,8 +4,8 @@ Terms (one row ``b`` of the batch; ``t*_i = argmax_v z_i(v)``, the first index o
 
 * walk positions ``i = 0..K-1``; draft ``x = draft[b, i]``;
 * **match** ``x == t*_i``: accept ``x``;
-* **mismatch**: the pair ``(x, t*_i)`` is **counted** in the memory (update rule of
-  ``speculative/memory.py``), then **rescued** (accept ``x``, keep walking) iff its count *after*
+* **mismatch**: the pair ``(x, t*_i)`` is **counted** in the memory (the update rule of
+  ``csd_compile/pair_table.py``), then **rescued** (accept ``x``, keep walking) iff its count *after*
   this occurrence exceeds ``lambda_`` AND ``z_i(x) - z_i(t*_i) >= log_tau`` (fp32, raw logits);
   otherwise the row **stops**: ``t*_i`` is emitted as the correction;
 * all ``K`` accepted: ``t*_K`` is emitted as the **bonus** token;
@@ -35,14 +35,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..speculative.memory import COUNT_MAX, bucket_of, pair_key, table_lookup, table_record_
+from .. import pair_table
+from ..pair_table import record_masked_, record_scalar_, table_lookup
 
 __all__ = [
     "check_gate_args", "csd_accept_torch", "exact_accept_torch", "gate_ref", "gate_triton", "log_tau_of",
-    "make_csd_accept",
 ]
 
-_LAMBDA_CAP = float(2**31)  # counts saturate at 2**30: any lambda above never rescues
+_LAMBDA_CAP = pair_table.LAMBDA_CAP  # counts saturate at COUNT_MAX: any lambda above never rescues
 
 
 def log_tau_of(tau: float) -> float:
@@ -95,10 +95,7 @@ def gate_ref(draft_tokens, target_logits, mem_keys, mem_counts, lambda_=6.0, log
             if x < 0:  # no proposal: rejected, nothing to count
                 break
             if x != t:
-                if update:
-                    c = table_record_(mem_keys, mem_counts, x, t)
-                else:
-                    c = table_lookup(mem_keys, mem_counts, x, t)
+                c = record_masked_(mem_keys, mem_counts, x, t, update)
                 if not (c > lambda_ and (z[b, i, x] - z[b, i, t]) >= log_tau):
                     break
             n[b] += 1
@@ -150,7 +147,6 @@ def _gate_walk(
     B, K = draft_tokens.shape
     drafts, tops, ok_bits = draft_tokens.tolist(), t_star.tolist(), gate_ok.tolist()
     keys, counts = mem_keys.numpy(), mem_counts.numpy()  # views: updates land in the tensors
-    S = keys.shape[0]
     n = [0] * B
     for b in range(B):
         i = 0
@@ -159,14 +155,7 @@ def _gate_walk(
             if x < 0:
                 break
             if x != t:
-                s, key = bucket_of(x, t, S), pair_key(x, t)
-                row_k = keys[s].tolist()
-                hit = key in row_k
-                slot = row_k.index(key) if hit else (row_k.index(-1) if -1 in row_k else int(counts[s].argmin()))
-                c = int(counts[s, slot]) if hit else 0
-                if update:
-                    c = min(c + 1, COUNT_MAX) if hit else 1
-                    keys[s, slot], counts[s, slot] = key, c
+                c = record_scalar_(keys, counts, x, t, update)
                 if not (c > lambda_ and ok_bits[b][i]):
                     break
             i += 1
@@ -186,7 +175,9 @@ def _gate_kernel(
     draft_ptr, logits_ptr, keys_ptr, counts_ptr, tokens_ptr, nacc_ptr,
     B, K, V, S, stride_lb, stride_lk, lambda_, log_tau,
     W: tl.constexpr, BLOCK_V: tl.constexpr, UPDATE: tl.constexpr, COUNT_CAP: tl.constexpr,
+    KEY_STRIDE: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, EMPTY: tl.constexpr,
 ):
+    # the pair table's format and update rule: pair_table.py (constants passed in from there)
     ways = tl.arange(0, W)
     offs = tl.arange(0, BLOCK_V)
     for b in range(0, B):
@@ -209,12 +200,12 @@ def _gate_kernel(
             x_h = tl.maximum(x, 0)
             z_x = tl.load(row + x_h, mask=x_h < V, other=float("-inf")).to(tl.float32)
             todo = (active == 1) & (x != t) & valid
-            key = x_h * 2147483648 + t
-            h = ((x_h * 73856093) ^ (t * 19349663)) % S
+            key = x_h * KEY_STRIDE + t
+            h = ((x_h * H1) ^ (t * H2)) % S
             row_k = tl.load(keys_ptr + h * W + ways)
             row_c = tl.load(counts_ptr + h * W + ways)
             hit = (row_k == key).to(tl.int32)
-            empty = (row_k == -1).to(tl.int32)
+            empty = (row_k == EMPTY).to(tl.int32)
             hit_any = tl.max(hit, 0) > 0
             slot = tl.where(
                 hit_any, tl.argmax(hit, 0, tie_break_left=True),
@@ -256,7 +247,9 @@ def _launch(wrap, draft_tokens, target_logits, mem_keys, mem_counts, lambda_, lo
         draft, logits, mem_keys, mem_counts, tokens, nacc,
         B, K, V, mem_keys.shape[0], logits.stride(0), logits.stride(1),
         min(float(lambda_), _LAMBDA_CAP), float(log_tau),
-        W=mem_keys.shape[1], BLOCK_V=min(block_v, triton.next_power_of_2(V)), UPDATE=bool(update), COUNT_CAP=COUNT_MAX,
+        W=mem_keys.shape[1], BLOCK_V=min(block_v, triton.next_power_of_2(V)), UPDATE=bool(update),
+        COUNT_CAP=pair_table.COUNT_MAX, KEY_STRIDE=pair_table.KEY_STRIDE, H1=pair_table.H1, H2=pair_table.H2,
+        EMPTY=pair_table.EMPTY,
     )
     return tokens, nacc
 
@@ -274,53 +267,3 @@ def gate(
         t_star, gate_ok = _cpu_gate_inputs(draft_tokens, target_logits, log_tau)
         return torch.ops.csd.gate_walk(draft_tokens, t_star, gate_ok, mem_keys, mem_counts, lambda_, update)
     return _launch(wrap_triton, draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_tau, update)
-
-
-def make_csd_accept(memory, tau: float = 0.01, *, lambda_: float | None = None, update: bool = True,
-                    protected=None, kinds=None):
-    """A greedy acceptance rule ``accept(draft_tokens, target_logits) -> (tokens, num_accepted)``
-    backed by ``torch.ops.csd.gate`` and ``memory`` (a ``CorrectionMemory``), for the step builder.
-
-    Works inside a ``fullgraph`` compiled step: the memory tensors become graph inputs updated in
-    place. ``lambda_`` defaults to ``memory.lambda_``; ``float('inf')`` gives exact acceptance.
-
-    ``protected``: token ids (e.g. ``speculative.memory.protected_tokens(tokenizer)``) never rescued, whether
-    the draft proposes one where the target wants another token or the target wants one where the
-    draft proposes another (*our addition to the paper*). Such a mismatch is rejected as in exact
-    acceptance and not counted in the memory; an exact match of a protected token is accepted.
-    """
-    log_tau = log_tau_of(tau)
-    lam = memory.lambda_ if lambda_ is None else lambda_
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-        raise ValueError(f"lambda_={lam!r} must be a number >= 0 (inf disables rescue)")
-    lam = float(lam)
-    guard = kind_of = None
-    if protected is not None:
-        guard = torch.as_tensor(protected, dtype=torch.int64, device=memory.keys.device).reshape(-1)
-    if kinds is not None:
-        kind_of = torch.as_tensor(kinds, device=memory.keys.device).reshape(-1).to(torch.int8)
-        if kind_of.numel() == 0:
-            raise ValueError("kinds must give a kind for every token id, got an empty table")
-
-    def accept(draft_tokens, target_logits):
-        if guard is not None or kind_of is not None:
-            if kind_of is not None and kind_of.numel() != target_logits.shape[-1]:
-                raise ValueError(f"kinds has {kind_of.numel()} entries, the target logits {target_logits.shape[-1]} "
-                                 "tokens; pass token_kinds(tokenizer, vocab_size)")
-            draft_tokens = _unrescuable(draft_tokens, target_logits, guard, kind_of)
-        return torch.ops.csd.gate(draft_tokens, target_logits, memory.keys, memory.counts, lam, log_tau, update)
-
-    return accept
-
-
-def _unrescuable(draft_tokens: torch.Tensor, target_logits: torch.Tensor, guard: torch.Tensor | None,
-                 kind_of: torch.Tensor | None = None) -> torch.Tensor:
-    """``draft_tokens`` with ``-1`` ("no proposal": rejected, never counted) wherever the draft and
-    the target's top token differ and either of them is in ``guard``, or their kinds differ."""
-    t_star = target_logits[:, : draft_tokens.shape[1]].argmax(-1)
-    hit = torch.zeros_like(draft_tokens, dtype=torch.bool)
-    if guard is not None:
-        hit = torch.isin(draft_tokens, guard) | torch.isin(t_star, guard)
-    if kind_of is not None:
-        hit = hit | (kind_of[draft_tokens.clamp(min=0)] != kind_of[t_star])
-    return torch.where(hit & (draft_tokens != t_star), torch.full_like(draft_tokens, -1), draft_tokens)

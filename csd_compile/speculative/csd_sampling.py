@@ -19,7 +19,7 @@ the probabilities the step passes to the rule), ``t*_i = argmax p_i`` (first ind
 
 **Counts**: after the decisions, every rejection at a position the walk *reached* (all earlier
 positions kept; rescued ones included, the stopping one included) is recorded once with the update
-rule of ``memory.py``, rows in order then positions in order. Positions after the stop are not
+rule of ``pair_table.py``, rows in order then positions in order. Positions after the stop are not
 counted (their prefix was rejected). ``update=False`` reads the memory without changing it.
 
 **Distribution produced**: with ``R_i`` = the drafts that would be rescued at position ``i``
@@ -33,7 +33,7 @@ bit-identical outputs under one seed). For a deterministic draft (one-hot ``q``)
 is always emitted, the sampling analogue of greedy CSD.
 
 No host syncs: fixed shapes, plain torch; the memory is read with ``table_lookup`` and written with
-a masked form of the ``table_record_`` update (B * K tiny tensor ops).
+the masked update ``record_masked_`` of ``pair_table.py`` (B * K tiny tensor ops).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import math
 import torch
 
 from .acceptance import _emit, sample_from
-from .memory import COUNT_MAX, bucket_of, pair_key, table_lookup
+from ..pair_table import record_masked_, table_lookup
 
 __all__ = ["csd_sample_accept", "make_csd_sample_accept", "sampling_rescue_law"]
 
@@ -53,17 +53,6 @@ def _check_lambda_tau(lambda_, tau) -> None:
         raise ValueError(f"lambda_={lambda_!r} must be a number >= 0 (float('inf') disables rescue)")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0.0 < tau <= 1.0):
         raise ValueError(f"tau={tau!r} must be a number in (0, 1]")
-
-
-def _record_masked_(keys: torch.Tensor, counts: torch.Tensor, d: torch.Tensor, t: torch.Tensor, on: torch.Tensor) -> None:
-    """``table_record_`` for one pair (0-d tensors), applied only where ``on`` (0-d bool); no sync."""
-    s = bucket_of(d, t, keys.shape[0])
-    row_k, row_c = keys[s], counts[s]
-    hit, empty = row_k == pair_key(d, t), row_k == -1
-    slot = torch.where(hit.any(), hit.int().argmax(), torch.where(empty.any(), empty.int().argmax(), row_c.argmin()))
-    new = torch.where(hit.any(), (row_c[slot] + 1).clamp(max=COUNT_MAX), torch.ones_like(row_c[slot]))
-    keys[s, slot] = torch.where(on, pair_key(d, t), row_k[slot])
-    counts[s, slot] = torch.where(on, new, row_c[slot])
 
 
 def csd_sample_accept(
@@ -126,7 +115,7 @@ def csd_sample_accept(
         counted = rejection & reached
         for b in range(B):
             for i in range(K):
-                _record_masked_(mem_keys, mem_counts, safe[b, i, 0], t_star[b, i], counted[b, i])
+                record_masked_(mem_keys, mem_counts, safe[b, i, 0], t_star[b, i], counted[b, i])
     return _emit(draft_tokens, last, num_accepted), num_accepted
 
 

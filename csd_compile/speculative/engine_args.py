@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .csd_accept import AcceptanceSpec, parse_acceptance
+
 __all__ = ["GenerateArgs", "parse_args", "MAX_DRAFT_TOKENS"]
 
 MAX_DRAFT_TOKENS = 64
@@ -33,7 +35,7 @@ class GenerateArgs:
     cache_len: int
     backend: Any
     options: Any
-    acceptance: Any
+    acceptance: AcceptanceSpec
 
 
 def _as_ids(input_ids, attention_mask) -> torch.Tensor:
@@ -91,7 +93,7 @@ def _eos_set(eos_token_id, target: nn.Module, generation_config) -> frozenset:
 
 def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, temperature, top_p, eos_token_id,
                streamer, draft_bits, max_cache_len, backend, options, acceptance, generation_config,
-               kwargs: dict) -> GenerateArgs:
+               kwargs: dict, memory=None, tau=0.3, lam=6.0, tokenizer=None) -> GenerateArgs:
     """Check everything ``generate`` was given; raise ``ValueError``/``TypeError`` naming the bad value."""
     kwargs = dict(kwargs)
     attention_mask = kwargs.pop("attention_mask", None)
@@ -115,6 +117,8 @@ def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, tempera
         raise ValueError(f"draft_bits={draft_bits!r} is not supported; use one of [2, 3, 4, 8]")
     if streamer is not None and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
         raise TypeError(f"streamer must have put() and end(), got {type(streamer).__name__}")
+    spec = parse_acceptance(target, acceptance, memory=memory, tau=tau, lam=lam, tokenizer=tokenizer,
+                            temperature=temperature)
 
     ids = _as_ids(input_ids, attention_mask)
     mask = _check_mask(attention_mask, ids)
@@ -150,4 +154,4 @@ def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, tempera
     if draft != "self":
         draft_bits = 0
     return GenerateArgs(ids, mask, draft, num_draft_tokens, max_new_tokens, float(temperature), float(top_p), eos,
-                        int(pad_id), draft_bits, cache_len, backend, options, acceptance)
+                        int(pad_id), draft_bits, cache_len, backend, options, spec)

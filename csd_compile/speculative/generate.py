@@ -16,6 +16,7 @@ from torch import nn
 
 from .cache import RowCache
 from .drafts import ModelDraft, NgramDraft, NoDraft, check_same_vocab, make_self_draft, vocab_size
+from .csd_accept import DEFAULT_LAMBDA, DEFAULT_TAU
 from .engine_args import GenerateArgs, parse_args
 from .step import build_step, prefill
 
@@ -41,8 +42,9 @@ class Engine:
         self.target, self.draft, self.max_len = target, draft, max_len
         self.cache = RowCache(target.config, batch_size, max_len, dtype=p.dtype, device=p.device)
         draft.allocate(batch_size, max_len, p.dtype, p.device, self.cache)
+        rule, self.memory = args.acceptance.build(p.device)  # memory: the CSD rule's (None otherwise)
         step = build_step(target, self.cache, draft, temperature=args.temperature, top_p=args.top_p,
-                          acceptance=args.acceptance)
+                          acceptance=rule)
         extra = {"options": args.options} if args.options else {}
 
         def compiled(fn):
@@ -119,7 +121,11 @@ def generate(
     max_cache_len: int | None = None,
     compile_backend: str | None = "csd",
     compile_options: dict | None = None,
-    acceptance=None,
+    acceptance="exact",
+    memory=None,
+    tau: float = DEFAULT_TAU,
+    lam: float = DEFAULT_LAMBDA,
+    tokenizer=None,
     generation_config=None,
     logits_processor=None,
     stopping_criteria=None,
@@ -158,7 +164,21 @@ def generate(
             ``config.max_position_embeddings``, so prompts of other lengths may compile another step.
         compile_backend: ``torch.compile`` backend of the step (``None`` runs it eagerly).
         compile_options: ``options=`` of that ``torch.compile``.
-        acceptance: acceptance rule plugged into the step (see ``step.build_step``).
+        acceptance: ``"exact"`` (lossless, the default) or ``"csd"`` (Calibrated Speculative Decoding:
+            a rejected draft is accepted anyway when its (draft, target) pair was rejected more than
+            ``lam`` times, counted in a correction memory, and ``p(draft) / p(target's top) >= tau``;
+            greedy only, ``temperature > 0`` is an error). Experts may pass a callable rule instead
+            (see ``step.build_step``; reuse one object: each new callable is a new engine).
+        memory: with ``"csd"``: ``None`` (each engine keeps its own memory, empty at first, that
+            learns across calls), a memory file path (checked against ``tokenizer`` when given) or a
+            ``CorrectionMemory`` (updated in place). See ``speculative/csd_accept.py``.
+        tau: the CSD ratio gate, in (0, 1]; default 0.3 (the paper's is 0.01).
+        lam: the CSD count threshold, ``>= 0`` (``float('inf')``: never rescue, exact output); default 6.
+        tokenizer: the target's tokenizer, for CSD only: protects special tokens and code fences from
+            rescue and checks the memory's tokenizer fingerprint. Without it only the eos/bos/pad ids
+            of the model's config are protected and a memory file is not checked. (Through HF's
+            ``model.generate``, transformers drops ``tokenizer=`` for a callable ``custom_generate``:
+            pass ``custom_generate=functools.partial(csd_compile.generate, tokenizer=tok)``.)
         attention_mask / max_new_tokens: keyword arguments (through ``**kwargs``).
 
     Returns:
@@ -170,7 +190,8 @@ def generate(
         target, input_ids, draft=draft, num_draft_tokens=num_draft_tokens, temperature=temperature,
         top_p=top_p, eos_token_id=eos_token_id, streamer=streamer, draft_bits=draft_bits,
         max_cache_len=max_cache_len, backend=compile_backend, options=compile_options,
-        acceptance=acceptance, generation_config=generation_config, kwargs=kwargs,
+        acceptance=acceptance, generation_config=generation_config, kwargs=kwargs, memory=memory, tau=tau, lam=lam,
+        tokenizer=tokenizer,
     )
     if not isinstance(args.draft, str):
         check_same_vocab(target, args.draft)

@@ -5,13 +5,10 @@ A pair whose count exceeds ``lambda`` is a rescue candidate (the gate in ``kerne
 then also asks the logits). A dense ``[V, V]`` table is out of the question (49k^2 int32 = 9.6 GB),
 so the memory is a **set-associative hash table** *(our choice)*:
 
-* ``keys[S, W]`` int64 and ``counts[S, W]`` int32: ``S`` buckets of ``W`` ways each; an empty way
-  holds key ``-1``. The key of a pair is ``d * 2**31 + t``; its bucket is
-  ``((d * 73856093) ^ (t * 19349663)) % S`` (no int64 overflow for token ids < 2**31, so torch,
-  numpy, Python ints and Triton all agree bit for bit).
-* **Update rule** (one pair): if the pair is in its bucket, its count goes up by one (saturating at
-  ``COUNT_MAX``); else it takes the first empty way with count 1; else it **evicts the way with the
-  smallest count** (the first one on ties) and starts at count 1.
+* ``keys[S, W]`` int64 and ``counts[S, W]`` int32: ``S`` buckets of ``W`` ways each; the key
+  format, bucket hash and **update rule** (count up to ``COUNT_MAX``, else the first empty way,
+  else **evict the way with the smallest count**) are defined once in ``csd_compile/pair_table.py``
+  (re-exported here: ``pair_key``, ``bucket_of``, ``table_lookup``, ``table_record_``).
 
 Why not a count-min sketch: a sketch never forgets and only over-estimates, so a hash collision
 can turn an unseen pair into a "frequent" one and rescue a wrong token; here a pair is frequent only
@@ -37,6 +34,8 @@ from typing import Any
 
 import torch
 
+from ..pair_table import COUNT_MAX, EMPTY, KEY_STRIDE, bucket_of, pair_key, table_lookup, table_record_
+
 __all__ = [
     "COUNT_MAX",
     "CorrectionMemory",
@@ -55,49 +54,10 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _FORMAT_NAME = "csd-ocm"
-COUNT_MAX = 2**30
-KEY_STRIDE = 2**31
-_H1, _H2 = 73856093, 19349663
 
 
 class MemoryFileError(ValueError):
     """A correction-memory file that is corrupt, of another version, or for another tokenizer."""
-
-
-def pair_key(draft: Any, target: Any) -> Any:
-    """The table key of (draft, target): ``draft * 2**31 + target`` (tensors or ints)."""
-    return draft * KEY_STRIDE + target
-
-
-def bucket_of(draft: Any, target: Any, num_buckets: int) -> Any:
-    """The bucket of (draft, target) in a table of ``num_buckets`` buckets (tensors or ints)."""
-    return ((draft * _H1) ^ (target * _H2)) % num_buckets
-
-
-def table_lookup(keys: torch.Tensor, counts: torch.Tensor, draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Counts of the pairs ``(draft, target)`` (same shape, int64); 0 for pairs not in the table."""
-    d, t = draft.long(), target.long()
-    s = bucket_of(d, t, keys.shape[0])
-    hit = keys[s] == pair_key(d, t).unsqueeze(-1)  # [..., W]
-    return (counts[s].long() * hit).sum(-1)
-
-
-def table_record_(keys: torch.Tensor, counts: torch.Tensor, draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Apply the update rule for one pair (0-d int tensors) in place; return its new count.
-
-    Tensor ops only (no host sync). The reference semantics every gate implementation follows.
-    """
-    d, t = draft.long(), target.long()
-    s = bucket_of(d, t, keys.shape[0])
-    row_k, row_c = keys[s], counts[s]  # [W]
-    hit, empty = row_k == pair_key(d, t), row_k == -1
-    slot = torch.where(
-        hit.any(), hit.int().argmax(), torch.where(empty.any(), empty.int().argmax(), row_c.argmin())
-    )
-    new = torch.where(hit.any(), (row_c[slot] + 1).clamp(max=COUNT_MAX), torch.ones_like(row_c[slot]))
-    keys[s, slot] = pair_key(d, t)
-    counts[s, slot] = new
-    return new
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -146,7 +106,7 @@ class CorrectionMemory:
             raise TypeError(f"fingerprint must be a str or None, got {type(fingerprint).__name__}")
         self.lambda_ = lambda_
         self.fingerprint = fingerprint
-        self.keys = torch.full((num_buckets, ways), -1, dtype=torch.int64, device=device)
+        self.keys = torch.full((num_buckets, ways), EMPTY, dtype=torch.int64, device=device)
         self.counts = torch.zeros((num_buckets, ways), dtype=torch.int32, device=device)
 
     @property
@@ -187,16 +147,16 @@ class CorrectionMemory:
     def decay(self) -> None:
         """Halve every count (floor); pairs that reach 0 free their way."""
         self.counts.div_(2, rounding_mode="floor")
-        self.keys.masked_fill_(self.counts == 0, -1)
+        self.keys.masked_fill_(self.counts == 0, EMPTY)
 
     def num_pairs(self) -> torch.Tensor:
         """How many ways are in use (0-d tensor, no host sync)."""
-        return (self.keys != -1).sum()
+        return (self.keys != EMPTY).sum()
 
     def top_pairs(self, n: int = 20) -> list[tuple[int, int, int]]:
         """The ``n`` most counted pairs as ``(draft, target, count)`` (host sync: for reports)."""
         keys, counts = self.keys.reshape(-1).cpu(), self.counts.reshape(-1).cpu()
-        used = keys != -1
+        used = keys != EMPTY
         keys, counts = keys[used], counts[used]
         order = counts.argsort(descending=True, stable=True)[:n]
         return [(int(keys[i]) // KEY_STRIDE, int(keys[i]) % KEY_STRIDE, int(counts[i])) for i in order]
@@ -227,15 +187,18 @@ class CorrectionMemory:
         *,
         fingerprint: str | None = None,
         device: torch.device | str | None = None,
+        check_tokenizer: bool = True,
     ) -> "CorrectionMemory":
         """Read a memory saved by :meth:`save`, checking it belongs to ``tokenizer``.
 
         Give ``tokenizer`` or its ``fingerprint``. Raises :class:`MemoryFileError` if the file is
         missing, corrupt, of another format version, or made with another tokenizer.
+        ``check_tokenizer=False`` with neither given takes the file's own fingerprint unchecked
+        (for callers that have no tokenizer; the counts then apply only if the vocabulary matches).
         """
         if tokenizer is not None:
             fingerprint = tokenizer_fingerprint(tokenizer)
-        if fingerprint is None:
+        if fingerprint is None and check_tokenizer:
             raise ValueError("CorrectionMemory.load needs the tokenizer (or its fingerprint) to check the file")
         path = os.fspath(path)
         try:
@@ -250,10 +213,12 @@ class CorrectionMemory:
             raise MemoryFileError(f"{path!r} is not a correction-memory file (format={header.get('format') if isinstance(header, dict) else header!r})")
         if header.get("version") != FORMAT_VERSION:
             raise MemoryFileError(f"{path!r} has format version {header.get('version')!r}; this build reads version {FORMAT_VERSION}")
-        if header.get("tokenizer") != fingerprint:
+        if fingerprint is None:
+            fingerprint = header.get("tokenizer")
+        if header.get("tokenizer") != fingerprint or not isinstance(fingerprint, str):
             raise MemoryFileError(
                 f"{path!r} was made with another tokenizer (fingerprint {str(header.get('tokenizer'))[:12]}..., "
-                f"expected {fingerprint[:12]}...); its counts do not apply"
+                f"expected {str(fingerprint)[:12]}...); its counts do not apply"
             )
         shape = (header.get("num_buckets"), header.get("ways"))
         if (

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import csd_compile.kernels.gate  # noqa: F401  (registers torch.ops.csd.gate)
-from csd_compile.kernels.gate import csd_accept_torch, exact_accept_torch, gate_ref, log_tau_of, make_csd_accept
+from csd_compile.kernels.gate import csd_accept_torch, exact_accept_torch, gate_ref, log_tau_of
+from csd_compile.speculative.csd_accept import make_csd_accept
 from csd_compile.speculative.acceptance import greedy_accept
 from csd_compile.speculative.memory import CorrectionMemory
 
