@@ -214,6 +214,7 @@ def _generate_speculative(args, parser, model, tokenizer, input_ids, options) ->
     import torch
 
     from .models.hf_generate import TextPrinter
+    from .progress import CompileProgress
     from .speculative.generate import generate as spec_generate
 
     err = sys.stderr
@@ -244,11 +245,10 @@ def _generate_speculative(args, parser, model, tokenizer, input_ids, options) ->
     compile_s = 0.0
     with torch.inference_mode():
         if not args.no_compile:
-            print(f"[csd-compile] compiling the draft-verify step ({args.draft} draft) with backend='csd'", file=err, flush=True)
-            t0 = time.perf_counter()
-            spec_generate(model, input_ids, max_new_tokens=min(4, args.max_new_tokens), **kwargs)
-            compile_s = time.perf_counter() - t0
-            print(f"[csd-compile] compiled in {compile_s:.1f}s; generating", file=err, flush=True)
+            what = f"the draft-verify step ({args.draft} draft) with backend='csd' ({_options_text(options)})"
+            with CompileProgress(what) as progress:
+                spec_generate(model, input_ids, max_new_tokens=min(4, args.max_new_tokens), **kwargs)
+            compile_s = progress.seconds
         printer = TextPrinter(tokenizer)
         out, stats = spec_generate(
             model, input_ids, max_new_tokens=args.max_new_tokens, streamer=printer, return_stats=True, **kwargs
