@@ -31,12 +31,11 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import pair_table
 from ..pair_table import record_masked_, record_scalar_, table_lookup
+from ._triton import jit, op, require_triton, tl, triton
 
 __all__ = [
     "check_gate_args", "csd_accept_torch", "exact_accept_torch", "gate_ref", "gate_triton", "log_tau_of",
@@ -170,7 +169,7 @@ def _(draft_tokens, t_star, gate_ok, mem_keys, mem_counts, lambda_, update):
     return draft_tokens.new_empty(B, K + 1), draft_tokens.new_empty(B)
 
 
-@triton.jit
+@jit
 def _gate_kernel(
     draft_ptr, logits_ptr, keys_ptr, counts_ptr, tokens_ptr, nacc_ptr,
     B, K, V, S, stride_lb, stride_lk, lambda_, log_tau,
@@ -237,6 +236,7 @@ def gate_triton(draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_
 
 
 def _launch(wrap, draft_tokens, target_logits, mem_keys, mem_counts, lambda_, log_tau, update, block_v=1024):
+    require_triton("csd.gate")
     B, K = draft_tokens.shape
     V = target_logits.shape[2]
     logits = target_logits if target_logits.stride(2) == 1 else target_logits.contiguous()
@@ -254,7 +254,7 @@ def _launch(wrap, draft_tokens, target_logits, mem_keys, mem_counts, lambda_, lo
     return tokens, nacc
 
 
-@triton_op("csd::gate", mutates_args={"mem_keys", "mem_counts"})
+@op("csd::gate", mutates_args={"mem_keys", "mem_counts"})
 def gate(
     draft_tokens: torch.Tensor, target_logits: torch.Tensor, mem_keys: torch.Tensor, mem_counts: torch.Tensor,
     lambda_: float, log_tau: float, update: bool = True,

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..quant.nested import check_bits, dequantize, unpack_nibbles
 from . import native
+from ._triton import jit, op, require_triton, tl, triton
 
 __all__ = ["qlinear", "qlinear_ref", "qlinear_triton", "check_qlinear_args"]
 
@@ -36,7 +35,7 @@ __all__ = ["qlinear", "qlinear_ref", "qlinear_triton", "check_qlinear_args"]
 _INT4_MAX_ROWS = 4
 
 
-@triton.jit
+@jit
 def _qlinear_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr, bits_ptr, out_ptr,
     M, N, K, N_FULL,
@@ -122,6 +121,7 @@ def qlinear_ref(x, qdata, scale, zero, bits) -> torch.Tensor:
 
 def qlinear_triton(x, qdata, scale, zero, bits, *, block_m: int = 16, block_n: int = 32, block_k: int = 32):
     """Launch the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    require_triton("csd.qlinear")
     n, k, group = check_qlinear_args(x, qdata, scale, zero, bits)
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
@@ -216,7 +216,7 @@ def _fake(x, qdata, scale, zero, bits):
 _qlinear_cpu.register_fake(_fake)
 
 
-@triton_op("csd::qlinear", mutates_args=())
+@op("csd::qlinear", mutates_args=())
 def qlinear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
             bits: torch.Tensor) -> torch.Tensor:
     """``x @ W_b.T`` for the nested weight ``(qdata, scale, zero)`` at ``b = bits`` (int tensor).
