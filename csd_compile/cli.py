@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded model name or local path (default {DEFAULT_MODEL})")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens at most (default 128)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--allow-special-tokens", action="store_true",
+                     help="parse special-token strings typed in the prompt (e.g. <|im_start|>) as control tokens; "
+                          "by default they stay text, so a prompt cannot inject a turn")
     gen.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights/activations dtype (default bf16)")
     gen.add_argument("--no-compile", action="store_true", help="run eagerly, without torch.compile")
     gen.add_argument(
@@ -169,7 +172,7 @@ def cmd_generate(args, parser) -> int:
         _fail(parser, "generate", str(e))
     print(f"[csd-compile] loaded in {time.perf_counter() - t0:.1f}s", file=err, flush=True)
     try:
-        input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
+        input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, allow_special_tokens=args.allow_special_tokens)
     except ValueError as e:
         _fail(parser, "generate", str(e))
 

@@ -23,18 +23,46 @@ def compile_config(options: Mapping[str, Any] | None = None, backend: str = "csd
     return cc
 
 
-def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> torch.Tensor:
-    """Token ids ``[1, S]`` of ``prompt``, wrapped in the tokenizer's chat template when ``chat``."""
+def encode_prompt(tokenizer, prompt: str, *, chat: bool, allow_special_tokens: bool = False) -> torch.Tensor:
+    """Token ids ``[1, S]`` of ``prompt``, wrapped in the tokenizer's chat template when ``chat``.
+
+    The user's text is tokenized as text: a special-token string typed into it (``<|im_start|>``,
+    ``<|endoftext|>``, ...) stays those characters instead of becoming a control token, so prompt
+    text cannot open a system turn or end the conversation. ``allow_special_tokens=True`` opts out
+    (the text is then parsed as the tokenizer parses it, special tokens included).
+    """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    if chat:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("chat=True but this tokenizer has no chat template; drop --chat")
+    if not chat:
+        enc = tokenizer(prompt, return_tensors="pt", split_special_tokens=not allow_special_tokens)
+        return enc["input_ids"]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat=True but this tokenizer has no chat template; drop --chat")
+    if allow_special_tokens:
         enc = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         return enc["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    # render the template around a marker, tokenize the template's parts as usual (its control
+    # tokens are real) and the user's text with special tokens split into plain text
+    marker = "\ue000csd-user-text\ue001"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                             tokenize=False)
+    if rendered.count(marker) != 1:
+        raise ValueError("this tokenizer's chat template does not place the user's text once; "
+                         "pass allow_special_tokens=True (--allow-special-tokens)")
+    before, after = rendered.split(marker)
+    # cut the template at its control tokens nearest the text, so the plain text around the user's
+    # (e.g. "user\n") is tokenized together with it, as in the template's own tokenization
+    added = [t for t in tokenizer.get_added_vocab() if t]
+    cut = max((before.rfind(t) + len(t) for t in added if t in before), default=0)
+    end = min((after.find(t) for t in added if t in after), default=len(after))
+
+    def ids(text: str, split: bool) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"] if text else []
+
+    middle = before[cut:] + prompt + after[:end]
+    return torch.tensor([ids(before[:cut], False) + ids(middle, True) + ids(after[end:], False)], dtype=torch.int64)
 
 
 class TextPrinter:
