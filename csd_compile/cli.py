@@ -15,6 +15,7 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 DTYPES = ("bf16", "fp32")
+MAX_DRAFT_TOKENS = 64  # the engine's bound (speculative.engine_args.MAX_DRAFT_TOKENS), checked before any import
 
 
 def _positive_int(text: str) -> int:
@@ -39,6 +40,13 @@ def _lambda(text: str) -> float:
 
 # acceptance settings are generate's (--acceptance/--tau/--lambda), not backend options
 _ACCEPTANCE_OPTIONS = {"acceptance": "--acceptance", "lambda": "--lambda", "tau": "--tau"}
+
+
+def _draft_tokens(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_DRAFT_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_DRAFT_TOKENS}, got {value}")
+    return value
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -74,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft", choices=("none", "self", "ngram"), default="none",
         help="speculative draft: none (plain decoding, default), the model itself at low bits (self), or prompt lookup (ngram)",
     )
-    gen.add_argument("--num-draft-tokens", type=_positive_int, default=None, help="drafts per step (default: the engine's)")
+    gen.add_argument("--num-draft-tokens", type=_draft_tokens, default=None,
+                     help=f"drafts per step, 1..{MAX_DRAFT_TOKENS} (default: the engine's)")
     gen.add_argument("--draft-bits", type=int, choices=(2, 3, 4, 8), default=4, help="bits of the self draft (default 4)")
     gen.add_argument(
         "--acceptance", choices=("exact", "csd"), default="exact",
@@ -175,6 +184,10 @@ def cmd_generate(args, parser) -> int:
         input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, allow_special_tokens=args.allow_special_tokens)
     except ValueError as e:
         _fail(parser, "generate", str(e))
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and input_ids.shape[1] + args.max_new_tokens > context:
+        _fail(parser, "generate", f"the prompt ({input_ids.shape[1]} tokens) + --max-new-tokens {args.max_new_tokens} "
+                                  f"exceeds the model's context of {context} tokens")
 
     if args.draft != "none":
         return _generate_speculative(args, parser, model, tokenizer, input_ids, options)

@@ -30,6 +30,7 @@ def _run_cli(argv, capsys):
         (["generate", "--prompt", "hi", "--tau", "0"], r"--tau 0.0 must be in \(0, 1\]"),
         (["generate", "--prompt", "hi", "--tau", "1.5"], r"--tau 1.5 must be in \(0, 1\]"),
         (["generate", "--prompt", "hi", "--draft-bits", "5"], "invalid choice: 5"),
+        (["generate", "--prompt", "hi", "--draft", "ngram", "--num-draft-tokens", "100"], "must be <= 64, got 100"),
         (["generate", "--prompt", "hi", "--draft", "self", "--acceptance", "csd", "--lambda", "-1"], "must be a number >= 0 or inf, got '-1'"),
         (["generate", "--prompt", "hi", "--draft", "self", "--acceptance", "csd", "--lambda", "six"], "expected a number >= 0 or inf, got 'six'"),
         (["generate", "--prompt", "hi", "--draft", "self", "--tau", "0.3"], r"--tau: only with --acceptance csd \(got --acceptance exact\)"),
@@ -94,3 +95,16 @@ def test_calibrate_ocm_seeds_a_loadable_memory(tmp_path, capsys):
     memory = CorrectionMemory.load(out, tok)  # checks the fingerprint
     assert memory.fingerprint == tokenizer_fingerprint(tok)
     assert recorded > 0 and int(memory.counts.sum()) == recorded
+
+
+def test_prompt_and_max_new_tokens_beyond_the_context_fail_before_compiling(capsys):
+    """A request the model's context cannot hold is an error right after loading, not a multi-minute
+    compile or a huge cache allocation."""
+    from csd_compile.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "hi", "--max-new-tokens", "1000000000"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "+ --max-new-tokens 1000000000 exceeds the model's context of 8192 tokens" in err
+    assert "compiling" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from .csd_accept import AcceptanceSpec, parse_acceptance
+from .drafts import vocab_size
 
 __all__ = ["GenerateArgs", "parse_args", "MAX_DRAFT_TOKENS"]
 
@@ -109,8 +111,8 @@ def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, tempera
         1 <= num_draft_tokens <= MAX_DRAFT_TOKENS
     ):
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an int in [1, {MAX_DRAFT_TOKENS}]")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0.0:
-        raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0.0 <= temperature < math.inf:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
     if draft == "self" and draft_bits not in (2, 3, 4, 8):
@@ -121,6 +123,13 @@ def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, tempera
                             temperature=temperature)
 
     ids = _as_ids(input_ids, attention_mask)
+    if ids.shape[0] == 0:
+        raise ValueError(f"input_ids has no rows (shape {tuple(ids.shape)}); give at least one prompt")
+    vocab = vocab_size(target)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"input_ids hold token id {lo if lo < 0 else hi}, outside the model's vocabulary "
+                         f"[0, {vocab - 1}]")
     mask = _check_mask(attention_mask, ids)
     if streamer is not None and ids.shape[0] != 1:
         raise ValueError(f"a streamer needs batch size 1, got {ids.shape[0]} rows")

@@ -259,3 +259,22 @@ def test_shared_kv_logits_same_under_eager_attention():
         out[impl] = shared_kv_logits(model, make_self_draft(model, bits=2), ids)
     for a, b in zip(out["sdpa"], out["eager"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([[1, 2, 128]]), r"token id 128, outside the model's vocabulary \[0, 127\]"),
+    (torch.tensor([[1, -3, 2]]), r"token id -3, outside the model's vocabulary"),
+    (torch.zeros(0, 4, dtype=torch.int64), r"input_ids has no rows"),
+])
+def test_ids_outside_the_vocabulary_or_no_rows_are_refused_before_work(ids, message):
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match=message):
+        generate(model, ids, draft="ngram", max_new_tokens=4, compile_backend=None)
+    assert "_csd_speculative_engines" not in model.__dict__  # nothing was built
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1.0])
+def test_temperature_must_be_finite(temperature):
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        generate(make_tiny_llama(), torch.tensor([[1, 2, 3]]), draft="ngram", max_new_tokens=4,
+                 temperature=temperature, compile_backend=None)
