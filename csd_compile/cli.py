@@ -161,9 +161,17 @@ def cmd_generate(args, parser) -> int:
         if key in options:
             _fail(parser, "generate", f"-o {key}=... is not a backend option of generate; use {flag}")
     try:
-        CSDConfig.from_options(options)
+        cfg = CSDConfig.from_options(options)
     except OptionError as e:
         _fail(parser, "generate", str(e))
+    table = None
+    if cfg.bits == "dynamic":  # a corrupt table or one for another group size: an error before loading
+        from .quant.compiled_policy import load_table
+
+        try:
+            table, _ = load_table(cfg.calibration, cfg.avg_bits, cfg.group_size)
+        except (OSError, ValueError) as e:
+            _fail(parser, "generate", str(e))
 
     import torch
     from transformers import StoppingCriteriaList
@@ -184,6 +192,11 @@ def cmd_generate(args, parser) -> int:
         input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, allow_special_tokens=args.allow_special_tokens)
     except ValueError as e:
         _fail(parser, "generate", str(e))
+    if table is not None:  # a table made for another model: an error before compiling
+        try:
+            table.check_model(model)
+        except ValueError as e:
+            _fail(parser, "generate", str(e))
     context = getattr(model.config, "max_position_embeddings", None)
     if isinstance(context, int) and input_ids.shape[1] + args.max_new_tokens > context:
         _fail(parser, "generate", f"the prompt ({input_ids.shape[1]} tokens) + --max-new-tokens {args.max_new_tokens} "

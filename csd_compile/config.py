@@ -110,6 +110,9 @@ class CSDConfig:
         if self.calibration is not None:
             _check_type("calibration", self.calibration, (str, os.PathLike))
             object.__setattr__(self, "calibration", os.fspath(self.calibration))
+            if bits == "dynamic" and not os.path.isfile(self.calibration):
+                raise OptionError(f"option 'calibration'={self.calibration!r}: no such file; make one with "
+                                  "`csd-compile calibrate --model MODEL --data britannica --out table.json`")
         _check_type("fuse_gating", self.fuse_gating, bool)
 
 def _check_type(key: str, value: Any, types: type | tuple[type, ...]) -> None:

@@ -108,3 +108,16 @@ def test_prompt_and_max_new_tokens_beyond_the_context_fail_before_compiling(caps
     err = capsys.readouterr().err
     assert "+ --max-new-tokens 1000000000 exceeds the model's context of 8192 tokens" in err
     assert "compiling" not in err
+
+
+def test_dynamic_bits_with_a_bad_table_fail_before_loading_or_compiling(tmp_path, capsys):
+    from csd_compile.cli import main
+
+    junk = tmp_path / "junk.json"
+    junk.write_bytes(b"\x00\xffnot json")
+    for table, phrase in ((tmp_path / "missing.json", "no such file"), (junk, "junk.json")):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--prompt", "hi", "-o", "bits=dynamic", "-o", f"calibration={table}"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert phrase in err and "loading" not in err

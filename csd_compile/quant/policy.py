@@ -47,7 +47,6 @@ __all__ = [
     "DynamicPrecisionPolicy",
     "bucket_plans",
     "check_avg_bits",
-    "check_dynamic_options",
     "enable_dynamic_precision",
     "lowering_order",
     "next_token_entropy",
@@ -56,30 +55,12 @@ __all__ = [
     "weighted_average",
 ]
 
-CALIBRATE_HINT = "csd-compile calibrate --model M --data britannica --out table.json"
-
-
 def check_avg_bits(avg_bits: float, ladder: Sequence[int]) -> float:
     """Return ``avg_bits`` as a float if it lies within ``[min(ladder), max(ladder)]``."""
     lo, hi = min(ladder), max(ladder)
     if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or not lo <= avg_bits <= hi:
         raise ValueError(f"avg_bits={avg_bits!r} is outside the ladder {list(ladder)}: use a number in [{lo}, {hi}]")
     return float(avg_bits)
-
-
-def check_dynamic_options(bits: object, avg_bits: float | None, calibration: str | None) -> None:
-    """Checks for ``options={"bits": "dynamic", ...}`` (for config/backend): raise before any work."""
-    if bits != "dynamic":
-        return
-    if calibration is None:
-        raise ValueError(f"options bits='dynamic' needs 'calibration': the path of a precision table; make one "
-                         f"with `{CALIBRATE_HINT}`")
-    if not os.path.isfile(calibration):
-        raise FileNotFoundError(f"calibration table {calibration!r} not found; make one with `{CALIBRATE_HINT}`")
-    if avg_bits is not None:
-        from ..config import SUPPORTED_BITS
-
-        check_avg_bits(avg_bits, SUPPORTED_BITS)
 
 
 def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:

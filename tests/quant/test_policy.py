@@ -14,7 +14,6 @@ from csd_compile.quant.policy import (
     DynamicPrecisionPolicy,
     bucket_plans,
     check_avg_bits,
-    check_dynamic_options,
     enable_dynamic_precision,
     lowering_order,
     next_token_entropy,
@@ -162,14 +161,6 @@ def test_avg_bits_outside_the_ladder():
         with pytest.raises(ValueError, match="avg_bits"):
             bucket_plans(table, bad)
     assert check_avg_bits(5, LADDER) == 5.0
-
-
-def test_dynamic_without_calibration_names_the_command(tmp_path):
-    with pytest.raises(ValueError, match="csd-compile calibrate"):
-        check_dynamic_options("dynamic", 5.0, None)
-    with pytest.raises(FileNotFoundError, match="csd-compile calibrate"):
-        check_dynamic_options("dynamic", 5.0, str(tmp_path / "missing.json"))
-    check_dynamic_options(4, None, None)
 
 
 @settings(max_examples=25, deadline=None)
