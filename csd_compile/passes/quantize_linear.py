@@ -9,7 +9,8 @@ After::
     y = torch.ops.csd.qlinear.default(x, _csd_q3_qdata, _csd_q3_scale, _csd_q3_zero, _csd_q3_bits)
     y = y + bias                      # only when the linear had a bias
 
-The nested weight and the 0-d ``bits`` tensor come from ``quant.registry``, keyed by the weight
+The nested weight and the 0-d ``bits`` tensor are the buffers of the weight's one ``QLinear``
+(``quant.registry``: the module owns the quantized copy, the graph is a view of it), keyed by the weight
 Parameter, so all graphs of one model share one quantized copy and ``set_bits(model, ...)``
 reaches them (0 recompiles). The LM head stays full precision unless ``cfg.quantize_lm_head``:
 it is a linear whose weight is an embedding table of the graph (tied), or a linear whose output
@@ -30,7 +31,7 @@ from torch import fx
 
 from ..config import CSDConfig
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
-from ..quant.registry import compiled_quant
+from ..quant.registry import quantized_copy
 
 __all__ = ["quantize_linear"]
 
@@ -100,9 +101,9 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
         n_out, k_in = weight.shape
         if node in skip or n_out % 2 or k_in % group:
             continue
-        cq, was_changed = compiled_quant(weight, group, init_bits, static=isinstance(cfg.bits, int))
+        qlin, was_changed = quantized_copy(weight, group, init_bits, static=isinstance(cfg.bits, int))
         changed_bits |= was_changed
-        tensors = dict(zip(("qdata", "scale", "zero", "bits"), (*cq.weight, cq.bits)))
+        tensors = {"qdata": qlin.qdata, "scale": qlin.scale, "zero": qlin.zero, "bits": qlin.bits}
         with gm.graph.inserting_before(node):
             attrs = []
             for suffix, t in tensors.items():

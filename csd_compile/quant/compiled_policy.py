@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from .policy import DynamicPrecisionPolicy, check_avg_bits
-from .registry import lookup_compiled_quant
+from .registry import lookup_quantized
 from .table import PrecisionTable, TableError, weights_fingerprint
 
 __all__ = ["load_table", "module_path", "policy_for_graph", "wrap"]
@@ -93,7 +93,7 @@ def policy_for_graph(gm: fx.GraphModule, example_inputs: Sequence[object], table
         path = module_path(node)
         if path is None:
             continue
-        if lookup_compiled_quant(value):
+        if lookup_quantized(value):
             paths[path] = value
         else:  # full-precision tables (embedding, LM head): their row count may be the vocabulary
             vocab.add(value.shape[0])
@@ -124,7 +124,7 @@ def wrap(compiled: Callable, policy: DynamicPrecisionPolicy, logits_index: int) 
 
 
 def _bits_of(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    for cq in lookup_compiled_quant(weight):
-        if cq.weight.group_size == group_size:
-            return cq.bits
+    for qlin in lookup_quantized(weight):
+        if qlin.group_size == group_size:
+            return qlin.bits
     raise TableError(f"no {group_size}-group quantized copy of a weight of shape {tuple(weight.shape)}")

@@ -12,7 +12,7 @@ from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..kernels import native as _native
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
 from .nested import check_bits, group_minima, quantize
-from .registry import lookup_compiled_quant
+from .registry import lookup_quantized
 
 __all__ = ["QLinear", "quantize_", "quantized_linears", "set_bits"]
 
@@ -39,6 +39,21 @@ class QLinear(nn.Module):
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.int32, device=weight.device))
         self.register_buffer("fingerprint_minima", group_minima(weight, group_size), persistent=False)
         self.bias = bias
+
+    def view(self, bits: int, bias: torch.Tensor | None = None) -> "QLinear":
+        """A ``QLinear`` on the same quantized weight (buffers shared, nothing copied) with its own
+        ``bits`` tensor and ``bias``: one stored copy serves every rung (e.g. the self draft at
+        2-4 bits beside an 8-bit target)."""
+        check_bits(bits)
+        new = QLinear.__new__(QLinear)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features, new.group_size = self.in_features, self.out_features, self.group_size
+        for name in ("qdata", "scale", "zero"):
+            new.register_buffer(name, getattr(self, name))
+        new.register_buffer("bits", torch.tensor(bits, dtype=torch.int32, device=self.bits.device))
+        new.register_buffer("fingerprint_minima", self.fingerprint_minima, persistent=False)
+        new.bias = bias
+        return new
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int = 64) -> "QLinear":
@@ -114,15 +129,16 @@ def quantize_(model: nn.Module, bits: int = 4, group_size: int = 64, quantize_lm
 def quantized_linears(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(module name, bits tensor)`` of every quantized linear of ``model``, in module order.
 
-    Covers ``QLinear`` modules and ``nn.Linear`` layers quantized by the csd compile pass. This
-    order is the order of a per-layer plan given to :func:`set_bits`.
+    Covers ``QLinear`` modules and the one quantized copy of each ``nn.Linear`` layer quantized by
+    the csd compile pass (``quant.registry``; one entry per group size compiled). This order is the
+    order of a per-layer plan given to :func:`set_bits`.
     """
     out = []
     for name, mod in model.named_modules():
         if isinstance(mod, QLinear):
             out.append((name, mod.bits))
         elif isinstance(mod, nn.Linear):
-            out.extend((name, cq.bits) for cq in lookup_compiled_quant(mod.weight))
+            out.extend((name, q.bits) for q in lookup_quantized(mod.weight))
     return out
 
 

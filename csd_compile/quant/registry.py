@@ -1,55 +1,57 @@
-"""Where the bit-width tensors of a model live, so ``set_bits`` can reach every quantized linear.
+"""The one quantized copy of each weight: a :class:`~csd_compile.quant.linear.QLinear` per
+(weight Parameter, group size), found again by every path that quantizes that weight.
 
-Two kinds of quantized linear exist: :class:`~csd_compile.quant.linear.QLinear` modules (eager
-``quantize_`` path; the bits tensor is a buffer) and the ``csd.qlinear`` calls the compile pass puts
-into a graph in place of an ``nn.Linear`` whose module stays in the user's model. For the latter,
-the nested weight and its bits tensor are kept here, keyed weakly by the original weight Parameter,
-so every graph compiled from the same model (prefill, decode, recompiles) shares one quantized copy
-and one bits tensor, and ``set_bits(model, ...)`` finds them by walking ``model.modules()``. The
-bit-width is thus the model's state: compiling again with other static ``bits`` options sets it
-(with one warning when graphs compiled earlier share it), like ``set_bits`` does.
+``QLinear`` owns a quantized weight (nested planes, scales, zeros, a 0-d ``bits`` tensor). Eager
+``quantize_`` swaps modules for ``QLinear`` s; the compile pass cannot swap the modules of a model it
+only sees as a graph, so it asks this registry for the ``QLinear`` of each weight ``Parameter`` and
+puts that module's buffers into the graph; the self draft takes a :meth:`QLinear.view` of the same
+copy at its own bit-width. So a model compiled at 4 bits and drafted at 2 holds one quantized copy,
+every graph compiled from the model (prefill, decode, recompiles) shares it and its ``bits``, and
+``set_bits(model, ...)`` reaches it through ``model.modules()`` (:func:`quantized_linears`).
+
+Entries are keyed weakly by the Parameter: dropping the model frees its quantized copy. The
+bit-width is the model's state: compiling again with other static ``bits`` options sets it (the
+pass warns when earlier graphs share it), like ``set_bits`` does.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .nested import NestedWeight, quantize
+if TYPE_CHECKING:
+    from .linear import QLinear
 
-__all__ = ["CompiledQuant", "compiled_quant", "lookup_compiled_quant"]
-
-
-class CompiledQuant(NamedTuple):
-    """The quantized state of one compiled linear: nested weight plus its 0-d int32 bits tensor."""
-
-    weight: NestedWeight
-    bits: torch.Tensor
+__all__ = ["lookup_quantized", "quantized_copy"]
 
 
 class _Entry:
-    __slots__ = ("quant", "requested")
+    __slots__ = ("module", "requested", "in_graph")
 
-    def __init__(self, quant: CompiledQuant, requested: int | None):
-        self.quant, self.requested = quant, requested
+    def __init__(self, module: "QLinear", requested: int | None):
+        self.module, self.requested, self.in_graph = module, requested, False
 
 
-# Parameter -> {group_size: _Entry}. Weak keys: dropping the model frees the quantized copy.
+# Parameter -> {group_size: _Entry}
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def compiled_quant(weight: torch.nn.Parameter, group_size: int, bits: int, *,
-                   static: bool = True) -> tuple[CompiledQuant, bool]:
-    """The shared quantized copy of ``weight`` and whether this call changed its bit-width.
+def quantized_copy(weight: torch.nn.Parameter, group_size: int, bits: int, *, static: bool = True,
+                   in_graph: bool = True) -> tuple["QLinear", bool]:
+    """The shared ``QLinear`` (no bias) of ``weight`` at ``group_size``, and whether this call
+    changed its bit-width.
 
-    Created on first use at ``bits``. Later compiles share it; a compile whose *static* ``bits``
-    differ from what the previous static compile asked for sets the shared bits tensor to
-    ``bits`` (the options take effect, for every graph of the model, as ``set_bits`` would), while
-    a recompile with the same options leaves a width chosen since by ``set_bits`` alone.
-    ``static=False`` (the dynamic policy drives the width) never writes it.
+    Created on first use at ``bits``. A caller with *static* ``bits`` different from what the
+    previous static caller asked for sets the shared width to ``bits`` (new options take effect),
+    while asking again with the same value leaves a width chosen since by ``set_bits`` alone.
+    ``static=False`` (the dynamic policy or a draft's view drives the width) never writes it.
+    ``in_graph``: the caller runs the weight at this copy's own ``bits`` (the compile pass); only
+    such copies are the model's quantized linears for ``set_bits`` (a draft's views have their own).
     """
+    from .linear import QLinear
+
     per_group = _REGISTRY.get(weight)
     if per_group is None:
         per_group = {}
@@ -57,18 +59,19 @@ def compiled_quant(weight: torch.nn.Parameter, group_size: int, bits: int, *,
     entry = per_group.get(group_size)
     if entry is None:
         with torch.no_grad():
-            nw = quantize(weight, group_size)
-        quant = CompiledQuant(nw, torch.tensor(bits, dtype=torch.int32, device=weight.device))
-        per_group[group_size] = _Entry(quant, bits if static else None)
-        return quant, False
+            module = QLinear(weight, None, bits=bits, group_size=group_size)
+        entry = per_group[group_size] = _Entry(module, bits if static else None)
+        entry.in_graph = in_graph
+        return module, False
+    entry.in_graph |= in_graph
     changed = False
     if static and entry.requested != bits:
-        changed = entry.requested is not None and int(entry.quant.bits) != bits
-        entry.quant.bits.fill_(bits)
+        changed = entry.requested is not None and int(entry.module.bits) != bits
+        entry.module.bits.fill_(bits)
         entry.requested = bits
-    return entry.quant, changed
+    return entry.module, changed
 
 
-def lookup_compiled_quant(weight: torch.Tensor) -> list[CompiledQuant]:
-    """All quantized copies registered for ``weight`` (empty if it was never compiled quantized)."""
-    return [e.quant for e in _REGISTRY.get(weight, {}).values()]
+def lookup_quantized(weight: torch.Tensor) -> list["QLinear"]:
+    """The quantized copies a compiled graph runs ``weight`` with (one per group size; empty if none)."""
+    return [e.module for e in _REGISTRY.get(weight, {}).values() if e.in_graph]

@@ -249,15 +249,25 @@ class NoDraft:
 
 
 def make_self_draft(target: nn.Module, *, bits: int = 4, group_size: int = 64, quantize_lm_head: bool = False):
-    """The target at ``bits`` bits: a shallow copy of its module tree whose ``nn.Linear`` layers are
-    ``csd_compile.quant.QLinear`` (other weights shared with the target, not copied)."""
+    """The target at ``bits`` bits: a shallow copy of its module tree whose linear layers are
+    ``QLinear`` views (:meth:`~csd_compile.quant.QLinear.view`) of the target's own quantized copy
+    of each weight (``quant.registry``; made on first use, shared with the compiled target when it
+    runs at the same group size) at the draft's bit-width. Other weights are shared, not copied;
+    a target already quantized with ``quantize_`` lends its ``QLinear`` s' weights the same way."""
     from ..quant import QLinear  # the FlexQuant linear (csd::qlinear op)
+    from ..quant.registry import quantized_copy
 
     head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
 
     def swap(mod: nn.Module) -> nn.Module:
+        if isinstance(mod, QLinear):
+            return mod.view(bits, mod.bias)
         if isinstance(mod, nn.Linear) and (quantize_lm_head or mod is not head):
-            return QLinear.from_linear(mod, bits=bits, group_size=group_size)
+            n, k = mod.weight.shape
+            if n % 2 or k % group_size:  # a shape the format cannot hold stays as it is
+                return mod
+            base, _ = quantized_copy(mod.weight, group_size, bits, static=False, in_graph=False)
+            return base.view(bits, mod.bias)
         new = copy.copy(mod)
         new._modules = {name: swap(child) if child is not None else None for name, child in mod._modules.items()}
         return new
