@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded model name or local path (default {DEFAULT_MODEL})")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens at most (default 128)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                     help="chat template to use (implies --chat): 'chatml', 'plain', or a Jinja template file; "
+                          "for checkpoints that ship none or to replace theirs")
     gen.add_argument("--allow-special-tokens", action="store_true",
                      help="parse special-token strings typed in the prompt (e.g. <|im_start|>) as control tokens; "
                           "by default they stay text, so a prompt cannot inject a turn")
@@ -164,6 +167,14 @@ def cmd_generate(args, parser) -> int:
         cfg = CSDConfig.from_options(options)
     except OptionError as e:
         _fail(parser, "generate", str(e))
+    template = None
+    if args.chat_template is not None:
+        from .models.hf_generate import resolve_chat_template
+
+        try:
+            template = resolve_chat_template(args.chat_template)
+        except ValueError as e:
+            _fail(parser, "generate", f"--chat-template: {e}")
     table = None
     if cfg.bits == "dynamic":  # a corrupt table or one for another group size: an error before loading
         from .quant.compiled_policy import load_table
@@ -188,8 +199,11 @@ def cmd_generate(args, parser) -> int:
     except (ValueError, OSError, ModuleNotFoundError) as e:
         _fail(parser, "generate", str(e))
     print(f"[csd-compile] loaded in {time.perf_counter() - t0:.1f}s", file=err, flush=True)
+    if template is not None:
+        tokenizer.chat_template = template
     try:
-        input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat, allow_special_tokens=args.allow_special_tokens)
+        input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat or template is not None,
+                                  allow_special_tokens=args.allow_special_tokens)
     except ValueError as e:
         _fail(parser, "generate", str(e))
     if table is not None:  # a table made for another model: an error before compiling

@@ -30,6 +30,7 @@ def _run_cli(argv, capsys):
         (["generate", "--prompt", "hi", "--tau", "0"], r"--tau 0.0 must be in \(0, 1\]"),
         (["generate", "--prompt", "hi", "--tau", "1.5"], r"--tau 1.5 must be in \(0, 1\]"),
         (["generate", "--prompt", "hi", "--draft-bits", "5"], "invalid choice: 5"),
+        (["generate", "--prompt", "hi", "--chat-template", "/no/template.jinja"], "--chat-template: chat template '/no/template.jinja' is neither one of"),
         (["generate", "--prompt", "hi", "--draft", "ngram", "--num-draft-tokens", "100"], "must be <= 64, got 100"),
         (["generate", "--prompt", "hi", "--draft", "self", "--acceptance", "csd", "--lambda", "-1"], "must be a number >= 0 or inf, got '-1'"),
         (["generate", "--prompt", "hi", "--draft", "self", "--acceptance", "csd", "--lambda", "six"], "expected a number >= 0 or inf, got 'six'"),

@@ -7,7 +7,37 @@ from typing import Any
 
 import torch
 
-__all__ = ["TextPrinter", "compile_config", "encode_prompt"]
+__all__ = ["CHAT_TEMPLATES", "TextPrinter", "compile_config", "encode_prompt", "resolve_chat_template"]
+
+# Named templates for checkpoints that ship none (many GGUF files): Jinja, as transformers renders them.
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "plain": (
+        "{% for message in messages %}{% if message['role'] == 'user' %}User: {% elif message['role'] == 'assistant' %}"
+        "Assistant: {% endif %}{{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+    ),
+}
+
+
+def resolve_chat_template(name_or_path: str) -> str:
+    """The Jinja text of a named template (:data:`CHAT_TEMPLATES`) or of a template file."""
+    import os
+
+    if name_or_path in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name_or_path]
+    if not os.path.isfile(name_or_path):
+        raise ValueError(f"chat template {name_or_path!r} is neither one of {sorted(CHAT_TEMPLATES)} nor a file")
+    try:
+        with open(name_or_path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"chat template file {name_or_path!r} cannot be read as UTF-8 text ({e})") from None
+    if "{{" not in text and "{%" not in text:
+        raise ValueError(f"chat template file {name_or_path!r} holds no Jinja template ({{{{ ... }}}} / {{% ... %}})")
+    return text
 
 
 def compile_config(options: Mapping[str, Any] | None = None, backend: str = "csd"):
@@ -37,7 +67,7 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool, allow_special_tokens: b
         enc = tokenizer(prompt, return_tensors="pt", split_special_tokens=not allow_special_tokens)
         return enc["input_ids"]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("chat=True but this tokenizer has no chat template; drop --chat")
+        raise ValueError("chat=True but this tokenizer has no chat template; drop --chat or give one with --chat-template chatml|plain|FILE")
     if allow_special_tokens:
         enc = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True

@@ -28,3 +28,32 @@ def test_special_token_strings_in_the_text_stay_text(smollm2, chat):
     assert evil in tok.decode(ids)
     opened = encode_prompt(tok, evil, chat=chat, allow_special_tokens=True)[0].tolist()
     assert sum(i in special for i in opened) > sum(i in special for i in ids)  # the opt-out parses them
+
+
+def test_a_named_or_file_chat_template_replaces_a_missing_one(smollm2, tmp_path):
+    import copy
+
+    from csd_compile.models.hf_generate import CHAT_TEMPLATES, resolve_chat_template
+
+    _, tok = smollm2
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        encode_prompt(bare, "Hi", chat=True)
+    bare.chat_template = resolve_chat_template("chatml")
+    text = bare.decode(encode_prompt(bare, "Hi there", chat=True)[0])
+    assert text == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    f = tmp_path / "t.jinja"
+    f.write_text(CHAT_TEMPLATES["plain"])
+    assert resolve_chat_template(str(f)) == CHAT_TEMPLATES["plain"]
+    for bad, phrase in (("nope", "neither one of"), (str(tmp_path), "neither one of")):
+        with pytest.raises(ValueError, match=phrase):
+            resolve_chat_template(bad)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="cannot be read as UTF-8"):
+        resolve_chat_template(str(junk))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("no template here")
+    with pytest.raises(ValueError, match="holds no Jinja template"):
+        resolve_chat_template(str(plain))
