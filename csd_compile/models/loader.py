@@ -124,19 +124,104 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
 
 
 def _fingerprint(path: Path) -> str:
+    """Identity of a GGUF file's contents, wherever it is installed: name, size and the sha256 of
+    its first and last MiB (a new venv with the same package reuses the cached copy)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+_CACHE_VERSION = 2
+_MARKER = "csd_compile.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_record(path: Path) -> dict:
     st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+
+
+def _cache_damage(target: Path) -> str | None:
+    """Why the cached copy at ``target`` cannot be trusted, or ``None`` when it is whole.
+
+    Sizes are checked on every load; a file whose mtime changed since it was recorded is hashed
+    again (and its new mtime recorded when its contents are unchanged)."""
+    marker = target / _MARKER
+    try:
+        meta = json.loads(marker.read_text())
+        files = meta["files"] if meta.get("version") == _CACHE_VERSION else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "its record is missing or unreadable"
+    if not isinstance(files, dict) or not files:
+        return "it was written by an older version"
+    touched = False
+    for name, rec in files.items():
+        path = target / name
+        try:
+            st = path.stat()
+        except OSError:
+            return f"{name} is missing"
+        if st.st_size != rec.get("size"):
+            return f"{name} has {st.st_size} bytes, {rec.get('size')} were written"
+        if st.st_mtime_ns != rec.get("mtime_ns"):
+            if _sha256(path) != rec.get("sha256"):
+                return f"{name} was modified (its sha256 changed)"
+            rec["mtime_ns"], touched = st.st_mtime_ns, True
+    if touched:
+        try:
+            marker.write_text(json.dumps(meta))
+        except OSError:
+            pass
+    return None
+
+
+def _remove_stale_temps(cache: Path) -> None:
+    """Remove ``*.tmpPID`` folders left by conversions whose process is gone (killed, crashed)."""
+    import shutil
+
+    for tmp in cache.glob("*.tmp*"):
+        pid = tmp.suffix[len(".tmp"):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # alive, or not ours to signal
+            pass
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, cache_dir, verbose: bool):
+    import shutil
+    import warnings
+
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / f"{gguf.stem}-{_fingerprint(gguf)}"
-    marker = target / "csd_compile.json"
-    if marker.is_file():
-        return _load_hf_dir(target, dtype)
+    if cache.is_dir():
+        _remove_stale_temps(cache)
+    if target.exists():
+        damage = _cache_damage(target)
+        if damage is None:
+            try:
+                return _load_hf_dir(target, dtype)
+            except Exception as e:  # noqa: BLE001 - a copy that passes the checks but does not load
+                damage = f"it does not load ({type(e).__name__}: {str(e)[:200]})"
+        warnings.warn(f"csd-compile: the cached copy of {gguf.name} under {target} is damaged ({damage}); "
+                      "rebuilding it from the GGUF file", stacklevel=3)
+        shutil.rmtree(target, ignore_errors=True)
 
     t0 = time.perf_counter()
     if verbose:
@@ -154,19 +239,22 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, cache_dir, verbose: bool):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "csd_compile.json").write_text(json.dumps({"source": str(gguf), "version": 1}))
-        if target.exists():  # another process won the race
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        files = {p.name: _file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / _MARKER).write_text(json.dumps({"source": str(gguf), "version": _CACHE_VERSION, "files": files}))
+        try:
             tmp.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+            # another process won the race: its copy serves as well
     except OSError as e:  # a read-only cache must not stop the load
         print(f"csd-compile: could not cache {gguf.name} under {target}: {e}", file=sys.stderr)
+    finally:  # interrupted, failed or lost the race: never leave the half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"loaded {gguf.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return model.to(dtype).eval(), tokenizer
