@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--systems", default=None, help="comma-separated system names (default: all available)")
     bench.add_argument("--out", default="bench_results", help="folder for results.json, results.md, results.png")
     bench.add_argument("--list", action="store_true", help="list the systems and exit")
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true",
+                             help="show the full traceback of an unexpected error instead of one line")
     return parser
 
 
@@ -391,16 +394,28 @@ def cmd_bench(args, parser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad arguments exit 2 before any work; an unexpected error from inside the
+    libraries is one line naming the command and the error, exit 2 (``--debug``: the traceback);
+    Ctrl-C is one line, exit 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        return cmd_generate(args, parser)
-    if args.command == "calibrate":
-        return cmd_calibrate(args, parser)
-    if args.command == "bench":
-        return cmd_bench(args, parser)
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    commands = {"generate": cmd_generate, "calibrate": cmd_calibrate, "bench": cmd_bench}
+    if args.command not in commands:
+        parser.error(f"unknown command {args.command!r}")
+    try:
+        return commands[args.command](args, parser)
+    except KeyboardInterrupt:
+        print(f"\ncsd-compile {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, not a library traceback
+        if args.debug:
+            raise
+        text = " ".join(str(e).split())[:500] or "(no message)"
+        print(f"csd-compile {args.command}: error: {type(e).__name__}: {text} (--debug shows the traceback)",
+              file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -122,3 +122,40 @@ def test_dynamic_bits_with_a_bad_table_fail_before_loading_or_compiling(tmp_path
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert phrase in err and "loading" not in err
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00junk", bytes(range(256)) * 3])
+def test_a_damaged_gguf_is_one_line_and_exit_2(tmp_path, capsys, content):
+    from csd_compile.cli import main
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(content)
+    try:
+        code = main(["generate", "--prompt", "hi", "--model", str(bad)])
+    except SystemExit as e:  # the errors load_model names itself exit through argparse's path
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("csd-compile generate: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+
+
+def test_unexpected_errors_and_ctrl_c_at_the_cli_boundary(monkeypatch, capsys):
+    import csd_compile.cli as cli
+
+    def boom(args, parser):
+        raise RuntimeError("deep inside\na library")
+
+    monkeypatch.setattr(cli, "cmd_calibrate", boom)
+    assert cli.main(["calibrate", "--out", "t.json"]) == 2
+    err = capsys.readouterr().err
+    assert "csd-compile calibrate: error: RuntimeError: deep inside a library (--debug shows the traceback)" in err
+    with pytest.raises(RuntimeError, match="deep inside"):
+        cli.main(["calibrate", "--out", "t.json", "--debug"])
+
+    def interrupted(args, parser):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_calibrate", interrupted)
+    assert cli.main(["calibrate", "--out", "t.json"]) == 130
+    assert capsys.readouterr().err.strip() == "csd-compile calibrate: interrupted"
