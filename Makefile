@@ -3,7 +3,7 @@ PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check
 
 install:
 	$(PIP) torch==2.13.0
@@ -16,7 +16,11 @@ demo: install
 	$(PY) -m csd_compile generate --chat --max-new-tokens 96 -o bits=4 -o group_size=32 --prompt "$(PROMPT)"
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/cuda
+
+# on a machine with a CUDA device: the CUDA tests and the bench rows there, one results folder
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check --out gpu_check
 
 bench: install
 	$(PY) -m csd_compile bench

@@ -1,0 +1,1 @@
+"""CUDA-only tests: collected only by ``make gpu-check`` (``--cuda``); the CPU suite never sees them."""
