@@ -16,7 +16,7 @@ demo: install
 	$(PY) -m csd_compile generate --chat --max-new-tokens 96 -o bits=4 -o group_size=32 --prompt "$(PROMPT)"
 
 test: install
-	$(PY) -m pytest -q tests --ignore=tests/cuda
+	$(PY) -m pytest -q tests
 
 # on a machine with a CUDA device: the CUDA tests and the bench rows there, one results folder
 gpu-check: install

@@ -48,3 +48,13 @@ def smollm2():
     from csd_compile import load_model
 
     return load_model("smollm2-135m-instruct", dtype="bf16")
+
+
+_CUDA_TESTS = __import__("pathlib").Path(__file__).resolve().parent / "cuda"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/cuda needs a CUDA device (``make gpu-check`` runs it there); elsewhere it is not collected."""
+    if not torch.cuda.is_available() and collection_path.resolve().is_relative_to(_CUDA_TESTS):
+        return True
+    return None
