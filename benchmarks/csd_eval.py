@@ -5,7 +5,7 @@ For each problem both modes generate (order alternating per problem, so tok/s is
 interleaved); the csd memory is seeded offline from held-out prompts (``calibration_prompts`` other
 than the evaluated problems, through ``seed_from_prompts``) and then keeps learning online.
 Reported per mode: mean accepted length, tokens per step and ms per step after the prefill,
-median tok/s, HumanEval pass@1 (each completion run against its tests in a sandboxed subprocess),
+median tok/s, HumanEval pass@1 (each completion run against its tests in ``benchmarks/sandbox.py``),
 the full-precision target's mean log-likelihood per generated token (teacher-forced on the mode's own
 output), the rescue cost (per generated token, the log-likelihood given up where the emitted token is
 not that target's argmax; unlike the mean log-likelihood it does not compare two texts that part at
@@ -21,34 +21,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import string
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from .sandbox import SandboxUnavailable, isolation_unavailable, run_sandboxed
+
 __all__ = [
-    "build_program", "extract_code", "main", "run_sandboxed", "token_category", "mean_loglik", "divergent_pairs",
+    "build_program", "extract_code", "main", "token_category", "mean_loglik", "divergent_pairs",
     "rescue_cost", "likelihood_vs_exact", "decode_and_score",
 ]
-
-_SANDBOX_PREAMBLE = '''\
-import socket as _s
-def _no_net(*a, **k):
-    raise OSError("network disabled in the pass@1 sandbox")
-_s.socket = _no_net
-_s.create_connection = _no_net
-_s.getaddrinfo = _no_net
-del _s
-'''
-
 
 def extract_code(reply: str) -> str:
     """The code of a chat reply: the first fenced block (```python or ```), else the whole reply.
@@ -78,43 +66,6 @@ def build_program(problem: dict, reply: str) -> str:
     else:
         body = problem["prompt"] + code
     return f"{body}\n\n{problem['test']}\n\ncheck({entry})\n"
-
-
-def _limits(cpu_s: int, mem_bytes: int):
-    def apply():  # runs in the child before exec
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-        resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-        os.setsid()
-
-    return apply
-
-
-def run_sandboxed(program: str, timeout: float = 10.0, mem_mb: int = 1024) -> dict:
-    """Run ``program`` in ``python -I`` in a fresh temporary directory with resource limits.
-
-    Sandbox: isolated mode (no user site, no env vars), an empty environment, cwd = a temporary
-    directory deleted afterwards, CPU-time / address-space / file-size limits, a wall-clock
-    ``timeout``, and sockets disabled by a preamble. Returns ``{"passed", "returncode", "timeout",
-    "stderr"}`` (``passed`` iff exit status 0 within the timeout).
-    """
-    if not isinstance(program, str):
-        raise TypeError(f"program must be a str, got {type(program).__name__}")
-    if not timeout > 0:
-        raise ValueError(f"timeout={timeout!r} must be > 0 seconds")
-    with tempfile.TemporaryDirectory(prefix="csd-pass1-") as tmp:
-        path = Path(tmp) / "prog.py"
-        path.write_text(_SANDBOX_PREAMBLE + program)
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-I", str(path)], cwd=tmp, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
-                text=True, timeout=timeout, preexec_fn=_limits(int(timeout) + 1, mem_mb << 20),
-            )
-        except subprocess.TimeoutExpired:
-            return {"passed": False, "returncode": None, "timeout": True, "stderr": ""}
-    return {"passed": proc.returncode == 0, "returncode": proc.returncode, "timeout": False, "stderr": proc.stderr[-500:]}
 
 
 def token_category(draft_text: str, target_text: str) -> str:
@@ -236,6 +187,8 @@ def _parse(argv):
                     help="rescue only within a token kind (word, number, punctuation, whitespace; token_kinds)")
     ap.add_argument("--backend", default="csd", help="step compile backend; 'none' runs eagerly")
     ap.add_argument("--timeout", type=float, default=10.0, help="pass@1 sandbox timeout (s)")
+    ap.add_argument("--unsafe-exec", action="store_true",
+                    help="run the completions with your own rights where namespaces are unavailable (see benchmarks/sandbox.py)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     for name in ("problems", "max_new_tokens", "seed_prompts", "seed_tokens", "num_draft_tokens"):
@@ -296,6 +249,10 @@ def seeded_setup(a, seed_texts: list[str], log):
 def main(argv=None) -> dict:
     """Run the evaluation (CLI in the module docstring); returns the JSON result."""
     a = _parse(argv)
+    why = isolation_unavailable()
+    if why is not None and not a.unsafe_exec:  # before any model work
+        raise SystemExit(f"csd_eval: {SandboxUnavailable.__name__}: cannot isolate the completions ({why}); "
+                         "pass --unsafe-exec to run them with your own rights")
     from csd_compile.data import _code_prompt, _spread, humaneval_problems
     from csd_compile.speculative.csd_accept import make_csd_accept
     from csd_compile.speculative import generate
@@ -329,7 +286,7 @@ def main(argv=None) -> dict:
             new, st, logp, amax, cost = decode_and_score(model, ref, tok, prompts[i], width, a.max_new_tokens,
                                                          accept[mode], kw)
             reply = tok.decode(new, skip_special_tokens=True)
-            res = run_sandboxed(build_program(prob, reply), timeout=a.timeout)
+            res = run_sandboxed(build_program(prob, reply), timeout=a.timeout, unsafe_exec=a.unsafe_exec)
             rows[mode].append({
                 "task_id": prob["task_id"], "passed": res["passed"], "timeout": res["timeout"],
                 "mean_accepted": st["mean_accepted"], "tok_s": st["tok_per_s"], "new_tokens": int(new.numel()),

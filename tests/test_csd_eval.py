@@ -3,9 +3,8 @@
 import torch
 import pytest
 
-from benchmarks.csd_eval import (
-    build_program, divergent_pairs, extract_code, mean_loglik, run_sandboxed, token_category,
-)
+from benchmarks.csd_eval import build_program, divergent_pairs, extract_code, mean_loglik, token_category
+from benchmarks.sandbox import run_sandboxed
 
 PROBLEM = {
     "task_id": "T/0",
@@ -38,9 +37,10 @@ def test_sandbox_timeout_network_and_cwd():
     res = run_sandboxed("while True:\n    pass\n", timeout=1.0)
     assert res["timeout"] and not res["passed"]
     net = run_sandboxed("import socket\nsocket.create_connection(('127.0.0.1', 9))\n")
-    assert not net["passed"] and "network disabled" in net["stderr"]
-    # the program runs in a fresh temporary directory that is removed afterwards
-    probe = run_sandboxed("import os, sys\nassert os.listdir('.') == ['prog.py'], os.listdir('.')\nassert sys.flags.isolated\n")
+    assert not net["passed"] and "Network is unreachable" in net["stderr"]
+    # the program runs in a fresh scratch folder holding only itself and the trusted wrapper
+    probe = run_sandboxed("import os, sys\nassert sorted(os.listdir('.')) == ['prog.py', 'wrapper.py'], os.listdir('.')\n"
+                          "assert sys.flags.isolated\n")
     assert probe["passed"], probe["stderr"]
 
 
