@@ -102,6 +102,7 @@ def load_model(
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf model; pass a model directory or a .gguf file")
+        _check_gguf_header(path)
         return _load_gguf(path, torch_dtype, cache_dir, verbose)
     return _load_hf_dir(path, torch_dtype)
 
@@ -121,6 +122,17 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
+
+
+def _check_gguf_header(path: Path) -> None:
+    """A clear error for a file that is not a GGUF model (before transformers' parser sees it)."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (no GGUF header: {len(head)} bytes, magic {head[:4]!r})")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise ValueError(f"{path} is GGUF version {version}; versions 2 and 3 are supported")
 
 
 def _fingerprint(path: Path) -> str:
@@ -228,13 +240,18 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, cache_dir, verbose: bool):
         print(f"dequantizing {gguf.name} (first load only; cached under {target})", file=sys.stderr)
     # fp32 first: the dequantized weights are exact in fp32, and the cached copy serves every dtype.
     # dequantize=True: a plain dense model of nn.Linear layers, whatever GGUF kernels are installed.
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent,
-        gguf_file=gguf.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError, __import__("struct").error) as e:
+        raise ValueError(f"{gguf} could not be read as a model ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                         "a damaged file, or an architecture or tensor type transformers' GGUF reader does not "
+                         "support") from None
     # The weights are dense now; drop the GGUF quantizer so the model saves (and behaves) as a plain one.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SUPPORTED_BITS
+from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .nested import group_minima
 
 __all__ = ["PrecisionTable", "TableError", "model_fingerprint", "quantizable_linears", "weights_fingerprint"]
@@ -43,6 +43,14 @@ __all__ = ["PrecisionTable", "TableError", "model_fingerprint", "quantizable_lin
 FORMAT = "csd-precision-table"
 VERSION = 2
 _READABLE = (1, 2)
+
+
+_KL_MAX = 1e3  # nats per token: far above any measured KL (2-bit layers: ~10); larger is a corrupt file
+
+
+def _valid_kl(v: object) -> bool:
+    # a measured KL may come out a hair below 0 from float rounding; a clearly negative one is corrupt
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and -1e-6 <= v <= _KL_MAX
 
 
 class TableError(ValueError):
@@ -145,9 +153,18 @@ class PrecisionTable:
         if n == 0 or len(self.numels) != n or len(self.kl) != n:
             raise TableError(f"table has {n} names, {len(self.numels)} numels and {len(self.kl)} kl rows; "
                              "they must be equal and non-zero")
+        if len(set(self.names)) != n:
+            raise TableError("table layer names must be distinct")
+        for name, numel in zip(self.names, self.numels):
+            if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
+                raise TableError(f"table numel of {name!r} must be a positive int, got {numel!r}")
         for name, row in zip(self.names, self.kl):
-            if len(row) != len(ladder) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in row):
-                raise TableError(f"table row for {name!r} must hold {len(ladder)} finite KL values, got {row!r}")
+            if len(row) != len(ladder) or not all(_valid_kl(v) for v in row):
+                raise TableError(f"table row for {name!r} must hold {len(ladder)} KL values in [0, {_KL_MAX:g}] "
+                                 f"nats, got {row!r}")
+        group = self.settings.get("group_size", 64) if isinstance(self.settings, dict) else None
+        if isinstance(group, bool) or group not in SUPPORTED_GROUP_SIZES:
+            raise TableError(f"table settings group_size={group!r} is not one of {list(SUPPORTED_GROUP_SIZES)}")
         q = self.entropy_quantiles
         if len(q) < 2 or list(q) != sorted(q) or not all(math.isfinite(v) for v in q):
             raise TableError(f"table entropy_quantiles must be >= 2 increasing finite values, got {list(q)!r}")
@@ -161,11 +178,10 @@ class PrecisionTable:
             if len(self.kl_by_entropy) != n:
                 raise TableError(f"table has {n} layers but {len(self.kl_by_entropy)} kl_by_entropy rows")
             for name, row in zip(self.names, self.kl_by_entropy):
-                if len(row) != len(ladder) or any(
-                        len(cells) != nb or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in cells)
-                        for cells in row):
+                if len(row) != len(ladder) or any(len(cells) != nb or not all(_valid_kl(v) for v in cells)
+                                                  for cells in row):
                     raise TableError(f"table kl_by_entropy for {name!r} must be {len(ladder)} rungs x {nb} buckets "
-                                     f"of finite values, got {row!r}")
+                                     f"of KL values in [0, {_KL_MAX:g}] nats, got {row!r}")
 
     @property
     def num_entropy_buckets(self) -> int | None:

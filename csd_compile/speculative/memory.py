@@ -227,10 +227,38 @@ class CorrectionMemory:
             or tuple(keys.shape) != shape or tuple(counts.shape) != shape
         ):
             raise MemoryFileError(f"{path!r} is corrupt: tables do not match the header shape {shape}")
-        mem = cls(shape[0], shape[1], lambda_=header.get("lambda", 6), device=device, fingerprint=fingerprint)
+        why = _table_damage(keys, counts)
+        if why is not None:
+            raise MemoryFileError(f"{path!r} is corrupt: {why}")
+        try:
+            mem = cls(shape[0], shape[1], lambda_=header.get("lambda", 6), device=device, fingerprint=fingerprint)
+        except (TypeError, ValueError) as e:
+            raise MemoryFileError(f"{path!r} is corrupt: {e}") from None
         mem.keys.copy_(keys)
         mem.counts.copy_(counts)
         return mem
+
+
+def _table_damage(keys: torch.Tensor, counts: torch.Tensor) -> str | None:
+    """Why ``keys``/``counts`` cannot be a table the update rule wrote (``None`` if they can): counts
+    in [0, COUNT_MAX], a way empty exactly when its count is 0, keys of token ids in [0, 2**31)
+    stored in their own bucket."""
+    from ..pair_table import EMPTY, KEY_STRIDE, bucket_of
+
+    empty = keys == EMPTY
+    if bool(((counts < 0) | (counts > COUNT_MAX)).any()):
+        return f"counts outside [0, {COUNT_MAX}]"
+    if not torch.equal(empty, counts == 0):
+        return "a way holds a pair with count 0, or a count without a pair"
+    used = keys[~empty]
+    if used.numel():
+        d, t = used // KEY_STRIDE, used % KEY_STRIDE
+        if bool(((used < 0) | (d >= KEY_STRIDE)).any()):
+            return "keys outside the token-id range"
+        rows = torch.arange(keys.shape[0]).view(-1, 1).expand_as(keys)[~empty]
+        if not torch.equal(bucket_of(d, t, keys.shape[0]), rows):
+            return "pairs stored outside their bucket"
+    return None
 
 
 @torch.no_grad()
