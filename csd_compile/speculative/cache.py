@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RowCache", "encode_mask", "row_mask"]
+__all__ = ["RowCache", "attention_masks", "encode_mask", "row_mask", "sliding_window"]
 
 
 class RowCache:
@@ -51,9 +51,11 @@ class RowCache:
         return self.max_len
 
 
-def row_mask(start: torch.Tensor, pad: torch.Tensor, num_queries: int, max_len: int, *, boolean: bool, dtype):
+def row_mask(start: torch.Tensor, pad: torch.Tensor, num_queries: int, max_len: int, *, boolean: bool, dtype,
+             window: int | None = None):
     """Attention mask ``[B, 1, T, L]`` for queries at slots ``start[b] + t``: a query sees the slots
-    from its row's first real token (``pad[b]``) up to its own slot.
+    from its row's first real token (``pad[b]``) up to its own slot, and with ``window`` only the
+    last ``window`` of them (sliding-window attention: slot ``j`` is seen from ``q`` iff ``j > q - window``).
 
     ``boolean=True`` gives True = attend (SDPA); otherwise an additive float mask in ``dtype``.
     """
@@ -61,7 +63,31 @@ def row_mask(start: torch.Tensor, pad: torch.Tensor, num_queries: int, max_len: 
     q = start.view(B, 1, 1) + torch.arange(num_queries, device=start.device).view(1, num_queries, 1)
     j = torch.arange(max_len, device=start.device).view(1, 1, max_len)
     visible = (j <= q) & (j >= pad.view(B, 1, 1))  # [B, T, L]
+    if window is not None:
+        visible = visible & (j > q - window)
     return encode_mask(visible.unsqueeze(1), boolean=boolean, dtype=dtype)
+
+
+def sliding_window(config) -> int | None:
+    """The sliding window some or all of the model's layers attend with, ``None`` if none does."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def attention_masks(config, visible_of):
+    """The ``attention_mask`` argument for a model: ``visible_of(window)`` encoded for every kind of
+    layer it has: one mask (every layer full, or every layer sliding as in Mistral), or a dict
+    ``{"full_attention": ..., "sliding_attention": ...}`` for models that mix them (Gemma 3, Qwen2
+    with ``use_sliding_window``), which transformers' models take as is."""
+    window = sliding_window(config)
+    if window is None:
+        return visible_of(None)
+    if getattr(config, "layer_types", None) is None:
+        return visible_of(window)
+    return {"full_attention": visible_of(None), "sliding_attention": visible_of(window)}
 
 
 def encode_mask(visible: torch.Tensor, *, boolean: bool, dtype) -> torch.Tensor:

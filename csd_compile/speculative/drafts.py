@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .acceptance import logits_to_probs, sample_from
-from .cache import RowCache, encode_mask, row_mask
+from .cache import RowCache, attention_masks, encode_mask, row_mask
 
 __all__ = [
     "ModelDraft", "NgramDraft", "NoDraft", "check_same_vocab", "make_self_draft", "model_forward", "shared_kv_logits",
@@ -59,7 +59,9 @@ def model_forward(model, cache: RowCache, ids: torch.Tensor, start: torch.Tensor
     B, T = ids.shape
     cache.start.copy_(start)
     pos = (start.view(B, 1) + torch.arange(T, device=ids.device).view(1, T) - pad.view(B, 1)).clamp(min=0)
-    mask = row_mask(start, pad, T, cache.max_len, boolean=_boolean_mask(model), dtype=cache.keys[0].dtype)
+    boolean, dtype = _boolean_mask(model), cache.keys[0].dtype
+    mask = attention_masks(model.config, lambda window: row_mask(start, pad, T, cache.max_len, boolean=boolean,
+                                                                 dtype=dtype, window=window))
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=keep)
     return out.logits
 
@@ -80,8 +82,12 @@ def shared_kv_logits(target, draft, ids: torch.Tensor) -> tuple[torch.Tensor, to
     t_logits = model_forward(target, cache, ids, zero, zero, T)[0]
     i = torch.arange(T, device=ids.device).view(T, 1)
     j = torch.arange(2 * T, device=ids.device).view(1, 2 * T)
-    visible = (j < i) | (j == T + i)  # [T, 2T]
-    mask = encode_mask(visible.view(1, 1, T, 2 * T), boolean=_boolean_mask(draft), dtype=p.dtype)
+
+    def visible_of(window):
+        seen = j < i if window is None else (j < i) & (j > i - window)
+        return encode_mask((seen | (j == T + i)).view(1, 1, T, 2 * T), boolean=_boolean_mask(draft), dtype=p.dtype)
+
+    mask = attention_masks(draft.config, visible_of)  # [T, 2T] per layer kind
     cache.start.fill_(T)
     out = draft(input_ids=ids, attention_mask=mask, position_ids=i.view(1, T), cache=cache, use_cache=True,
                 logits_to_keep=T)
