@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--systems", default=None, help="comma-separated system names (default: all available)")
     bench.add_argument("--out", default="bench_results", help="folder for results.json, results.md, results.png")
     bench.add_argument("--list", action="store_true", help="list the systems and exit")
+    bench.add_argument("--bandwidth-mib", type=_positive_int, default=None,
+                       help="size of the bandwidth measurement's tensor (default: 8x the last-level cache, "
+                            "at least 512 MiB, at most a quarter of the available memory)")
     return parser
 
 
@@ -343,6 +346,7 @@ def cmd_bench(args, parser) -> int:
         max_new_tokens=args.max_new_tokens,
         systems=systems,
         out_dir=Path(args.out),
+        bandwidth_bytes=args.bandwidth_mib << 20 if args.bandwidth_mib else None,
     )
     return 0
 

@@ -253,3 +253,31 @@ def measure_bandwidth(nbytes: int | None = None, *, repeats: int = 5, threads: i
     return {"gb_s": read / statistics.median(times) / 1e9, "bytes": read, "threads": used,
             "repeats": repeats, "llc_bytes": last_level_cache_bytes()}
 
+
+
+def roofline_row(precision: Precision | None, model_config, *, context_len: float, gb_s: float, tok_s: float,
+                 tokens_per_target_forward: float | None = None) -> dict:
+    """A bench row's roofline columns: its weights, bytes per step (by part), bytes per emitted
+    token, the limit ``gb_s * 1e9 / bytes per token`` in tok/s and ``tok_s`` as a fraction of it.
+
+    ``roofline_tok_s`` and ``roofline_fraction`` are ``None`` (with a ``roofline_note`` saying why)
+    for a row without a precision, a model-drafted speculative row, or a free-draft row that did
+    not report its tokens per target forward.
+    """
+    if precision is None:
+        return {"roofline_tok_s": None, "roofline_fraction": None, "roofline_note": "no precision declared"}
+    parts = precision.step_bytes(model_config, context_len)
+    row = {"weights": precision.label(), "context_len": context_len, "step_bytes": parts}
+    per_forward = 1.0
+    if precision.draft == "model":
+        per_forward = None
+        row["roofline_note"] = "model draft: its reads per step vary with the drafts, not applicable"
+    elif precision.draft == "free":
+        per_forward = tokens_per_target_forward
+        if per_forward is None:
+            row["roofline_note"] = "free draft without tokens per target forward: not applicable"
+    if per_forward is None:
+        return row | {"bytes_per_token": None, "roofline_tok_s": None, "roofline_fraction": None}
+    per_token = parts["total"] / per_forward
+    limit = gb_s * 1e9 / per_token
+    return row | {"bytes_per_token": per_token, "roofline_tok_s": limit, "roofline_fraction": tok_s / limit}
