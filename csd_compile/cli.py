@@ -1,4 +1,4 @@
-"""The ``csd-compile`` command line: ``generate``, ``calibrate`` and ``bench``.
+"""The ``csd-compile`` command line: ``generate``, ``calibrate``, ``bench`` and ``profile``.
 
 Every argument is checked before the model is loaded, and a bad one exits with status 2 and a
 message naming the value and what is allowed, like argparse does.
@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bandwidth-mib", type=_positive_int, default=None,
                        help="size of the bandwidth measurement's tensor (default: 8x the last-level cache, "
                             "at least 512 MiB, at most a quarter of the available memory)")
+
+    prof = sub.add_parser("profile", help="where a decode step's time goes: torch.profiler buckets per system")
+    prof.add_argument("--model", default=DEFAULT_MODEL)
+    prof.add_argument("--systems", default=None,
+                      help="comma-separated bench system names (default: hf-bf16,csd-int4,csd-q4-g32)")
+    prof.add_argument("--steps", type=_positive_int, default=16, help="decode steps profiled per system")
+    prof.add_argument("--out", default="profile_results", help="folder for profile.json, profile.md, profile.png")
     return parser
 
 
@@ -351,6 +358,20 @@ def cmd_bench(args, parser) -> int:
     return 0
 
 
+def cmd_profile(args, parser) -> int:
+    from .bench import harness, profile
+
+    _check_model_arg(parser, "profile", args.model)
+    systems = None
+    if args.systems:
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        unknown = [s for s in systems if s not in harness.SYSTEMS]
+        if unknown or not systems:
+            _fail(parser, "profile", f"unknown system(s) {unknown}; choose from {list(harness.SYSTEMS)}")
+    profile.profile(model_name=args.model, systems=systems, steps=args.steps, out_dir=Path(args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -360,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_calibrate(args, parser)
     if args.command == "bench":
         return cmd_bench(args, parser)
+    if args.command == "profile":
+        return cmd_profile(args, parser)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
