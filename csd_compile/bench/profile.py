@@ -138,6 +138,21 @@ def _profile_system(runner, ids, ctx, steps: int, vocab: int, repeats: int = 3) 
     return row
 
 
+def _profile_all(names, systems, ctx, ids, steps, vocab, rows, skipped) -> None:
+    for n in names:
+        why = systems[n].available()
+        if why:
+            skipped[n] = why
+            print(f"[profile] skipping {n}: {why}", file=sys.stderr)
+            continue
+        print(f"[profile] {n}: setting up and profiling {steps} decode steps", file=sys.stderr, flush=True)
+        try:
+            rows[n] = _profile_system(systems[n].setup(ctx), ids, ctx, steps, vocab)
+        except RuntimeError as err:
+            skipped[n] = f"not attributable: {err}"
+            print(f"[profile] {n}: {skipped[n]}", file=sys.stderr)
+
+
 def profile(*, model_name: str, systems: list[str] | None = None, steps: int = 16,
             out_dir: Path = Path("profile_results")) -> dict:
     """Profile the decode steps of ``systems`` (default :data:`DEFAULT_SYSTEMS`) on the first shipped
@@ -156,7 +171,6 @@ def profile(*, model_name: str, systems: list[str] | None = None, steps: int = 1
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; choose from {list(SYSTEMS)}")
-    inductor_config.cpp.enable_kernel_profile = True  # generated kernels appear by name in the trace
     model, tokenizer = load_model(model_name, dtype="bf16", verbose=True)
     vocab = model.get_output_embeddings().weight.shape[0]
     ctx = BenchContext(model_name=model_name, max_new_tokens=1 + steps, tokenizer=tokenizer)
@@ -164,18 +178,8 @@ def profile(*, model_name: str, systems: list[str] | None = None, steps: int = 1
     ids = encode_prompt(tokenizer, text, chat=True)
     ctx.max_cache_len = max(ctx.max_cache_len, 256 * math.ceil((ids.shape[1] + steps + 17) / 256))
     rows, skipped = {}, {}
-    for n in names:
-        why = SYSTEMS[n].available()
-        if why:
-            skipped[n] = why
-            print(f"[profile] skipping {n}: {why}", file=sys.stderr)
-            continue
-        print(f"[profile] {n}: setting up and profiling {steps} decode steps", file=sys.stderr, flush=True)
-        try:
-            rows[n] = _profile_system(SYSTEMS[n].setup(ctx), ids, ctx, steps, vocab)
-        except RuntimeError as err:
-            skipped[n] = f"not attributable: {err}"
-            print(f"[profile] {n}: {skipped[n]}", file=sys.stderr)
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):  # generated kernels appear by name
+        _profile_all(names, SYSTEMS, ctx, ids, steps, vocab, rows, skipped)
     result = {"model": model_name, "steps": steps, "prompt_tokens": ids.shape[1], "threads": torch.get_num_threads(),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "buckets": list(BUCKETS),
               "systems": rows, "skipped": skipped}
