@@ -250,7 +250,8 @@ def _bandwidth_line(bw: dict | None) -> str:
         return "Memory bandwidth: not measured."
     llc = f", last-level cache {bw['llc_bytes'] / 2**20:.0f} MiB" if bw.get("llc_bytes") else ""
     return (f"Memory bandwidth (streaming read, sum of a {bw['bytes'] / 2**20:.0f} MiB fp32 tensor{llc}, "
-            f"{bw['threads']} threads, median of {bw['repeats']}): **{bw['gb_s']:.1f} GB/s**. Roofline = bandwidth "
+            f"{bw['threads']} threads, median of {bw['repeats']}): **{bw['gb_s']:.1f} GB/s**"
+            + (f" (fastest repeat {bw['gb_s_best']:.1f})" if "gb_s_best" in bw else "") + ". Roofline = bandwidth "
             "/ bytes per token (weights at their format + KV cache at prompt + mean generated position + embedding "
             "row + norms; speculative rows with a free draft: per target forward / tokens per target forward); "
             "tok/s above include the prefill, the roofline is decode only.")

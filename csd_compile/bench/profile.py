@@ -1,7 +1,8 @@
 """Where a decode step's time goes: ``csd-compile profile``.
 
-For each system, after warm-up, one generation of ``1 + steps`` tokens runs under
-``torch.profiler``. The trace is cut into forwards at the end of each LM-head matmul (the last
+For each system, after warm-up, a generation of ``1 + steps`` tokens runs under
+``torch.profiler`` (3 times; the run with the fastest decode forwards is kept, since a shared
+machine's other load only ever adds time). The trace is cut into forwards at the end of each LM-head matmul (the last
 matmul of a forward, found by its vocabulary-wide shape); the prefill (the first forward) is
 dropped, and the decode forwards' events are averaged per forward. (Cutting one trace is robust to
 the run-to-run noise of a shared machine; differencing two runs was not.) Self CPU time of each
@@ -130,10 +131,14 @@ def _profile_system(runner, ids, ctx, steps: int, vocab: int, repeats: int = 3) 
         wb, nb = _timed(runner, ids)
         if nb > na:
             per_token.append((wb - wa) / (nb - na) * 1e3)
-    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        _, new = _timed(runner, ids)
-    row = _attribute(prof, vocab)
-    row["new_tokens"] = new
+    best = None  # the least disturbed of `repeats` profiled runs: on a shared machine others' load only adds
+    for _ in range(repeats):
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            _, new = _timed(runner, ids)
+        row = _attribute(prof, vocab)
+        if best is None or row["ms_per_forward_profiled"] < best["ms_per_forward_profiled"]:
+            best = row
+    row = best | {"new_tokens": new, "profiled_runs": repeats}
     row["ms_per_token"] = statistics.median(per_token) if per_token else None
     return row
 
