@@ -1,4 +1,4 @@
-"""The ``csd-compile`` command line: ``generate``, ``calibrate`` and ``bench``.
+"""The ``csd-compile`` command line: ``generate``, ``calibrate``, ``bench`` and ``profile``.
 
 Every argument is checked before the model is loaded, and a bad one exits with status 2 and a
 message naming the value and what is allowed, like argparse does.
@@ -126,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--systems", default=None, help="comma-separated system names (default: all available)")
     bench.add_argument("--out", default="bench_results", help="folder for results.json, results.md, results.png")
     bench.add_argument("--list", action="store_true", help="list the systems and exit")
+    bench.add_argument("--bandwidth-mib", type=_positive_int, default=None,
+                       help="size of the bandwidth measurement's tensor (default: 8x the last-level cache, "
+                            "at least 512 MiB, at most a quarter of the available memory)")
+
+    prof = sub.add_parser("profile", help="where a decode step's time goes: torch.profiler buckets per system")
+    prof.add_argument("--model", default=DEFAULT_MODEL)
+    prof.add_argument("--systems", default=None,
+                      help="comma-separated bench system names (default: hf-bf16,csd-int4,csd-q4-g32)")
+    prof.add_argument("--steps", type=_positive_int, default=16, help="decode steps profiled per system")
+    prof.add_argument("--out", default="profile_results", help="folder for profile.json, profile.md, profile.png")
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true",
                              help="show the full traceback of an unexpected error instead of one line")
@@ -389,7 +399,22 @@ def cmd_bench(args, parser) -> int:
         max_new_tokens=args.max_new_tokens,
         systems=systems,
         out_dir=Path(args.out),
+        bandwidth_bytes=args.bandwidth_mib << 20 if args.bandwidth_mib else None,
     )
+    return 0
+
+
+def cmd_profile(args, parser) -> int:
+    from .bench import harness, profile
+
+    _check_model_arg(parser, "profile", args.model)
+    systems = None
+    if args.systems:
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        unknown = [s for s in systems if s not in harness.SYSTEMS]
+        if unknown or not systems:
+            _fail(parser, "profile", f"unknown system(s) {unknown}; choose from {list(harness.SYSTEMS)}")
+    profile.profile(model_name=args.model, systems=systems, steps=args.steps, out_dir=Path(args.out))
     return 0
 
 
@@ -399,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C is one line, exit 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"generate": cmd_generate, "calibrate": cmd_calibrate, "bench": cmd_bench}
+    commands = {"generate": cmd_generate, "calibrate": cmd_calibrate, "bench": cmd_bench, "profile": cmd_profile}
     if args.command not in commands:
         parser.error(f"unknown command {args.command!r}")
     try:

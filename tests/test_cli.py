@@ -45,6 +45,10 @@ def _run_cli(argv, capsys):
         (["calibrate", "--ocm", "--out", "m.ocm", "--draft-bits", "5"], "invalid choice: 5"),
         (["bench", "--systems", "hf-bf16,warp-drive"], r"unknown system\(s\) \['warp-drive'\]"),
         (["bench", "--prompts", "0"], "must be >= 1"),
+        (["bench", "--bandwidth-mib", "0"], "must be >= 1"),
+        (["profile", "--systems", "hf-bf16,warp-drive"], r"unknown system\(s\) \['warp-drive'\]"),
+        (["profile", "--steps", "0"], "must be >= 1"),
+        (["profile", "--model", "/no/model"], "'/no/model' is neither an embedded model"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(argv, pattern, capsys, monkeypatch):

@@ -23,6 +23,8 @@ import torch
 
 from csd_compile.data import load_prompts
 
+from .roofline import Precision, measure_bandwidth, roofline_row
+
 __all__ = ["BASELINE", "SYSTEMS", "BenchContext", "System", "run", "system"]
 
 BASELINE = "hf-bf16"
@@ -37,18 +39,21 @@ class System:
     default: bool = True  # part of a plain `csd-compile bench`
     available: Callable[[], str | None] = lambda: None  # returns why it cannot run, or None
     plain: str | None = None  # a speculative row's own plain decoding: same model and precision
+    precision: Precision | None = None  # what it reads per step (roofline); None: not applicable
 
 
 SYSTEMS: dict[str, System] = {}
 
 
-def system(name: str, description: str, *, default: bool = True, available=None, plain: str | None = None):
+def system(name: str, description: str, *, default: bool = True, available=None, plain: str | None = None,
+           precision: Precision | None = None):
     """Register a benchmark system: decorate ``setup(ctx) -> runner``. ``plain`` names the system
     whose greedy output a lossless speculative row must reproduce token for token (when both run,
-    the table shows the speed ratio and how many outputs are identical)."""
+    the table shows the speed ratio and how many outputs are identical). ``precision`` says what
+    the row reads per decode step (weight format, dtype, drafting) for the roofline columns."""
 
     def deco(setup):
-        SYSTEMS[name] = System(name, description, setup, default, available or (lambda: None), plain)
+        SYSTEMS[name] = System(name, description, setup, default, available or (lambda: None), plain, precision)
         return setup
 
     return deco
@@ -95,8 +100,14 @@ def run(
     systems: list[str] | None = None,
     out_dir: Path = Path("bench_results"),
     warmup: bool = True,
+    bandwidth_bytes: int | None = None,
 ) -> dict:
-    """Run the benchmark and write ``results.json``, ``results.md`` and ``results.png`` to ``out_dir``."""
+    """Run the benchmark and write ``results.json``, ``results.md`` and ``results.png`` to ``out_dir``.
+
+    The machine's streaming-read bandwidth is measured after the warm-ups (``bandwidth_bytes``,
+    default 8x the last-level cache, see :func:`roofline.measure_bandwidth`) and each row gets its
+    memory roofline: bytes per token, the tok/s limit they allow, its fraction of that limit.
+    """
     from tqdm import tqdm
 
     from csd_compile import load_model
@@ -133,6 +144,10 @@ def run(
         setup_s[n] = time.perf_counter() - t0
         print(f"[bench] {n}: ready in {setup_s[n]:.1f}s (setup + warm-up)", file=sys.stderr, flush=True)
 
+    bandwidth = measure_bandwidth(bandwidth_bytes)
+    print(f"[bench] streaming read: {bandwidth['gb_s']:.1f} GB/s ({bandwidth['bytes'] / 2**20:.0f} MiB, "
+          f"{bandwidth['threads']} threads)", file=sys.stderr, flush=True)
+
     records: dict[str, list[dict]] = {n: [] for n in names}
     bar = tqdm(total=len(inputs) * len(names), desc="bench", unit="run", file=sys.stderr)
     for i, ids in enumerate(inputs):
@@ -164,6 +179,10 @@ def run(
             vals = [r[key] for r in recs if key in r]
             if vals:
                 row[key] = statistics.fmean(vals)
+        # roofline: KV positions read = prompt + mean generated position, averaged over the prompts
+        context = statistics.fmean(inputs[r["prompt"]].shape[1] + (r["new_tokens"] - 1) / 2 for r in recs)
+        row |= roofline_row(SYSTEMS[n].precision, _model, context_len=context, gb_s=bandwidth["gb_s"],
+                            tok_s=row["median_tok_s"], tokens_per_target_forward=row.get("tokens_per_target_forward"))
         summary[n] = row
     for n in names:
         summary[n]["ratio_vs_baseline"] = summary[n]["median_tok_s"] / summary[BASELINE]["median_tok_s"]
@@ -183,6 +202,7 @@ def run(
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "bandwidth": bandwidth,
         "summary": summary,
         "skipped": skipped,
         "prompts": [{"source": s, "prompt_tokens": x.shape[1]} for (s, _), x in zip(prompts, inputs)],
@@ -203,10 +223,12 @@ def markdown_table(result: dict) -> str:
         f"{result['model']}, {result['num_prompts']} prompts (MT-Bench + HumanEval), {result['max_new_tokens']} new tokens,"
         f" greedy, {result['threads']} threads, torch {result['torch']}; medians, interleaved runs after warm-up.",
         "",
+        _bandwidth_line(result.get("bandwidth")),
+        "",
         "| system | tok/s (median) | vs HF bf16 | identical to HF bf16 | prefix agreement "
         "| accepted/step / tokens/target forward "
-        "| vs its plain decoding | setup+warm-up s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| vs its plain decoding | setup+warm-up s | weights | MB/token | roofline tok/s | of roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     n = result["num_prompts"]
     for name, row in result["summary"].items():
@@ -216,11 +238,32 @@ def markdown_table(result: dict) -> str:
                if "plain" in row else "-")
         lines.append(
             f"| {name} | {row['median_tok_s']:.1f} | {row['ratio_vs_baseline']:.2f}x | {row['identical_to_baseline']}/{n}"
-            f" | {row['mean_prefix_agreement']:.0%} | {acc} | {own} | {row['setup_s']:.0f} |"
+            f" | {row['mean_prefix_agreement']:.0%} | {acc} | {own} | {row['setup_s']:.0f} | {_roof_cells(row)} |"
         )
     for name, why in result.get("skipped", {}).items():
-        lines.append(f"| {name} | skipped: {why} | | | | | | |")
+        lines.append(f"| {name} | skipped: {why} | | | | | | | | | | |")
     return "\n".join(lines)
+
+
+def _bandwidth_line(bw: dict | None) -> str:
+    if not bw:
+        return "Memory bandwidth: not measured."
+    llc = f", last-level cache {bw['llc_bytes'] / 2**20:.0f} MiB" if bw.get("llc_bytes") else ""
+    return (f"Memory bandwidth (streaming read, sum of a {bw['bytes'] / 2**20:.0f} MiB fp32 tensor{llc}, "
+            f"{bw['threads']} threads, median of {bw['repeats']}): **{bw['gb_s']:.1f} GB/s**"
+            + (f" (fastest repeat {bw['gb_s_best']:.1f})" if "gb_s_best" in bw else "") + ". Roofline = bandwidth "
+            "/ bytes per token (weights at their format + KV cache at prompt + mean generated position + embedding "
+            "row + norms; speculative rows with a free draft: per target forward / tokens per target forward); "
+            "tok/s above include the prefill, the roofline is decode only.")
+
+
+def _roof_cells(row: dict) -> str:
+    if "weights" not in row:
+        return "- | - | - | -"
+    mb = f"{row['bytes_per_token'] / 1e6:.1f}" if row.get("bytes_per_token") else f"n/a ({row['step_bytes']['total'] / 1e6:.1f}/step)"
+    if row.get("roofline_tok_s") is None:
+        return f"{row['weights']} | {mb} | n/a | n/a"
+    return f"{row['weights']} | {mb} | {row['roofline_tok_s']:.0f} | {row['roofline_fraction']:.0%}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -235,6 +278,11 @@ def plot(result: dict, path: Path) -> None:
     bars = ax.barh(names, speeds, color=["#888" if n == BASELINE else "#3a7" for n in names])
     for bar, n in zip(bars, names):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {result['summary'][n]['ratio_vs_baseline']:.2f}x", va="center")
+    limits = [(i, result["summary"][n].get("roofline_tok_s")) for i, n in enumerate(names)]
+    limits = [(i, v) for i, v in limits if v]
+    if limits:
+        ax.scatter([v for _, v in limits], [i for i, _ in limits], marker="|", s=300, color="k", label="memory roofline")
+        ax.legend(loc="lower right")
     ax.invert_yaxis()
     ax.set_xlabel("tokens/s (median, end to end)")
     ax.set_title(f"{result['model']}: greedy decode, {result['max_new_tokens']} new tokens")

@@ -8,23 +8,30 @@ import importlib.util
 import torch
 
 from .harness import BenchContext, system
+from .roofline import GGUF_Q4_1, GGUF_Q8_0, Precision, WeightFormat
+
+# What each row reads per step (csd_compile.bench.roofline). bf16/fp32: everything dense.
+BF16, FP32 = Precision(dtype="bf16"), Precision(dtype="fp32")
+# torchao's layouts, as we read them: int8 weight-only keeps one bf16 scale per output row;
+# Int4OpaqueTensor (g64) keeps a bf16 scale and zero per group of 64.
+TORCHAO_INT8 = WeightFormat("torchao-int8", 1.0, 0, 2.0)
+TORCHAO_INT4_G64 = WeightFormat("torchao-int4-g64", 0.5, 64, 4.0)
 
 
 def _hf_runner(model, ctx: BenchContext, **extra):
-    kwargs = ctx.greedy_kwargs() | extra
-
-    def run(ids):
+    def run(ids):  # kwargs read at each call: the profiler changes ctx.max_new_tokens between runs
+        kwargs = ctx.greedy_kwargs() | extra
         return {"ids": model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)}
 
     return run
 
 
-@system("hf-fp32", "plain HF greedy, fp32, eager")
+@system("hf-fp32", "plain HF greedy, fp32, eager", precision=FP32)
 def hf_fp32(ctx):
     return _hf_runner(ctx.load("fp32"), ctx)
 
 
-@system("hf-bf16", "plain HF greedy, bf16, eager (the baseline)")
+@system("hf-bf16", "plain HF greedy, bf16, eager (the baseline)", precision=BF16)
 def hf_bf16(ctx):
     return _hf_runner(ctx.load("bf16"), ctx)
 
@@ -41,17 +48,18 @@ def _static_compiled(ctx, backend: str, options=None, model=None):
     )
 
 
-@system("hf-inductor-static", "HF greedy, bf16, static cache, decode step compiled by Inductor")
+@system("hf-inductor-static", "HF greedy, bf16, static cache, decode step compiled by Inductor", precision=BF16)
 def hf_inductor(ctx):
     return _static_compiled(ctx, "inductor")
 
 
-@system("hf-prompt-lookup", "HF assisted generation with prompt lookup (10 tokens), bf16")
+@system("hf-prompt-lookup", "HF assisted generation with prompt lookup (10 tokens), bf16",
+        precision=Precision(draft="free"))
 def hf_prompt_lookup(ctx):
     return _hf_runner(ctx.load("bf16"), ctx, prompt_lookup_num_tokens=10)
 
 
-@system("csd", "HF greedy, bf16, static cache, decode step compiled by backend='csd'")
+@system("csd", "HF greedy, bf16, static cache, decode step compiled by backend='csd'", precision=BF16)
 def csd_static(ctx):
     return _static_compiled(ctx, "csd")
 
@@ -63,7 +71,8 @@ def _llama_cpp_missing():
 
 
 @system("llama.cpp", "llama.cpp (llama-cpp-python) on the same GGUF file, 2 threads, greedy",
-        available=_llama_cpp_missing)
+        available=_llama_cpp_missing,
+        precision=Precision(dtype="fp32", weight_format=GGUF_Q4_1, head_format=GGUF_Q8_0, kv_dtype="fp16"))
 def llama_cpp(ctx):
     from llama_cpp import Llama
 
@@ -105,12 +114,14 @@ def _csd_generate_runner(model, ctx: BenchContext, **kw):
     return run
 
 
-@system("csd-ngram", "csd_compile.generate, lossless, n-gram prompt-lookup draft, bf16")
+@system("csd-ngram", "csd_compile.generate, lossless, n-gram prompt-lookup draft, bf16",
+        precision=Precision(draft="free"))
 def csd_ngram(ctx):
     return _csd_generate_runner(ctx.load("bf16"), ctx, draft="ngram")
 
 
-@system("csd-self4", "csd_compile.generate, lossless, the model itself at 4 bits as draft, bf16")
+@system("csd-self4", "csd_compile.generate, lossless, the model itself at 4 bits as draft, bf16",
+        precision=Precision(draft="model"))
 def csd_self4(ctx):
     return _csd_generate_runner(ctx.load("bf16"), ctx, draft="self", draft_bits=4)
 
@@ -123,20 +134,23 @@ def _self4_with_k(k: int):
 
 
 for _k in (3, 5, 6, 8):  # the draft-length sweep behind the self draft's default K
-    system(f"csd-self4-k{_k}", f"csd-self4 with K={_k} drafts per step", default=False)(_self4_with_k(_k))
+    system(f"csd-self4-k{_k}", f"csd-self4 with K={_k} drafts per step", default=False,
+           precision=Precision(draft="model"))(_self4_with_k(_k))
 
 
 _LOSSLESS_INT8 = {"bits": 8, "quantize_lm_head": True}
 
 
 @system("csd-int8-fp32", "HF greedy, static cache, backend='csd' bits=8 with the LM head at 8 bits too, fp32 "
-        "activations (the target that csd-int8-ngram reproduces token for token)", default=False)
+        "activations (the target that csd-int8-ngram reproduces token for token)", default=False,
+        precision=Precision(bits=8, quantize_lm_head=True, dtype="fp32"))
 def csd_int8_fp32(ctx):
     return _static_compiled(ctx, "csd", _LOSSLESS_INT8, model=ctx.load("fp32"))
 
 
 @system("csd-int8-ngram", "csd_compile.generate, n-gram draft (K=3), lossless w.r.t. csd-int8-fp32 (same "
-        "model: 8-bit weights and LM head, fp32 activations)", default=False, plain="csd-int8-fp32")
+        "model: 8-bit weights and LM head, fp32 activations)", default=False, plain="csd-int8-fp32",
+        precision=Precision(bits=8, quantize_lm_head=True, dtype="fp32", draft="free"))
 def csd_int8_ngram(ctx):
     return _csd_generate_runner(ctx.load("fp32"), ctx, draft="ngram", num_draft_tokens=3,
                                 compile_options=_LOSSLESS_INT8)
@@ -148,24 +162,27 @@ _Q4_1_GRID = {"bits": 4, "group_size": 32}
 
 
 @system("csd-q4-g32", "HF greedy, static cache, backend='csd' bits=4 group_size=32, bf16: the GGUF's own "
-        "Q4_1 grid, i.e. hf-bf16's weights up to bf16 rounding", default=False)
+        "Q4_1 grid, i.e. hf-bf16's weights up to bf16 rounding", default=False,
+        precision=Precision(bits=4, group_size=32))
 def csd_q4_g32(ctx):
     return _static_compiled(ctx, "csd", _Q4_1_GRID)
 
 
 @system("csd-q4-g32-fp32", "HF greedy, static cache, backend='csd' bits=4 group_size=32, fp32 activations: "
-        "the GGUF's own Q4_1 grid, i.e. hf-fp32's weights", default=False, plain="hf-fp32")
+        "the GGUF's own Q4_1 grid, i.e. hf-fp32's weights", default=False, plain="hf-fp32",
+        precision=Precision(bits=4, group_size=32, dtype="fp32"))
 def csd_q4_g32_fp32(ctx):
     return _static_compiled(ctx, "csd", _Q4_1_GRID, model=ctx.load("fp32"))
 
 
 @system("csd-q4-g32-ngram", "csd_compile.generate, n-gram draft (K=3), on csd-q4-g32-fp32's model",
-        default=False, plain="csd-q4-g32-fp32")
+        default=False, plain="csd-q4-g32-fp32", precision=Precision(bits=4, group_size=32, dtype="fp32", draft="free"))
 def csd_q4_g32_ngram(ctx):
     return _csd_generate_runner(ctx.load("fp32"), ctx, draft="ngram", num_draft_tokens=3, compile_options=_Q4_1_GRID)
 
 
-@system("hf-assisted-q4", "HF assisted generation, assistant = the model at 4 bits (csd QLinear), bf16")
+@system("hf-assisted-q4", "HF assisted generation, assistant = the model at 4 bits (csd QLinear), bf16",
+        precision=Precision(draft="model"))
 def hf_assisted_q4(ctx):
     import copy
 
@@ -176,22 +193,26 @@ def hf_assisted_q4(ctx):
     return _hf_runner(model, ctx, assistant_model=assistant)
 
 
-@system("csd-int8", "HF greedy, static cache, backend='csd' with options bits=8 (weights at 8 bits)")
+@system("csd-int8", "HF greedy, static cache, backend='csd' with options bits=8 (weights at 8 bits)",
+        precision=Precision(bits=8))
 def csd_int8(ctx):
     return _static_compiled(ctx, "csd", {"bits": 8})
 
 
-@system("csd-int4", "HF greedy, static cache, backend='csd' with options bits=4 (weights at 4 bits)")
+@system("csd-int4", "HF greedy, static cache, backend='csd' with options bits=4 (weights at 4 bits)",
+        precision=Precision(bits=4))
 def csd_int4(ctx):
     return _static_compiled(ctx, "csd", {"bits": 4})
 
 
-@system("csd-int3", "HF greedy, static cache, backend='csd' with options bits=3 (weights at 3 bits)", default=False)
+@system("csd-int3", "HF greedy, static cache, backend='csd' with options bits=3 (weights at 3 bits)", default=False,
+        precision=Precision(bits=3))
 def csd_int3(ctx):
     return _static_compiled(ctx, "csd", {"bits": 3})
 
 
-@system("csd-int2", "HF greedy, static cache, backend='csd' with options bits=2 (weights at 2 bits)", default=False)
+@system("csd-int2", "HF greedy, static cache, backend='csd' with options bits=2 (weights at 2 bits)", default=False,
+        precision=Precision(bits=2))
 def csd_int2(ctx):
     return _static_compiled(ctx, "csd", {"bits": 2})
 
@@ -207,7 +228,7 @@ def _not_lm_head(module, fqn: str) -> bool:
 
 
 @system("torchao-int8", "HF greedy, static cache, Inductor, torchao int8 weight-only (LM head bf16)",
-        available=_torchao_missing)
+        available=_torchao_missing, precision=Precision(weight_format=TORCHAO_INT8))
 def torchao_int8(ctx):
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -217,7 +238,8 @@ def torchao_int8(ctx):
 
 
 @system("torchao-int4", "HF greedy, static cache, Inductor, torchao int4 weight-only g64, its CPU "
-        "layout (Int4OpaqueTensor; LM head bf16)", available=_torchao_missing)
+        "layout (Int4OpaqueTensor; LM head bf16)", available=_torchao_missing,
+        precision=Precision(weight_format=TORCHAO_INT4_G64))
 def torchao_int4(ctx):
     # torchao 0.18's Int4WeightOnlyConfig has no CPU packing format without extra packages; its
     # CPU int4 tensor (PyTorch's _weight_int4pack_mm_for_cpu underneath) is applied directly.

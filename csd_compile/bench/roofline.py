@@ -1,0 +1,285 @@
+"""The memory roofline of greedy decoding: bytes read per decode step, and the machine's bandwidth.
+
+A decode step of a small model on CPU is bound by memory traffic: every weight is read once per
+step, and the attention reads the KV cache. :func:`step_bytes` counts those bytes from the model's
+module shapes (no model-specific constants); :func:`measure_bandwidth` times a streaming read far
+larger than the last-level cache. ``bandwidth / bytes per token`` is the fastest decode the
+machine allows for that weight format: the roofline. What is counted, per step:
+
+* ``linears``: every ``nn.Linear`` but the LM head, in its weight format: the nested format
+  (:mod:`csd_compile.quant.nested`) reads plane 0 only at 2/3/4 bits (0.5 byte per weight) and
+  both planes at 8 bits (1 byte), plus 8 bytes (fp32 scale + zero) per group of ``group_size``;
+  a linear the quantize pass leaves alone (odd out_features, in_features not a multiple of the
+  group) is counted at ``dtype``, as are biases.
+* ``lm_head``: the output projection at ``dtype`` unless ``quantize_lm_head`` (then like a linear).
+* ``kv_cache``: ``layers x 2 x kv_heads x head_dim x context_len x kv dtype bytes``. Assumption:
+  attention reads only the filled positions; ``context_len`` is the caller's (the harness uses
+  prompt + mean generated position). A static cache that attends over its whole buffer reads more.
+* ``embedding_row``: one row of the input embedding at ``dtype``.
+* ``norms``: every other parameter (norm weights) at ``dtype``.
+
+Activations, logits and the rotary tables are not counted (kilobytes against megabytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "GGUF_Q4_1", "GGUF_Q8_0", "DTYPE_BYTES", "Precision", "WeightFormat", "dense_format",
+    "default_bandwidth_bytes", "last_level_cache_bytes", "measure_bandwidth", "nested_format", "step_bytes",
+]
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """How a ``[N, K]`` weight is stored: bytes per weight plus bytes per group of ``group_size``
+    consecutive input features of one row (``group_size=0``: one group per row, e.g. per-channel)."""
+
+    name: str
+    bytes_per_weight: float
+    group_size: int = 0
+    bytes_per_group: float = 0.0
+
+    def nbytes(self, n_out: int, k_in: int) -> float:
+        """Bytes read for one ``[n_out, k_in]`` weight."""
+        groups = n_out * (math.ceil(k_in / self.group_size) if self.group_size else 1)
+        return n_out * k_in * self.bytes_per_weight + groups * self.bytes_per_group
+
+
+def _dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is not known; choose one of {list(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def dense_format(dtype: str) -> WeightFormat:
+    """An unquantized weight at ``dtype`` (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
+    return WeightFormat(dtype, _dtype_bytes(dtype))
+
+
+def nested_format(bits: int, group_size: int) -> WeightFormat:
+    """The nested format read at ``bits``: 0.5 byte/weight at 2/3/4 bits, 1 at 8, + fp32 scale, zero."""
+    from csd_compile.config import SUPPORTED_GROUP_SIZES
+    from csd_compile.quant.nested import check_bits
+
+    check_bits(bits)
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r} is not supported; choose one of {list(SUPPORTED_GROUP_SIZES)}")
+    return WeightFormat(f"nested-int{bits}-g{group_size}", 1.0 if bits == 8 else 0.5, group_size, 8.0)
+
+
+GGUF_Q4_1 = WeightFormat("gguf-q4_1", 0.5, 32, 4.0)  # fp16 d and m per block of 32
+GGUF_Q8_0 = WeightFormat("gguf-q8_0", 1.0, 32, 2.0)  # fp16 d per block of 32
+
+
+def _as_model(model_or_config) -> torch.nn.Module:
+    if isinstance(model_or_config, torch.nn.Module):
+        return model_or_config
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost worth naming
+        return AutoModelForCausalLM.from_config(model_or_config)
+
+
+def _kv_geometry(config) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def step_bytes(
+    model_config,
+    *,
+    bits: int | None = None,
+    group_size: int = 64,
+    dtype: str = "bf16",
+    quantize_lm_head: bool = False,
+    context_len: float = 0.0,
+    weight_format: WeightFormat | None = None,
+    head_format: WeightFormat | None = None,
+    kv_dtype: str | None = None,
+) -> dict[str, float]:
+    """Bytes read by one decode step (one token) of a causal LM, by part; see the module doc.
+
+    Args:
+        model_config: a Hugging Face config (the model is built on the meta device for its shapes)
+            or the model itself.
+        bits: the nested format's rung for the quantized linears; ``None``: unquantized.
+        group_size: the nested format's group size.
+        dtype: the dtype of everything unquantized (and of the KV cache unless ``kv_dtype``).
+        quantize_lm_head: the LM head is quantized like the other linears.
+        context_len: positions the attention reads from the KV cache (>= 0).
+        weight_format / head_format: another format for the linears / the LM head (e.g.
+            :data:`GGUF_Q4_1` / :data:`GGUF_Q8_0` for llama.cpp); they override ``bits``.
+        kv_dtype: the KV cache's dtype, default ``dtype``.
+
+    Returns ``{"linears", "lm_head", "kv_cache", "embedding_row", "norms", "total"}`` in bytes.
+    """
+    if not context_len >= 0:
+        raise ValueError(f"context_len={context_len!r} must be a number >= 0")
+    dense = dense_format(dtype)
+    quant = weight_format or (nested_format(bits, group_size) if bits is not None else dense)
+    head_fmt = head_format or (quant if quantize_lm_head else dense)
+    model = _as_model(model_config)
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    counted = {id(p) for p in embed.parameters()}
+    linears = lm_head = 0.0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        n_out, k_in = module.weight.shape
+        bias = module.bias.numel() * dense.bytes_per_weight if module.bias is not None else 0.0
+        if module is head:
+            lm_head += head_fmt.nbytes(n_out, k_in) + bias
+        else:
+            fits = quant is not dense and (weight_format is not None or (n_out % 2 == 0 and k_in % group_size == 0))
+            linears += (quant if fits else dense).nbytes(n_out, k_in) + bias
+        counted.update(id(p) for p in module.parameters(recurse=False))
+    norms = sum(p.numel() for p in model.parameters() if id(p) not in counted) * dense.bytes_per_weight
+    layers, kv_heads, head_dim = _kv_geometry(model.config)
+    kv = layers * 2 * kv_heads * head_dim * context_len * _dtype_bytes(kv_dtype or dtype)
+    row = embed.weight.shape[1] * dense.bytes_per_weight
+    parts = {"linears": linears, "lm_head": lm_head, "kv_cache": kv, "embedding_row": row, "norms": norms}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """What a benchmark row reads per step: the arguments of :func:`step_bytes` plus its drafting.
+
+    ``draft``: ``None`` (plain decoding: one step per token), ``"free"`` (a draft that reads no
+    weights, e.g. n-gram lookup: bytes per token = bytes per target step / tokens per target
+    forward; the verify forward over K+1 positions is counted as one step's reads), or ``"model"``
+    (a model draft: its reads depend on the drafts per step, so the roofline is not applicable).
+    """
+
+    bits: int | None = None
+    group_size: int = 64
+    dtype: str = "bf16"
+    quantize_lm_head: bool = False
+    weight_format: WeightFormat | None = None
+    head_format: WeightFormat | None = None
+    kv_dtype: str | None = None
+    draft: str | None = None
+
+    def __post_init__(self):
+        if self.draft not in (None, "free", "model"):
+            raise ValueError(f"draft={self.draft!r}; choose None, 'free' or 'model'")
+        _dtype_bytes(self.dtype)
+
+    def label(self) -> str:
+        """A short name for tables: e.g. ``nested-int4-g64 (head bf16)``."""
+        lin = self.weight_format or (nested_format(self.bits, self.group_size) if self.bits is not None else None)
+        head = self.head_format or (lin if self.quantize_lm_head else None)
+        return f"{lin.name if lin else self.dtype} (head {head.name if head else self.dtype})"
+
+    def step_bytes(self, model_config, context_len: float) -> dict[str, float]:
+        """:func:`step_bytes` with this row's precision."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "draft"}
+        return step_bytes(model_config, context_len=context_len, **kw)
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache reported by sysfs (bytes), or ``None`` when it cannot be read."""
+    best = None
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size.read_text().strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            value = int(text.rstrip("KMG")) * mult
+        except ValueError:
+            continue
+        best = max(best or 0, value)
+    return best
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def default_bandwidth_bytes() -> int:
+    """8x the last-level cache, at least 512 MiB, at most a quarter of the available memory."""
+    size = max(512 << 20, 8 * (last_level_cache_bytes() or 0))
+    avail = _available_memory()
+    return min(size, avail // 4) if avail else size
+
+
+def measure_bandwidth(nbytes: int | None = None, *, repeats: int = 5, threads: int | None = None) -> dict:
+    """Streaming-read bandwidth: the median time of ``sum()`` over a float32 tensor of ``nbytes``.
+
+    ``nbytes`` defaults to :func:`default_bandwidth_bytes`; ``threads`` to
+    ``torch.get_num_threads()`` (the bench's). Returns ``{"gb_s", "gb_s_best", "bytes", "threads",
+    "repeats", "llc_bytes"}``: the median and the fastest repeat in 1e9 bytes per second (on a
+    shared machine the two part when others load the memory).
+    """
+    nbytes = default_bandwidth_bytes() if nbytes is None else nbytes
+    if not isinstance(nbytes, int) or nbytes < 4096:
+        raise ValueError(f"nbytes={nbytes!r} must be an int >= 4096")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} must be an int >= 1")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        x = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)  # touch every page first
+        x.sum()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x.sum()
+            times.append(time.perf_counter() - t0)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    del x
+    read = nbytes // 4 * 4
+    return {"gb_s": read / statistics.median(times) / 1e9, "gb_s_best": read / min(times) / 1e9, "bytes": read,
+            "threads": used,
+            "repeats": repeats, "llc_bytes": last_level_cache_bytes()}
+
+
+
+def roofline_row(precision: Precision | None, model_config, *, context_len: float, gb_s: float, tok_s: float,
+                 tokens_per_target_forward: float | None = None) -> dict:
+    """A bench row's roofline columns: its weights, bytes per step (by part), bytes per emitted
+    token, the limit ``gb_s * 1e9 / bytes per token`` in tok/s and ``tok_s`` as a fraction of it.
+
+    ``roofline_tok_s`` and ``roofline_fraction`` are ``None`` (with a ``roofline_note`` saying why)
+    for a row without a precision, a model-drafted speculative row, or a free-draft row that did
+    not report its tokens per target forward.
+    """
+    if precision is None:
+        return {"roofline_tok_s": None, "roofline_fraction": None, "roofline_note": "no precision declared"}
+    parts = precision.step_bytes(model_config, context_len)
+    row = {"weights": precision.label(), "context_len": context_len, "step_bytes": parts}
+    per_forward = 1.0
+    if precision.draft == "model":
+        per_forward = None
+        row["roofline_note"] = "model draft: its reads per step vary with the drafts, not applicable"
+    elif precision.draft == "free":
+        per_forward = tokens_per_target_forward
+        if per_forward is None:
+            row["roofline_note"] = "free draft without tokens per target forward: not applicable"
+    if per_forward is None:
+        return row | {"bytes_per_token": None, "roofline_tok_s": None, "roofline_fraction": None}
+    per_token = parts["total"] / per_forward
+    limit = gb_s * 1e9 / per_token
+    return row | {"bytes_per_token": per_token, "roofline_tok_s": limit, "roofline_fraction": tok_s / limit}
