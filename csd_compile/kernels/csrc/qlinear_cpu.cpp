@@ -24,9 +24,14 @@
 //   avx2    (AVX2 + FMA, e.g. AMD Zen 3): the same in 8-lane registers; with 16 registers the 64
 //           rows are walked in 8-row chunks, as many per pass as the accumulators allow.
 //   scalar  plain loops (the compiler vectorizes them for the baseline target).
-// Scales and zeros are [N, G] row-major: the kernels gather a block's 64 values of a group
-// (they stay in L1 from one group to the next). csd::qlinear_cpu_set_isa forces a path (tests,
-// benchmarks); csd::qlinear_cpu_isa names the active one.
+// Scales and zeros are [N, G] row-major: the kernels gather a block's 64 values of a group (they
+// stay in L1 from one group to the next) and prefetch the next block's, and the code stream is
+// prefetched ahead by hand: at M = 1 the product is a stream of the weight bytes, and without them a
+// cold weight ran at half the speed of a cached one.
+// Work is split over threads in units of (64-row block, range of groups); K is split only when there
+// are few blocks (N = 192 is 3 of them), and those partial sums are added at the end.
+// csd::qlinear_cpu_set_isa forces a path (tests, benchmarks); csd::qlinear_cpu_isa names the active
+// one, csd::qlinear_cpu_supported_isas those this CPU can run.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -154,12 +159,13 @@ struct Avx512 {
     for (int m = 0; m < MR; ++m)
       for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
     const float* x = c.x + m0 * c.K;
-    for (int64_t k = g * c.gs; k < (g + 1) * c.gs; ++k) {
+    const int64_t k0 = g * c.gs, k1 = k0 + c.gs, K = c.K;  // locals: GCC reloads members after stores
+    for (int64_t k = k0; k < k1; ++k) {
       __m512 w[4];
       decode16<BITS>(hb + k * 32, lb + k * 32, lut, w[0], w[1]);
       decode16<BITS>(hb + k * 32 + 16, lb + k * 32 + 16, lut, w[2], w[3]);
       for (int m = 0; m < MR; ++m) {
-        const __m512 xv = _mm512_set1_ps(x[m * c.K + k]);
+        const __m512 xv = _mm512_set1_ps(x[m * K + k]);
         for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_fmadd_ps(xv, w[i], acc[m][i]);
       }
     }
@@ -208,18 +214,20 @@ struct Avx2 {
     const float* x = c.x + m0 * c.K;
     const __m256i idx = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm256_set1_epi32(static_cast<int>(c.G)));
+    const int64_t k0 = g * c.gs, k1 = k0 + c.gs, K = c.K;  // locals: GCC reloads members after stores
     for (int c0 = 0; c0 < 4; c0 += W) {  // chunk c: rows 8c..8c+7 and 32+8c..32+8c+7
       __m256 acc[MR][W][2];
       for (int m = 0; m < MR; ++m)
         for (int i = 0; i < W; ++i) acc[m][i][0] = acc[m][i][1] = _mm256_setzero_ps();
-      for (int64_t k = g * c.gs; k < (g + 1) * c.gs; ++k) {
+      for (int64_t k = k0; k < k1; ++k) {
+        __m256 xv[MR];
+        for (int m = 0; m < MR; ++m) xv[m] = _mm256_broadcast_ss(x + m * K + k);
         for (int i = 0; i < W; ++i) {
           __m256 lo, hi;
           decode8<BITS>(hb + k * 32 + (c0 + i) * 8, lb + k * 32 + (c0 + i) * 8, lo, hi);
           for (int m = 0; m < MR; ++m) {
-            const __m256 xv = _mm256_broadcast_ss(x + m * c.K + k);
-            acc[m][i][0] = _mm256_fmadd_ps(xv, lo, acc[m][i][0]);
-            acc[m][i][1] = _mm256_fmadd_ps(xv, hi, acc[m][i][1]);
+            acc[m][i][0] = _mm256_fmadd_ps(xv[m], lo, acc[m][i][0]);
+            acc[m][i][1] = _mm256_fmadd_ps(xv[m], hi, acc[m][i][1]);
           }
         }
       }
