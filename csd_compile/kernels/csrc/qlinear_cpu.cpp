@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #define CSD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
@@ -285,22 +286,23 @@ void run_unit(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, in
   }
 }
 
-template <class Path>
-UnitFn unit_for_bits(int64_t bits) {
-  switch (bits) {
-    case 8: return &run_unit<Path, 8>;
-    case 4: return &run_unit<Path, 4>;
-    case 3: return &run_unit<Path, 3>;
-    default: return &run_unit<Path, 2>;
+// f(std::integral_constant<int, BITS>) for the run-time bit-width b (checked to be 2, 3, 4 or 8).
+template <class F>
+auto with_bits(int64_t b, F&& f) {
+  switch (b) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 2>{});
   }
 }
 
 UnitFn unit_for(int isa, int64_t bits) {
-  switch (isa) {
-    case kAvx512: return unit_for_bits<Avx512>(bits);
-    case kAvx2: return unit_for_bits<Avx2>(bits);
-    default: return unit_for_bits<Scalar>(bits);
-  }
+  return with_bits(bits, [isa](auto B) -> UnitFn {
+    if (isa == kAvx512) return &run_unit<Avx512, B.value>;
+    if (isa == kAvx2) return &run_unit<Avx2, B.value>;
+    return &run_unit<Scalar, B.value>;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,13 +414,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::T
     const Ctx wctx{nullptr, nullptr, sc.data_ptr<float>(), ze.data_ptr<float>(), M, N, K, G, gs, mult,
                    0.5f * (mult - 1.0f)};
     auto wt = at::empty({K, N}, scale.options());
-    float* wp = wt.data_ptr<float>();
-    switch (b) {
-      case 8: dequant_t<8>(wctx, hi, lo, wp); break;
-      case 4: dequant_t<4>(wctx, hi, lo, wp); break;
-      case 3: dequant_t<3>(wctx, hi, lo, wp); break;
-      default: dequant_t<2>(wctx, hi, lo, wp); break;
-    }
+    with_bits(b, [&](auto B) { dequant_t<B.value>(wctx, hi, lo, wt.data_ptr<float>()); });
     return at::linear(x2, wt.to(x.scalar_type()).t()).reshape(out_shape);
   }
 
