@@ -6,9 +6,12 @@ the CPU cannot run is checked to be refused, never skipped. What the CPU can run
 /proc/cpuinfo, independently of the kernel's own detection.
 """
 
+import os
+import platform
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,8 @@ def _cpu_flags() -> set[str]:
 
 
 def _runnable() -> list[str]:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return ["scalar"]  # the SIMD paths are x86 code; other CPUs build the scalar one only
     flags = _cpu_flags()
     return [isa for isa in ISAS if _NEEDS[isa] <= flags]
 
@@ -172,3 +177,41 @@ def test_only_the_selected_functions_use_wide_registers():
         else:  # everything else, ATen's inline code included, is built for baseline x86-64
             assert not wide512 and not wide256, head
     assert seen["avx512"] and seen["avx2"], seen
+
+
+_NO_X86 = r"""
+import sys, torch
+from torch.utils.cpp_extension import load
+from csd_compile.kernels.qlinear import qlinear_ref
+from csd_compile.quant.nested import quantize
+src, build = sys.argv[1], sys.argv[2]
+load(name="csd_scalar_only", sources=[src], extra_cflags=["-O3", "-fopenmp", "-DCSD_NO_X86"],
+     extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=build)
+assert list(torch.ops.csd.qlinear_cpu_supported_isas()) == ["scalar"]
+assert torch.ops.csd.qlinear_cpu_isa() == "scalar"
+try:
+    torch.ops.csd.qlinear_cpu_set_isa("avx2")
+    raise SystemExit("avx2 accepted")
+except RuntimeError as e:
+    assert "cannot run the 'avx2' path" in str(e)
+g = torch.Generator().manual_seed(0)
+nw = quantize(torch.randn(130, 256, generator=g) * 0.1, 64)
+for m in (1, 5, 20):
+    x = torch.randn(m, 256, generator=g)
+    for bits in (2, 3, 4, 8):
+        b = torch.tensor(bits)
+        r = qlinear_ref(x, *nw, b)
+        y = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
+        assert ((y - r).norm() / r.norm()).item() < 1e-5, (m, bits)
+print("ok")
+"""
+
+
+def test_scalar_only_build_for_other_cpus(tmp_path):
+    """On non-x86 CPUs (ARM, ...) the source builds its scalar path only; ``-DCSD_NO_X86`` makes this
+    machine build that variant, which must offer, and compute with, the scalar path alone."""
+    src = Path(native.__file__).with_name("csrc") / "qlinear_cpu.cpp"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    proc = subprocess.run([sys.executable, "-c", _NO_X86, str(src), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr

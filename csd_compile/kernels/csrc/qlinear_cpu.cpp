@@ -23,7 +23,8 @@
 //           ternary-logic op and converted. 64 rows x 4 activation rows = 16 accumulators.
 //   avx2    (AVX2 + FMA, e.g. AMD Zen 3): the same in 8-lane registers; with 16 registers the 64
 //           rows are walked in 8-row chunks, as many per pass as the accumulators allow.
-//   scalar  plain loops (the compiler vectorizes them for the baseline target).
+//   scalar  plain loops (the compiler vectorizes them for the baseline target); the only path on
+//           other CPUs (ARM, ...), where the x86 code is left out (as with -DCSD_NO_X86).
 // Scales and zeros are [N, G] row-major: the kernels gather a block's 64 values of a group (they
 // stay in L1 from one group to the next) and prefetch the next block's, and the code stream is
 // prefetched ahead by hand: at M = 1 the product is a stream of the weight bytes, and without them a
@@ -35,7 +36,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(CSD_NO_X86)
+#define CSD_X86 1
 #include <immintrin.h>
+#else
+#define CSD_X86 0  // other CPUs (ARM, ...) build the scalar path only
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,6 +73,7 @@ enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
 
 bool cpu_supports(int isa) {
+#if CSD_X86
   __builtin_cpu_init();  // cheap; needed if anything runs this before libgcc's constructor
   switch (isa) {
     case kAvx512:
@@ -75,6 +82,9 @@ bool cpu_supports(int isa) {
     case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     default: return true;
   }
+#else
+  return isa == kScalar;
+#endif
 }
 
 int best_isa() {
@@ -131,6 +141,7 @@ struct Scalar {
   }
 };
 
+#if CSD_X86
 // AVX-512: 16 bytes of one k (rows r..r+15 in the low nibbles, r+32..r+47 in the high ones) as two
 // float vectors of codes.
 template <int BITS>
@@ -249,6 +260,8 @@ struct Avx2 {
   }
 };
 
+#endif  // CSD_X86
+
 // One work unit: row block at n0 (its plane bytes at hb / lb), groups [g0, g1), every activation
 // row, four per pass; the group's codes stay in L1 between passes.
 using UnitFn = void (*)(const Ctx&, const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, float*);
@@ -299,8 +312,10 @@ auto with_bits(int64_t b, F&& f) {
 
 UnitFn unit_for(int isa, int64_t bits) {
   return with_bits(bits, [isa](auto B) -> UnitFn {
+#if CSD_X86
     if (isa == kAvx512) return &run_unit<Avx512, B.value>;
     if (isa == kAvx2) return &run_unit<Avx2, B.value>;
+#endif
     return &run_unit<Scalar, B.value>;
   });
 }
