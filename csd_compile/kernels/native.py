@@ -9,7 +9,7 @@ then use the pure-PyTorch CPU paths, which compute the same values more slowly. 
 The build is for baseline x86-64 (``-O3 -fopenmp``, no ``-march=native``): the kernel's inner loops
 exist for AVX-512, AVX2+FMA and plain C++, each compiled with its own target attribute, and the
 kernel picks the best one the CPU has at run time, so one build (and one cache entry) serves any
-x86-64 machine. :func:`isa` names the active path; :func:`set_isa` / :func:`use_isa` force one
+x86-64 machine; other CPUs build the plain C++ path only. :func:`isa` names the active path; :func:`set_isa` / :func:`use_isa` force one
 (tests and benchmarks run every path the CPU can run); :func:`supported_isas` lists them.
 """
 
@@ -88,16 +88,15 @@ def available() -> bool:
     return bool(_state.get("ok"))
 
 
-
 def isa() -> str | None:
     """The instruction-set path the C++ kernel uses now ("avx512", "avx2" or "scalar"); ``None``
     when the C++ kernels are not loaded (the PyTorch paths are used)."""
-    return str(torch_ops().qlinear_cpu_isa()) if available() else None
+    return str(_ops().qlinear_cpu_isa()) if available() else None
 
 
 def supported_isas() -> list[str]:
     """The paths this CPU can run, slowest first (empty when the C++ kernels are not loaded)."""
-    return list(torch_ops().qlinear_cpu_supported_isas()) if available() else []
+    return list(_ops().qlinear_cpu_supported_isas()) if available() else []
 
 
 def set_isa(name: str) -> str:
@@ -106,7 +105,7 @@ def set_isa(name: str) -> str:
     raises ``RuntimeError``; an unknown name ``ValueError``."""
     if not load():
         raise RuntimeError("csd-compile: the C++ CPU kernels are not available; no instruction set to choose")
-    return str(torch_ops().qlinear_cpu_set_isa(name))
+    return str(_ops().qlinear_cpu_set_isa(name))
 
 
 @contextlib.contextmanager
@@ -119,7 +118,7 @@ def use_isa(name: str) -> Iterator[str]:
         set_isa(before)
 
 
-def torch_ops():
+def _ops():
     import torch
 
     return torch.ops.csd
