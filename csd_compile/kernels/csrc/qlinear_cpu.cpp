@@ -11,16 +11,17 @@
 //     sum_k x[k] * w[k] = S * sum_k x[k] * c[k] + Z * sum_k x[k]
 // and the inner loop multiplies activations by raw integer codes, in float (exact: codes are small
 // integers), rows in vector lanes: for every k it expands the codes of a row block into float lanes
-// once and feeds every activation row of the pass (up to four, held in registers), then applies S
-// and Z once per group. A verify pass (M <= 16 rows) thus reads the weight from memory once and
-// decodes each tile once per four rows; more rows dequantize the whole weight once and call a GEMM.
+// once and feeds every activation row of the pass (up to four, eight with AVX-512, held in
+// registers), then applies S and Z once per group. A verify pass (M <= 16 rows) thus reads the
+// weight from memory once and decodes each tile once per pass; more rows dequantize the whole
+// weight once and call a GEMM.
 //
 // Instruction sets. The extension is compiled for baseline x86-64 (no -march=native: one build runs
 // on any CPU) and the inner loops exist three times, chosen at run time with __builtin_cpu_supports:
 //   avx512  (AVX-512F/BW/VL + FMA): bytes -> 32-bit lanes with vpmovzxbd; 2/3/4-bit codes become
 //           floats by a 16-entry table lookup (vpermps reads only the low 4 bits of each lane, so
 //           one lookup decodes a nibble without masking), 8-bit codes are merged with one
-//           ternary-logic op and converted. 64 rows x 4 activation rows = 16 accumulators.
+//           ternary-logic op and converted. 64 rows x 4 activation rows or 32 x 8: 16 accumulators.
 //   avx2    (AVX2 + FMA, e.g. AMD Zen 3): the same in 8-lane registers; with 16 registers the 64
 //           rows are walked in 8-row chunks, as many per pass as the accumulators allow.
 //   scalar  plain loops (the compiler vectorizes them for the baseline target); the only path on
@@ -58,7 +59,6 @@
 namespace {
 
 constexpr int64_t kBlock = 64;
-constexpr int64_t kRowsPerPass = 4;
 // past this many activation rows, dequantizing once and calling a dense GEMM is faster
 constexpr int64_t kMaxBlockedRows = 16;
 // below this much work (weights x rows) a fork/join costs more than it saves
@@ -116,6 +116,7 @@ inline int rung_code(int h, int l, int bits) { return bits == 8 ? (h << 4) | l :
 
 // Portable path: decode the group's 64 x gs codes one k at a time into floats, FMA per row.
 struct Scalar {
+  static constexpr int kRows = 4;
   template <int BITS, int MR>
   static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g, int64_t m0,
                     float* res) {
@@ -160,40 +161,50 @@ CSD_TARGET_AVX512 inline void decode16(const uint8_t* h, const uint8_t* l, __m51
 }
 
 struct Avx512 {
+  // 32 zmm registers: up to 4 activation rows take the whole 64-row block per pass (16 accumulators),
+  // 5 to 8 rows half of it (16-row chunks), so a verify pass of up to 8 rows decodes the codes once.
+  static constexpr int kRows = 8;
+  template <int MR>
+  static constexpr int kChunks = MR <= 4 ? 2 : 1;
+
   template <int BITS, int MR>
   CSD_TARGET_AVX512 static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
                                       int64_t m0, float* res) {
+    constexpr int W = kChunks<MR>;
     // lut[i] = code of nibble i at this width: i >> (4 - b)
-    const __m512 lut = _mm512_cvtepi32_ps(_mm512_srli_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), BITS == 8 ? 0 : 4 - BITS));
-    // acc[m][i]: rows 0-15, 32-47, 16-31, 48-63 (the order decode16 yields them)
-    __m512 acc[MR][4];
-    for (int m = 0; m < MR; ++m)
-      for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 lut = _mm512_cvtepi32_ps(_mm512_srli_epi32(iota, BITS == 8 ? 0 : 4 - BITS));
+    const __m512i idx = _mm512_mullo_epi32(iota, _mm512_set1_epi32(static_cast<int>(c.G)));
     const float* x = c.x + m0 * c.K;
     const int64_t k0 = g * c.gs, k1 = k0 + c.gs, K = c.K;  // locals: GCC reloads members after stores
-    for (int64_t k = k0; k < k1; ++k) {
-      __m512 w[4];
-      decode16<BITS>(hb + k * 32, lb + k * 32, lut, w[0], w[1]);
-      decode16<BITS>(hb + k * 32 + 16, lb + k * 32 + 16, lut, w[2], w[3]);
-      for (int m = 0; m < MR; ++m) {
-        const __m512 xv = _mm512_set1_ps(x[m * K + k]);
-        for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_fmadd_ps(xv, w[i], acc[m][i]);
+    for (int c0 = 0; c0 < 2; c0 += W) {  // chunk c: rows 16c..16c+15 and 32+16c..32+16c+15
+      __m512 acc[MR][W][2];
+      for (int m = 0; m < MR; ++m)
+        for (int i = 0; i < W; ++i) acc[m][i][0] = acc[m][i][1] = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int i = 0; i < W; ++i) {
+          __m512 lo, hi;
+          decode16<BITS>(hb + k * 32 + (c0 + i) * 16, lb + k * 32 + (c0 + i) * 16, lut, lo, hi);
+          for (int m = 0; m < MR; ++m) {
+            const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+            acc[m][i][0] = _mm512_fmadd_ps(xv, lo, acc[m][i][0]);
+            acc[m][i][1] = _mm512_fmadd_ps(xv, hi, acc[m][i][1]);
+          }
+        }
       }
-    }
-    constexpr int row0[4] = {0, 32, 16, 48};
-    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int>(c.G)));
-    for (int i = 0; i < 4; ++i) {
-      const int64_t at = (n0 + row0[i]) * c.G + g;
-      const __m512 s = _mm512_i32gather_ps(idx, c.scale + at, 4);
-      const __m512 S = _mm512_mul_ps(s, _mm512_set1_ps(c.mult));
-      const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(c.half), _mm512_i32gather_ps(idx, c.zero + at, 4));
-      for (int m = 0; m < MR; ++m) {
-        float* r = res + (m0 + m) * kBlock + row0[i];
-        const __m512 zx = _mm512_fmadd_ps(Z, _mm512_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm512_loadu_ps(r));
-        _mm512_storeu_ps(r, _mm512_fmadd_ps(S, acc[m][i], zx));
-      }
+      for (int i = 0; i < W; ++i)
+        for (int half = 0; half < 2; ++half) {
+          const int row0 = (c0 + i) * 16 + half * 32;
+          const int64_t at = (n0 + row0) * c.G + g;
+          const __m512 s = _mm512_i32gather_ps(idx, c.scale + at, 4);
+          const __m512 S = _mm512_mul_ps(s, _mm512_set1_ps(c.mult));
+          const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(c.half), _mm512_i32gather_ps(idx, c.zero + at, 4));
+          for (int m = 0; m < MR; ++m) {
+            float* r = res + (m0 + m) * kBlock + row0;
+            const __m512 zx = _mm512_fmadd_ps(Z, _mm512_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm512_loadu_ps(r));
+            _mm512_storeu_ps(r, _mm512_fmadd_ps(S, acc[m][i][half], zx));
+          }
+        }
     }
   }
 };
@@ -216,6 +227,7 @@ CSD_TARGET_AVX2 inline void decode8(const uint8_t* h, const uint8_t* l, __m256& 
 
 struct Avx2 {
   // 16 ymm registers: 8-byte chunks (16 rows) per pass such that accumulators stay at <= 8.
+  static constexpr int kRows = 4;
   template <int MR>
   static constexpr int kChunks = MR == 1 ? 4 : MR == 2 ? 2 : 1;
 
@@ -263,8 +275,15 @@ struct Avx2 {
 #endif  // CSD_X86
 
 // One work unit: row block at n0 (its plane bytes at hb / lb), groups [g0, g1), every activation
-// row, four per pass; the group's codes stay in L1 between passes.
+// row, Path::kRows per pass; the group's codes stay in L1 between passes.
 using UnitFn = void (*)(const Ctx&, const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, float*);
+
+// One pass of MR activation rows (MR <= Path::kRows; larger ones are never instantiated).
+template <class Path, int BITS, int MR>
+inline void rows_pass(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g, int64_t m0,
+                      float* res) {
+  if constexpr (MR <= Path::kRows) Path::template group<BITS, MR>(c, hb, lb, n0, g, m0, res);
+}
 
 template <class Path, int BITS>
 void run_unit(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g0, int64_t g1, float* res) {
@@ -288,18 +307,21 @@ void run_unit(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, in
       __builtin_prefetch(hb + off);
       if (BITS == 8) __builtin_prefetch(lb + off);
     }
-    for (int64_t m0 = 0; m0 < c.M; m0 += kRowsPerPass) {
-      switch (std::min<int64_t>(kRowsPerPass, c.M - m0)) {
-        case 1: Path::template group<BITS, 1>(c, hb, lb, n0, g, m0, res); break;
-        case 2: Path::template group<BITS, 2>(c, hb, lb, n0, g, m0, res); break;
-        case 3: Path::template group<BITS, 3>(c, hb, lb, n0, g, m0, res); break;
-        default: Path::template group<BITS, 4>(c, hb, lb, n0, g, m0, res); break;
+    for (int64_t m0 = 0; m0 < c.M; m0 += Path::kRows) {
+      switch (std::min<int64_t>(Path::kRows, c.M - m0)) {
+        case 1: rows_pass<Path, BITS, 1>(c, hb, lb, n0, g, m0, res); break;
+        case 2: rows_pass<Path, BITS, 2>(c, hb, lb, n0, g, m0, res); break;
+        case 3: rows_pass<Path, BITS, 3>(c, hb, lb, n0, g, m0, res); break;
+        case 4: rows_pass<Path, BITS, 4>(c, hb, lb, n0, g, m0, res); break;
+        case 5: rows_pass<Path, BITS, 5>(c, hb, lb, n0, g, m0, res); break;
+        case 6: rows_pass<Path, BITS, 6>(c, hb, lb, n0, g, m0, res); break;
+        case 7: rows_pass<Path, BITS, 7>(c, hb, lb, n0, g, m0, res); break;
+        default: rows_pass<Path, BITS, 8>(c, hb, lb, n0, g, m0, res); break;
       }
     }
   }
 }
 
-// f(std::integral_constant<int, BITS>) for the run-time bit-width b (checked to be 2, 3, 4 or 8).
 template <class F>
 auto with_bits(int64_t b, F&& f) {
   switch (b) {
