@@ -5,18 +5,29 @@
 under ``torch.ops.csd``. Without a working compiler it warns once and returns ``False``; callers
 then use the pure-PyTorch CPU paths, which compute the same values more slowly. Set
 ``CSD_COMPILE_NO_NATIVE=1`` to skip the C++ kernels on purpose.
+
+The build is for baseline x86-64 (``-O3 -fopenmp``, no ``-march=native``): the kernel's inner loops
+exist for AVX-512, AVX2+FMA and plain C++, each compiled with its own target attribute, and the
+kernel picks the best one the CPU has at run time, so one build (and one cache entry) serves any
+x86-64 machine; other CPUs build the plain C++ path only. :func:`isa` names the active path; :func:`set_isa` / :func:`use_isa` force one
+(tests and benchmarks run every path the CPU can run); :func:`supported_isas` lists them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 
-__all__ = ["load", "available"]
+__all__ = ["load", "available", "isa", "set_isa", "use_isa", "supported_isas", "ISAS"]
+
+# the kernel's paths, slowest first ("auto": the best the CPU has)
+ISAS = ("scalar", "avx2", "avx512")
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +45,8 @@ def _build() -> bool:
         return False
     from torch.utils.cpp_extension import load as load_extension
 
+    # no -march=native: the SIMD paths carry their own target attributes and are chosen at run time
     flags = ["-O3", "-fopenmp"]
-    if os.environ.get("CSD_COMPILE_NATIVE_PORTABLE", "") in ("", "0"):
-        flags.append("-march=native")  # built on the machine it runs on, like Inductor's own kernels
     log.info("csd-compile: building the C++ CPU kernels (once per version, about 10 s)")
     try:
         load_extension(
@@ -77,3 +87,38 @@ def available() -> bool:
     """Whether the C++ kernels are loaded (without trying to build them)."""
     return bool(_state.get("ok"))
 
+
+def isa() -> str | None:
+    """The instruction-set path the C++ kernel uses now ("avx512", "avx2" or "scalar"); ``None``
+    when the C++ kernels are not loaded (the PyTorch paths are used)."""
+    return str(_ops().qlinear_cpu_isa()) if available() else None
+
+
+def supported_isas() -> list[str]:
+    """The paths this CPU can run, slowest first (empty when the C++ kernels are not loaded)."""
+    return list(_ops().qlinear_cpu_supported_isas()) if available() else []
+
+
+def set_isa(name: str) -> str:
+    """Force the kernel's path ("scalar", "avx2", "avx512") or go back to the best ("auto").
+    Process-wide. Returns the previous setting (a path name, or "auto"). A path the CPU cannot run
+    raises ``RuntimeError``; an unknown name ``ValueError``."""
+    if not load():
+        raise RuntimeError("csd-compile: the C++ CPU kernels are not available; no instruction set to choose")
+    return str(_ops().qlinear_cpu_set_isa(name))
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[str]:
+    """``with use_isa("avx2"):`` runs the block on that path, then restores the one active before."""
+    before = set_isa(name)
+    try:
+        yield isa()
+    finally:
+        set_isa(before)
+
+
+def _ops():
+    import torch
+
+    return torch.ops.csd

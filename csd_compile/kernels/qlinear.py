@@ -8,8 +8,13 @@ per-layer plan) *inside* the op: changing it never recompiles and never syncs th
   dequantizes a [BLOCK_K, BLOCK_N] tile in registers and accumulates in fp32.
 - CPU: ``csd::qlinear_cpu_native``, a C++ kernel (``csrc/qlinear_cpu.cpp``, built on first use by
   ``native.load()``) that reads the rung's codes straight from the nested planes: up to 16 rows
-  decode each 64-row weight tile once and multiply it by every row (decode and verify); more rows
-  dequantize once and call a dense GEMM. Without a C++ compiler, ``csd::qlinear_cpu`` (PyTorch ops)
+  decode each 64-row weight tile once per four rows, as float lanes, and multiply it by every row
+  (decode and verify); more rows dequantize once and call a dense GEMM. Its inner loops exist for
+  AVX-512, AVX2+FMA (e.g. AMD Zen 3) and plain C++; one portable build picks the best the CPU has
+  at run time (``native.isa()`` names it, ``native.use_isa`` forces one: tests run every path the
+  machine can). At one row and 4 bits it streams the weight at a large fraction of memory
+  bandwidth, faster than a dense bf16 ``F.linear`` (``python -m benchmarks.qlinear_micro``).
+  Without a C++ compiler, ``csd::qlinear_cpu`` (PyTorch ops)
   computes the same values more slowly: bf16 activations with up to 4 rows go through PyTorch's
   int4 CPU kernel on the rung's codes repacked by PyTorch itself (its packed layout depends on the
   instruction set), anything else dequantizes and calls ``F.linear``.

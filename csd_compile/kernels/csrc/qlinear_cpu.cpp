@@ -9,158 +9,406 @@
 // The b-bit code is c = q8 >> (8 - b) and decodes to w = c * S + Z with, per (row, group),
 // S = m * scale and Z = zero + (m - 1) / 2 * scale, m = 2^(8 - b). So per group
 //     sum_k x[k] * w[k] = S * sum_k x[k] * c[k] + Z * sum_k x[k]
-// and the inner loop multiplies activations by raw integer codes: for every k it expands the 64
-// codes of a row block into floats once and feeds every activation row (up to four rows per pass,
-// held in registers). A verify pass (M = K + 1 rows) thus reads the weight from memory once and
-// decodes each 64-row tile once per four rows: the "dequantize a tile, then a small GEMM" shape.
-// Many rows (prefill) dequantize the whole weight once and call a dense GEMM.
+// and the inner loop multiplies activations by raw integer codes, in float (exact: codes are small
+// integers), rows in vector lanes: for every k it expands the codes of a row block into float lanes
+// once and feeds every activation row of the pass (up to four, eight with AVX-512, held in
+// registers), then applies S and Z once per group. A verify pass (M <= 16 rows) thus reads the
+// weight from memory once and decodes each tile once per pass; more rows dequantize the whole
+// weight once and call a GEMM.
+//
+// Instruction sets. The extension is compiled for baseline x86-64 (no -march=native: one build runs
+// on any CPU) and the inner loops exist three times, chosen at run time with __builtin_cpu_supports:
+//   avx512  (AVX-512F/BW/VL + FMA): bytes -> 32-bit lanes with vpmovzxbd; 2/3/4-bit codes become
+//           floats by a 16-entry table lookup (vpermps reads only the low 4 bits of each lane, so
+//           one lookup decodes a nibble without masking), 8-bit codes are merged with one
+//           ternary-logic op and converted. 64 rows x 4 activation rows or 32 x 8: 16 accumulators.
+//   avx2    (AVX2 + FMA, e.g. AMD Zen 3): the same in 8-lane registers; with 16 registers the 64
+//           rows are walked in 8-row chunks, as many per pass as the accumulators allow.
+//   scalar  plain loops (the compiler vectorizes them for the baseline target); the only path on
+//           other CPUs (ARM, ...), where the x86 code is left out (as with -DCSD_NO_X86).
+// Scales and zeros are [N, G] row-major: the kernels gather a block's 64 values of a group (they
+// stay in L1 from one group to the next) and prefetch the next block's, and the code stream is
+// prefetched ahead by hand: at M = 1 the product is a stream of the weight bytes, and without them a
+// cold weight ran at half the speed of a cached one.
+// Work is split over threads in units of (64-row block, range of groups); K is split only when there
+// are few blocks (N = 192 is 3 of them), and those partial sums are added at the end.
+// csd::qlinear_cpu_set_isa forces a path (tests, benchmarks); csd::qlinear_cpu_isa names the active
+// one, csd::qlinear_cpu_supported_isas those this CPU can run.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(CSD_NO_X86)
+#define CSD_X86 1
+#include <immintrin.h>
+#else
+#define CSD_X86 0  // other CPUs (ARM, ...) build the scalar path only
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
+
+#define CSD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#define CSD_TARGET_AVX2 __attribute__((target("avx2,fma")))
 
 namespace {
 
 constexpr int64_t kBlock = 64;
-constexpr int64_t kRowsPerPass = 4;
 // past this many activation rows, dequantizing once and calling a dense GEMM is faster
 constexpr int64_t kMaxBlockedRows = 16;
+// below this much work (weights x rows) a fork/join costs more than it saves
+constexpr int64_t kMinParallelWork = 1 << 15;
+// how far ahead of the inner loop the code bytes are prefetched
+constexpr int64_t kCodesAhead = 2048;
+
+// ---------------------------------------------------------------------------------------------
+// Run-time choice of the instruction set.
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+bool cpu_supports(int isa) {
+#if CSD_X86
+  __builtin_cpu_init();  // cheap; needed if anything runs this before libgcc's constructor
+  switch (isa) {
+    case kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+    case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    default: return true;
+  }
+#else
+  return isa == kScalar;
+#endif
+}
+
+int best_isa() {
+  static const int best = cpu_supports(kAvx512) ? kAvx512 : cpu_supports(kAvx2) ? kAvx2 : kScalar;
+  return best;
+}
+
+std::atomic<int> g_forced_isa{-1};  // -1: the best the CPU has
+
+int active_isa() {
+  const int f = g_forced_isa.load(std::memory_order_relaxed);
+  return f < 0 ? best_isa() : f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// What every kernel reads. res is [M][64] (row block of the output, fp32), accumulated into.
+
+struct Ctx {
+  const float* x;     // [M, K] activations in fp32
+  const float* xsum;  // [M, G] their per-group sums
+  const float* scale; // [N, G]
+  const float* zero;  // [N, G]
+  int64_t M, N, K, G, gs;
+  float mult, half;   // m = 2^(8-b) and (m-1)/2: S = m * scale, Z = zero + half * scale
+};
 
 // The b-bit code from the high nibble h and low nibble l of an 8-bit code (scalar paths).
 inline int rung_code(int h, int l, int bits) { return bits == 8 ? (h << 4) | l : h >> (4 - bits); }
 
-// Per (row, group): the rung decodes code c to c * S + Z (see the top of the file).
-struct RungAffine {
-  float S, Z;
-};
-inline RungAffine rung_affine(float scale, float zero, float mult) {
-  return {mult * scale, zero + 0.5f * (mult - 1.0f) * scale};
-}
-
-// GCC/Clang vector extensions: 16 lanes, lowered to AVX-512, AVX2 pairs or whatever the target has.
-typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-typedef uint8_t vb16 __attribute__((vector_size(16)));
-
-inline vb16 load16(const uint8_t* p) {
-  vb16 v;
-  std::memcpy(&v, p, 16);
-  return v;
-}
-
-inline vf16 to_float(vb16 b) { return __builtin_convertvector(__builtin_convertvector(b, vi16), vf16); }
-
-// The 64 codes of one k in a full row block as four 16-lane float vectors (rows 0-15, 16-31, 32-47, 48-63).
-template <int BITS>
-inline void expand_codes(const uint8_t* hb, const uint8_t* lb, vf16* c) {
-  const vb16 h0 = load16(hb), h1 = load16(hb + 16);
-  if constexpr (BITS == 8) {
-    const vb16 l0 = load16(lb), l1 = load16(lb + 16);
-    c[0] = to_float(((h0 & 15) << 4) | (l0 & 15));
-    c[1] = to_float(((h1 & 15) << 4) | (l1 & 15));
-    c[2] = to_float((h0 & 0xF0) | (l0 >> 4));
-    c[3] = to_float((h1 & 0xF0) | (l1 >> 4));
-  } else {
-    constexpr int shift = 4 - BITS;
-    c[0] = to_float((h0 & 15) >> shift);
-    c[1] = to_float((h1 & 15) >> shift);
-    c[2] = to_float(h0 >> (4 + shift));
-    c[3] = to_float(h1 >> (4 + shift));
-  }
-}
-
-// One full row block (64 rows starting at n0) against MR activation rows.
-template <int BITS, int MR>
-void block_rows(const float* xf, const float* xsum, int64_t K, int64_t G, int64_t gs, const uint8_t* hi,
-                const uint8_t* lo, const float* scale, const float* zero, int64_t n0, float* out, int64_t ldo) {
-  constexpr float mult = static_cast<float>(1 << (8 - BITS));
-  alignas(64) float res[MR][kBlock];
-  std::memset(res, 0, sizeof(res));
-  alignas(64) float S[kBlock], Z[kBlock];
-  for (int64_t g = 0; g < G; ++g) {
-    vf16 acc[MR][4];
-    for (int m = 0; m < MR; ++m)
-      for (int i = 0; i < 4; ++i) acc[m][i] = vf16{};
-    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
-      vf16 c[4];
-      expand_codes<BITS>(hi + k * 32, BITS == 8 ? lo + k * 32 : nullptr, c);
+// Portable path: decode the group's 64 x gs codes one k at a time into floats, FMA per row.
+struct Scalar {
+  static constexpr int kRows = 4;
+  template <int BITS, int MR>
+  static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g, int64_t m0,
+                    float* res) {
+    float acc[MR][kBlock] = {};
+    float w[kBlock];
+    for (int64_t k = g * c.gs; k < (g + 1) * c.gs; ++k) {
+      const uint8_t* h = hb + k * 32;
+      const uint8_t* l = lb + k * 32;
+      for (int j = 0; j < 32; ++j) {
+        w[j] = static_cast<float>(rung_code(h[j] & 15, l[j] & 15, BITS));
+        w[j + 32] = static_cast<float>(rung_code(h[j] >> 4, l[j] >> 4, BITS));
+      }
       for (int m = 0; m < MR; ++m) {
-        const float xv = xf[m * K + k];
-        for (int i = 0; i < 4; ++i) acc[m][i] += xv * c[i];
+        const float xv = c.x[(m0 + m) * c.K + k];
+        for (int j = 0; j < kBlock; ++j) acc[m][j] += xv * w[j];
       }
     }
     for (int j = 0; j < kBlock; ++j) {
-      const RungAffine a = rung_affine(scale[(n0 + j) * G + g], zero[(n0 + j) * G + g], mult);
-      S[j] = a.S;
-      Z[j] = a.Z;
-    }
-    for (int m = 0; m < MR; ++m) {
-      alignas(64) float a[kBlock];
-      std::memcpy(a, acc[m], sizeof(a));
-      const float xs = xsum[m * G + g];
-      for (int j = 0; j < kBlock; ++j) res[m][j] += S[j] * a[j] + Z[j] * xs;
+      const float s = c.scale[(n0 + j) * c.G + g], z = c.zero[(n0 + j) * c.G + g];
+      const float S = c.mult * s, Z = z + c.half * s;
+      for (int m = 0; m < MR; ++m) res[(m0 + m) * kBlock + j] += S * acc[m][j] + Z * c.xsum[(m0 + m) * c.G + g];
     }
   }
-  for (int m = 0; m < MR; ++m) std::memcpy(out + m * ldo + n0, res[m], sizeof(float) * kBlock);
-}
+};
 
+#if CSD_X86
+// AVX-512: 16 bytes of one k (rows r..r+15 in the low nibbles, r+32..r+47 in the high ones) as two
+// float vectors of codes.
 template <int BITS>
-void full_block(const float* xf, const float* xsum, int64_t M, int64_t K, int64_t G, int64_t gs,
-                const uint8_t* hi, const uint8_t* lo, const float* scale, const float* zero, int64_t n0,
-                float* out, int64_t ldo) {
-  for (int64_t m0 = 0; m0 < M; m0 += kRowsPerPass) {
-    const float* x = xf + m0 * K;
-    const float* xs = xsum + m0 * G;
-    float* o = out + m0 * ldo;
-    switch (std::min<int64_t>(kRowsPerPass, M - m0)) {
-      case 1: block_rows<BITS, 1>(x, xs, K, G, gs, hi, lo, scale, zero, n0, o, ldo); break;
-      case 2: block_rows<BITS, 2>(x, xs, K, G, gs, hi, lo, scale, zero, n0, o, ldo); break;
-      case 3: block_rows<BITS, 3>(x, xs, K, G, gs, hi, lo, scale, zero, n0, o, ldo); break;
-      default: block_rows<BITS, 4>(x, xs, K, G, gs, hi, lo, scale, zero, n0, o, ldo); break;
+CSD_TARGET_AVX512 inline void decode16(const uint8_t* h, const uint8_t* l, __m512 lut, __m512& lo, __m512& hi) {
+  const __m512i dh = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  if constexpr (BITS == 8) {
+    const __m512i dl = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(l)));
+    const __m512i f0 = _mm512_set1_epi32(0xF0);
+    // 0xE4: bits of the first operand where the mask (third) is set, of the second elsewhere
+    lo = _mm512_cvtepi32_ps(_mm512_ternarylogic_epi32(_mm512_slli_epi32(dh, 4), dl, f0, 0xE4));
+    hi = _mm512_cvtepi32_ps(_mm512_ternarylogic_epi32(dh, _mm512_srli_epi32(dl, 4), f0, 0xE4));
+  } else {
+    lo = _mm512_permutexvar_ps(dh, lut);  // lut[byte & 15]: the low nibble's code, no mask needed
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(dh, 4), lut);
+  }
+}
+
+struct Avx512 {
+  // 32 zmm registers: up to 4 activation rows take the whole 64-row block per pass (16 accumulators),
+  // 5 to 8 rows half of it (16-row chunks), so a verify pass of up to 8 rows decodes the codes once.
+  static constexpr int kRows = 8;
+  template <int MR>
+  static constexpr int kChunks = MR <= 4 ? 2 : 1;
+
+  template <int BITS, int MR>
+  CSD_TARGET_AVX512 static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
+                                      int64_t m0, float* res) {
+    constexpr int W = kChunks<MR>;
+    // lut[i] = code of nibble i at this width: i >> (4 - b)
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 lut = _mm512_cvtepi32_ps(_mm512_srli_epi32(iota, BITS == 8 ? 0 : 4 - BITS));
+    const __m512i idx = _mm512_mullo_epi32(iota, _mm512_set1_epi32(static_cast<int>(c.G)));
+    const float* x = c.x + m0 * c.K;
+    const int64_t k0 = g * c.gs, k1 = k0 + c.gs, K = c.K;  // locals: GCC reloads members after stores
+    for (int c0 = 0; c0 < 2; c0 += W) {  // chunk c: rows 16c..16c+15 and 32+16c..32+16c+15
+      __m512 acc[MR][W][2];
+      for (int m = 0; m < MR; ++m)
+        for (int i = 0; i < W; ++i) acc[m][i][0] = acc[m][i][1] = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int i = 0; i < W; ++i) {
+          __m512 lo, hi;
+          decode16<BITS>(hb + k * 32 + (c0 + i) * 16, lb + k * 32 + (c0 + i) * 16, lut, lo, hi);
+          for (int m = 0; m < MR; ++m) {
+            const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+            acc[m][i][0] = _mm512_fmadd_ps(xv, lo, acc[m][i][0]);
+            acc[m][i][1] = _mm512_fmadd_ps(xv, hi, acc[m][i][1]);
+          }
+        }
+      }
+      for (int i = 0; i < W; ++i)
+        for (int half = 0; half < 2; ++half) {
+          const int row0 = (c0 + i) * 16 + half * 32;
+          const int64_t at = (n0 + row0) * c.G + g;
+          const __m512 s = _mm512_i32gather_ps(idx, c.scale + at, 4);
+          const __m512 S = _mm512_mul_ps(s, _mm512_set1_ps(c.mult));
+          const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(c.half), _mm512_i32gather_ps(idx, c.zero + at, 4));
+          for (int m = 0; m < MR; ++m) {
+            float* r = res + (m0 + m) * kBlock + row0;
+            const __m512 zx = _mm512_fmadd_ps(Z, _mm512_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm512_loadu_ps(r));
+            _mm512_storeu_ps(r, _mm512_fmadd_ps(S, acc[m][i][half], zx));
+          }
+        }
+    }
+  }
+};
+
+// AVX2: 8 bytes of one k (rows r..r+7 and r+32..r+39) as two float vectors of codes.
+template <int BITS>
+CSD_TARGET_AVX2 inline void decode8(const uint8_t* h, const uint8_t* l, __m256& lo, __m256& hi) {
+  const __m256i dh = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)));
+  if constexpr (BITS == 8) {
+    const __m256i dl = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(l)));
+    const __m256i f0 = _mm256_set1_epi32(0xF0), f = _mm256_set1_epi32(15);
+    lo = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(dh, 4), f0), _mm256_and_si256(dl, f)));
+    hi = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(dh, f0), _mm256_srli_epi32(dl, 4)));
+  } else {
+    constexpr int shift = 4 - BITS;
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(dh, shift), _mm256_set1_epi32(15 >> shift)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(dh, 4 + shift));  // a byte >> 4: no mask needed
+  }
+}
+
+struct Avx2 {
+  // 16 ymm registers: 8-byte chunks (16 rows) per pass such that accumulators stay at <= 8.
+  static constexpr int kRows = 4;
+  template <int MR>
+  static constexpr int kChunks = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+
+  template <int BITS, int MR>
+  CSD_TARGET_AVX2 static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
+                                    int64_t m0, float* res) {
+    constexpr int W = kChunks<MR>;
+    const float* x = c.x + m0 * c.K;
+    const __m256i idx = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm256_set1_epi32(static_cast<int>(c.G)));
+    const int64_t k0 = g * c.gs, k1 = k0 + c.gs, K = c.K;  // locals: GCC reloads members after stores
+    for (int c0 = 0; c0 < 4; c0 += W) {  // chunk c: rows 8c..8c+7 and 32+8c..32+8c+7
+      __m256 acc[MR][W][2];
+      for (int m = 0; m < MR; ++m)
+        for (int i = 0; i < W; ++i) acc[m][i][0] = acc[m][i][1] = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k1; ++k) {
+        __m256 xv[MR];
+        for (int m = 0; m < MR; ++m) xv[m] = _mm256_broadcast_ss(x + m * K + k);
+        for (int i = 0; i < W; ++i) {
+          __m256 lo, hi;
+          decode8<BITS>(hb + k * 32 + (c0 + i) * 8, lb + k * 32 + (c0 + i) * 8, lo, hi);
+          for (int m = 0; m < MR; ++m) {
+            acc[m][i][0] = _mm256_fmadd_ps(xv[m], lo, acc[m][i][0]);
+            acc[m][i][1] = _mm256_fmadd_ps(xv[m], hi, acc[m][i][1]);
+          }
+        }
+      }
+      for (int i = 0; i < W; ++i)
+        for (int half = 0; half < 2; ++half) {
+          const int row0 = (c0 + i) * 8 + half * 32;
+          const int64_t at = (n0 + row0) * c.G + g;
+          const __m256 s = _mm256_i32gather_ps(c.scale + at, idx, 4);
+          const __m256 S = _mm256_mul_ps(s, _mm256_set1_ps(c.mult));
+          const __m256 Z = _mm256_fmadd_ps(s, _mm256_set1_ps(c.half), _mm256_i32gather_ps(c.zero + at, idx, 4));
+          for (int m = 0; m < MR; ++m) {
+            float* r = res + (m0 + m) * kBlock + row0;
+            const __m256 zx = _mm256_fmadd_ps(Z, _mm256_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm256_loadu_ps(r));
+            _mm256_storeu_ps(r, _mm256_fmadd_ps(S, acc[m][i][half], zx));
+          }
+        }
+    }
+  }
+};
+
+#endif  // CSD_X86
+
+// One work unit: row block at n0 (its plane bytes at hb / lb), groups [g0, g1), every activation
+// row, Path::kRows per pass; the group's codes stay in L1 between passes.
+using UnitFn = void (*)(const Ctx&, const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, float*);
+
+// One pass of MR activation rows (MR <= Path::kRows; larger ones are never instantiated).
+template <class Path, int BITS, int MR>
+inline void rows_pass(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g, int64_t m0,
+                      float* res) {
+  if constexpr (MR <= Path::kRows) Path::template group<BITS, MR>(c, hb, lb, n0, g, m0, res);
+}
+
+template <class Path, int BITS>
+void run_unit(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g0, int64_t g1, float* res) {
+  // The next row block's scales and zeros are one contiguous run of 64 * G floats each (4 G cache
+  // lines), but the gathers read them a column at a time: at that block's first group all its lines
+  // would miss at once, which the hardware prefetcher does not foresee (a cold M = 1 product ran at
+  // half the speed of a warm one). Fetch them ahead instead, 4 lines of each per group.
+  const bool ahead = n0 + 2 * kBlock <= c.N;
+  const char* next_s = reinterpret_cast<const char*>(c.scale + (n0 + kBlock) * c.G);
+  const char* next_z = reinterpret_cast<const char*>(c.zero + (n0 + kBlock) * c.G);
+  // The codes are one stream, but the hardware prefetcher stops at every 4 KiB page and restarts
+  // late; keep kCodesAhead bytes in flight by hand (prefetches past the end never fault).
+  const int64_t group_bytes = c.gs * 32;
+  for (int64_t g = g0; g < g1; ++g) {
+    if (ahead)
+      for (int i = 0; i < 4; ++i) {
+        __builtin_prefetch(next_s + (4 * g + i) * 64);
+        __builtin_prefetch(next_z + (4 * g + i) * 64);
+      }
+    for (int64_t off = (g * c.gs * 32) + kCodesAhead; off < (g + 1) * group_bytes + kCodesAhead; off += 64) {
+      __builtin_prefetch(hb + off);
+      if (BITS == 8) __builtin_prefetch(lb + off);
+    }
+    for (int64_t m0 = 0; m0 < c.M; m0 += Path::kRows) {
+      switch (std::min<int64_t>(Path::kRows, c.M - m0)) {
+        case 1: rows_pass<Path, BITS, 1>(c, hb, lb, n0, g, m0, res); break;
+        case 2: rows_pass<Path, BITS, 2>(c, hb, lb, n0, g, m0, res); break;
+        case 3: rows_pass<Path, BITS, 3>(c, hb, lb, n0, g, m0, res); break;
+        case 4: rows_pass<Path, BITS, 4>(c, hb, lb, n0, g, m0, res); break;
+        case 5: rows_pass<Path, BITS, 5>(c, hb, lb, n0, g, m0, res); break;
+        case 6: rows_pass<Path, BITS, 6>(c, hb, lb, n0, g, m0, res); break;
+        case 7: rows_pass<Path, BITS, 7>(c, hb, lb, n0, g, m0, res); break;
+        default: rows_pass<Path, BITS, 8>(c, hb, lb, n0, g, m0, res); break;
+      }
     }
   }
 }
 
-// The b-bit code of row n (tail layout), feature k.
+template <class F>
+auto with_bits(int64_t b, F&& f) {
+  switch (b) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 2>{});
+  }
+}
+
+UnitFn unit_for(int isa, int64_t bits) {
+  return with_bits(bits, [isa](auto B) -> UnitFn {
+#if CSD_X86
+    if (isa == kAvx512) return &run_unit<Avx512, B.value>;
+    if (isa == kAvx2) return &run_unit<Avx2, B.value>;
+#endif
+    return &run_unit<Scalar, B.value>;
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows past the last full block, and the many-rows path: plain loops.
+
+// The b-bit code of tail row i (tail layout), feature k.
 inline int tail_code(const uint8_t* hi_tail, const uint8_t* lo_tail, int64_t nt, int64_t i, int64_t k, int bits) {
   const int64_t byte = k * (nt / 2) + i / 2;
   const int sh = (i & 1) ? 4 : 0;
   return rung_code((hi_tail[byte] >> sh) & 15, (lo_tail[byte] >> sh) & 15, bits);
 }
 
-// Weight [N, K] in float of the b-bit rung.
-void dequant_rows(const uint8_t* q, int64_t N, int64_t K, int64_t G, int64_t gs, const float* scale,
-                  const float* zero, int bits, float* w) {
-  const uint8_t* hi = q;
-  const uint8_t* lo = q + N * K / 2;
-  const int64_t full = N / kBlock * kBlock;
-  const float mult = static_cast<float>(1 << (8 - bits));
-  auto decode = [&](int64_t n, int64_t k, int code) {
-    const RungAffine a = rung_affine(scale[n * G + k / gs], zero[n * G + k / gs], mult);
-    w[n * K + k] = code * a.S + a.Z;
-  };
+// The b-bit rung's weight, transposed: wt [K, N] float. Transposed so that for every k a block's 64
+// rows are 64 contiguous floats: the loops vectorize (the weight is then multiplied as x @ wt).
+template <int BITS>
+void dequant_t(const Ctx& c, const uint8_t* hi, const uint8_t* lo, float* wt) {
+  const int64_t N = c.N, K = c.K, full = N / kBlock * kBlock;
   at::parallel_for(0, full / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    float S[kBlock], Z[kBlock];
     for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t k = 0; k < K; ++k) {
-        const uint8_t* hb = hi + (b * K + k) * 32;
-        const uint8_t* lb = lo + (b * K + k) * 32;
-        for (int j = 0; j < 32; ++j) {
-          decode(b * kBlock + j, k, rung_code(hb[j] & 15, lb[j] & 15, bits));
-          decode(b * kBlock + j + 32, k, rung_code(hb[j] >> 4, lb[j] >> 4, bits));
+      for (int64_t g = 0; g < c.G; ++g) {
+        for (int j = 0; j < kBlock; ++j) {
+          const float s = c.scale[(b * kBlock + j) * c.G + g];
+          S[j] = c.mult * s;
+          Z[j] = c.zero[(b * kBlock + j) * c.G + g] + c.half * s;
+        }
+        for (int64_t k = g * c.gs; k < (g + 1) * c.gs; ++k) {
+          const uint8_t* h = hi + (b * K + k) * 32;
+          const uint8_t* l = lo + (b * K + k) * 32;
+          float* row = wt + k * N + b * kBlock;
+          for (int j = 0; j < 32; ++j) {
+            row[j] = static_cast<float>(rung_code(h[j] & 15, l[j] & 15, BITS)) * S[j] + Z[j];
+            row[j + 32] = static_cast<float>(rung_code(h[j] >> 4, l[j] >> 4, BITS)) * S[j + 32] + Z[j + 32];
+          }
         }
       }
     }
   });
   const int64_t nt = N - full;
   for (int64_t i = 0; i < nt; ++i)
-    for (int64_t k = 0; k < K; ++k)
-      decode(full + i, k, tail_code(hi + full * K / 2, lo + full * K / 2, nt, i, k, bits));
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t n = full + i, g = k / c.gs;
+      const float s = c.scale[n * c.G + g];
+      wt[k * N + n] = tail_code(hi + full * K / 2, lo + full * K / 2, nt, i, k, BITS) * (c.mult * s) +
+                      (c.zero[n * c.G + g] + c.half * s);
+    }
 }
+
+// Tail rows [full, N) into out [M, ldo].
+void tail_rows(const Ctx& c, const uint8_t* ht, const uint8_t* lt, int64_t full, int64_t nt, int bits, float* out,
+               int64_t ldo) {
+  std::vector<float> w(c.K);
+  for (int64_t i = 0; i < nt; ++i) {
+    const int64_t n = full + i;
+    for (int64_t k = 0; k < c.K; ++k) w[k] = static_cast<float>(tail_code(ht, lt, nt, i, k, bits));
+    for (int64_t m = 0; m < c.M; ++m) {
+      float total = 0.f;
+      for (int64_t g = 0; g < c.G; ++g) {
+        float acc = 0.f;
+        for (int64_t k = g * c.gs; k < (g + 1) * c.gs; ++k) acc += c.x[m * c.K + k] * w[k];
+        const float s = c.scale[n * c.G + g];
+        total += c.mult * s * acc + (c.zero[n * c.G + g] + c.half * s) * c.xsum[m * c.G + g];
+      }
+      out[m * ldo + n] = total;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                        const at::Tensor& zero, const at::Tensor& bits) {
@@ -196,19 +444,30 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::T
   out_shape.back() = N;
   if (M == 0) return at::empty(out_shape, x.options());
 
-  if (M > kMaxBlockedRows) {
-    auto w = at::empty({N, K}, scale.options());
-    dequant_rows(q.data_ptr<uint8_t>(), N, K, G, gs, sc.data_ptr<float>(), ze.data_ptr<float>(), b,
-                 w.data_ptr<float>());
-    return at::linear(x2, w.to(x.scalar_type())).reshape(out_shape);
+  const float mult = static_cast<float>(1 << (8 - b));
+  const uint8_t* hi = q.data_ptr<uint8_t>();
+  const uint8_t* lo = hi + N * K / 2;
+  if (M > kMaxBlockedRows) {  // dequantize once (transposed), then a dense GEMM
+    const Ctx wctx{nullptr, nullptr, sc.data_ptr<float>(), ze.data_ptr<float>(), M, N, K, G, gs, mult,
+                   0.5f * (mult - 1.0f)};
+    auto wt = at::empty({K, N}, scale.options());
+    with_bits(b, [&](auto B) { dequant_t<B.value>(wctx, hi, lo, wt.data_ptr<float>()); });
+    return at::linear(x2, wt.to(x.scalar_type()).t()).reshape(out_shape);
   }
+
+  // Split K (at group boundaries) into ks parts when there are few row blocks, so that every thread
+  // gets the same number of units (N = 192 is 3 blocks); the parts' partial sums are added below.
+  const int64_t nblocks = N / kBlock;
+  const int64_t threads = at::get_num_threads();
+  int64_t ks = 1;
+  while (nblocks > 0 && threads > 1 && ks < G && (nblocks * ks) % threads != 0 && nblocks * ks < 8 * threads) ++ks;
 
   // activations in float32 and their per-group sums; raw loops into reused buffers (a handful of
   // ATen calls here would cost as much as the product itself at decode sizes)
   thread_local std::vector<float> xbuf, xsbuf, obuf;
   xbuf.resize(M * K);
   xsbuf.resize(M * G);
-  obuf.resize(M * N);
+  obuf.assign(ks * M * N, 0.f);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(), "qlinear_cpu_in", [&] {
     const scalar_t* src = x2.const_data_ptr<scalar_t>();
     for (int64_t i = 0; i < M * K; ++i) xbuf[i] = static_cast<float>(src[i]);
@@ -218,62 +477,75 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::T
     for (int64_t k = 0; k < gs; ++k) acc += xbuf[i * gs + k];
     xsbuf[i] = acc;
   }
-  const float* xp = xbuf.data();
-  const float* xsp = xsbuf.data();
-  const uint8_t* hi = q.data_ptr<uint8_t>();
-  const uint8_t* lo = hi + N * K / 2;
-  const float* sp = sc.data_ptr<float>();
-  const float* zp = ze.data_ptr<float>();
+  const Ctx ctx{xbuf.data(), xsbuf.data(), sc.data_ptr<float>(), ze.data_ptr<float>(), M, N, K, G, gs,
+                mult, 0.5f * (mult - 1.0f)};
   float* op = obuf.data();
-  const int64_t nblocks = N / kBlock;
+  const UnitFn unit = unit_for(active_isa(), b);
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const uint8_t* hb = hi + blk * K * 32;
-      const uint8_t* lb = lo + blk * K * 32;
-      const int64_t n0 = blk * kBlock;
-      switch (b) {
-        case 8: full_block<8>(xp, xsp, M, K, G, gs, hb, lb, sp, zp, n0, op, N); break;
-        case 4: full_block<4>(xp, xsp, M, K, G, gs, hb, lb, sp, zp, n0, op, N); break;
-        case 3: full_block<3>(xp, xsp, M, K, G, gs, hb, lb, sp, zp, n0, op, N); break;
-        default: full_block<2>(xp, xsp, M, K, G, gs, hb, lb, sp, zp, n0, op, N); break;
-      }
+  const int64_t units = nblocks * ks;
+  const int64_t grain = N * K * M < kMinParallelWork ? std::max<int64_t>(units, 1) : 1;
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    alignas(64) float res[kMaxBlockedRows * kBlock];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t blk = u / ks, part = u % ks;
+      std::memset(res, 0, sizeof(float) * M * kBlock);
+      unit(ctx, hi + blk * K * 32, lo + blk * K * 32, blk * kBlock, G * part / ks, G * (part + 1) / ks, res);
+      for (int64_t m = 0; m < M; ++m)
+        std::memcpy(op + (part * M + m) * N + blk * kBlock, res + m * kBlock, sizeof(float) * kBlock);
     }
   });
+  const int64_t full = nblocks * kBlock;
+  if (N > full) tail_rows(ctx, hi + full * K / 2, lo + full * K / 2, full, N - full, static_cast<int>(b), op, N);
 
-  // rows past the last full block (N % 64 of them): plain loops
-  const int64_t full = nblocks * kBlock, nt = N - full;
-  if (nt) {
-    const uint8_t* ht = hi + full * K / 2;
-    const uint8_t* lt = lo + full * K / 2;
-    const float mult = static_cast<float>(1 << (8 - b));
-    for (int64_t i = 0; i < nt; ++i) {
-      const int64_t n = full + i;
-      for (int64_t m = 0; m < M; ++m) {
-        float total = 0.f;
-        for (int64_t g = 0; g < G; ++g) {
-          float acc = 0.f;
-          for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
-            acc += xp[m * K + k] * tail_code(ht, lt, nt, i, k, static_cast<int>(b));
-          const RungAffine a = rung_affine(sp[n * G + g], zp[n * G + g], mult);
-          total += a.S * acc + a.Z * xsp[m * G + g];
-        }
-        op[m * N + n] = total;
-      }
-    }
-  }
   auto out = at::empty(out_shape, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "qlinear_cpu_out", [&] {
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < M * N; ++i) dst[i] = static_cast<scalar_t>(op[i]);
+    for (int64_t i = 0; i < M * N; ++i) {
+      float v = op[i];
+      for (int64_t p = 1; p < ks; ++p) v += op[p * M * N + i];
+      dst[i] = static_cast<scalar_t>(v);
+    }
   });
   return out;
+}
+
+std::string isa_name() { return kIsaNames[active_isa()]; }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (int i = kScalar; i <= kAvx512; ++i)
+    if (cpu_supports(i)) names.emplace_back(kIsaNames[i]);
+  return names;
+}
+
+// Force a path ("scalar", "avx2", "avx512") or go back to the best the CPU has ("auto"); returns
+// the previous setting, so that a caller can restore it. A path this CPU cannot run is refused (it
+// would die on an illegal instruction).
+std::string set_isa(const std::string& name) {
+  const int before = g_forced_isa.load();
+  const std::string previous = before < 0 ? "auto" : kIsaNames[before];
+  if (name == "auto") {
+    g_forced_isa.store(-1);
+    return previous;
+  }
+  int isa = -1;
+  for (int i = kScalar; i <= kAvx512; ++i)
+    if (name == kIsaNames[i]) isa = i;
+  TORCH_CHECK_VALUE(isa >= 0, "csd::qlinear_cpu_set_isa: unknown instruction set '", name,
+                    "'; choose one of 'auto', 'scalar', 'avx2', 'avx512'");
+  TORCH_CHECK(cpu_supports(isa), "csd::qlinear_cpu_set_isa: this CPU cannot run the '", name, "' path (",
+              isa == kAvx512 ? "it needs AVX-512F/BW/VL and FMA" : "it needs AVX2 and FMA", ")");
+  g_forced_isa.store(isa);
+  return previous;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(csd, m) {
   m.def("qlinear_cpu_native(Tensor x, Tensor qdata, Tensor scale, Tensor zero, Tensor bits) -> Tensor");
+  m.def("qlinear_cpu_isa() -> str", &isa_name);
+  m.def("qlinear_cpu_supported_isas() -> str[]", &supported_isas);
+  m.def("qlinear_cpu_set_isa(str isa) -> str", &set_isa);
 }
 
 TORCH_LIBRARY_IMPL(csd, CPU, m) { m.impl("qlinear_cpu_native", &qlinear_cpu); }

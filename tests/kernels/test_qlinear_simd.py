@@ -1,0 +1,217 @@
+"""The C++ kernel's instruction-set paths (scalar, AVX2+FMA, AVX-512), each forced in turn.
+
+The kernel picks the best path at run time; ``native.use_isa`` forces one so that this machine tests
+every path it can run (an AVX-512 machine runs the AVX2 path that AMD Zen 3 machines use). A path
+the CPU cannot run is checked to be refused, never skipped. What the CPU can run is read here from
+/proc/cpuinfo, independently of the kernel's own detection.
+"""
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from csd_compile.kernels import native
+from csd_compile.kernels.qlinear import qlinear_ref
+
+ISAS = ("scalar", "avx2", "avx512")
+_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "fma"}}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo: cannot tell independently which paths this CPU runs")
+    m = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    if m is None:
+        pytest.skip("/proc/cpuinfo lists no x86 flags (not an x86 CPU)")
+    return set(m.group(1).split())
+
+
+def _runnable() -> list[str]:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return ["scalar"]  # the SIMD paths are x86 code; other CPUs build the scalar one only
+    flags = _cpu_flags()
+    return [isa for isa in ISAS if _NEEDS[isa] <= flags]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    assert native.load(), "the C++ CPU kernels should build on this machine"
+    yield
+    native.set_isa("auto")
+
+
+def _rel_err(y, r):
+    return ((y.float() - r.float()).norm() / r.float().norm()).item()
+
+
+def _tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 6e-3
+
+
+def _random_nested(n, k, group, gen):
+    """Random planes (every byte value, so every 8-bit code), positive scales, signed zeros."""
+    qdata = torch.randint(0, 256, (2, n, k // 2), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
+    zero = torch.randn(n, k // group, generator=gen) * 0.3
+    return qdata, scale, zero
+
+
+def test_supported_paths_match_the_cpu_and_auto_is_the_best():
+    assert native.supported_isas() == _runnable()
+    assert native.set_isa("auto") == native.set_isa("auto") == "auto"
+    assert native.isa() == _runnable()[-1] == str(torch.ops.csd.qlinear_cpu_isa())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_forcing_a_path(isa):
+    before = native.isa()
+    if isa not in _runnable():
+        with pytest.raises(RuntimeError, match=f"cannot run the '{isa}' path"):
+            native.set_isa(isa)
+        assert native.isa() == before
+        return
+    with native.use_isa(isa) as active:
+        assert active == native.isa() == isa
+        with native.use_isa("scalar"):
+            assert native.isa() == "scalar"
+        assert native.isa() == isa
+    assert native.isa() == before
+
+
+def test_unknown_path_name():
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
+        native.set_isa("sse9")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.one_of(st.sampled_from([64, 128, 192, 576]), st.integers(1, 288).map(lambda v: 2 * v)),
+    group=st.sampled_from([32, 64, 128]),
+    k_groups=st.integers(1, 12),
+    m=st.one_of(st.integers(1, 16), st.sampled_from([17, 33])),  # > 16: the dequantize + GEMM path
+    lead=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    threads=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_every_path_matches_reference(isa, n, group, k_groups, m, lead, dtype, bits, threads, seed):
+    if isa not in _runnable():
+        with pytest.raises(RuntimeError, match="cannot run"):
+            native.set_isa(isa)
+        return
+    k = min(group * k_groups, 1536 // group * group)
+    gen = torch.Generator().manual_seed(seed)
+    nw = _random_nested(n, k, group, gen)
+    x = (torch.randn(*((2,) if lead else ()), m, k, generator=gen) + 0.1).to(dtype)
+    b = torch.tensor(bits, dtype=torch.int32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the K split across threads depends on the thread count
+    try:
+        with native.use_isa(isa):
+            y = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
+    finally:
+        torch.set_num_threads(before)
+    r = qlinear_ref(x, *nw, b)
+    assert y.shape == r.shape == (*x.shape[:-1], n) and y.dtype == dtype
+    assert _rel_err(y, r) < _tol(dtype), (isa, n, k, group, m, dtype, bits)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k", [(576, 576), (192, 576), (1536, 576), (576, 1536)])
+def test_embedded_model_shapes(isa, n, k):
+    """The model's linear shapes at decode (M = 1) and verify (M = 5, 16) rows, 4 and 8 bits."""
+    if isa not in _runnable():
+        with pytest.raises(RuntimeError, match="cannot run"):
+            native.set_isa(isa)
+        return
+    gen = torch.Generator().manual_seed(n + k)
+    nw = _random_nested(n, k, 32, gen)
+    with native.use_isa(isa):
+        for m in (1, 5, 16):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                for bits in (4, 8):
+                    b = torch.tensor(bits)
+                    y = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
+                    assert _rel_err(y, qlinear_ref(x, *nw, b)) < _tol(dtype), (m, dtype, bits)
+
+
+def _disassembly() -> str:
+    maps = Path("/proc/self/maps").read_text()
+    libs = {line.split()[-1] for line in maps.splitlines() if "csd_compile_cpu_kernels" in line}
+    assert len(libs) == 1, libs
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump is not installed: cannot inspect the built instructions")
+    return subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", libs.pop()], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_only_the_selected_functions_use_wide_registers():
+    """One build must run on any x86-64 CPU: AVX-512 registers only in the AVX-512 path's functions,
+    256-bit ones only there and in the AVX2 path's (an AVX2-only CPU would die on the rest)."""
+    funcs = re.split(r"\n(?=[0-9a-f]+ <)", _disassembly())
+    seen = {"avx512": 0, "avx2": 0}
+    for f in funcs:
+        head = f.split("\n", 1)[0]
+        wide512 = re.search(r"%zmm|%k[1-7]\b", f) is not None
+        wide256 = "%ymm" in f
+        if "Avx512" in head or "decode16" in head:
+            seen["avx512"] += wide512
+        elif "Avx2" in head or "decode8" in head:
+            seen["avx2"] += wide256
+            assert not wide512, head
+        else:  # everything else, ATen's inline code included, is built for baseline x86-64
+            assert not wide512 and not wide256, head
+    assert seen["avx512"] and seen["avx2"], seen
+
+
+_NO_X86 = r"""
+import sys, torch
+from torch.utils.cpp_extension import load
+from csd_compile.kernels.qlinear import qlinear_ref
+from csd_compile.quant.nested import quantize
+src, build = sys.argv[1], sys.argv[2]
+load(name="csd_scalar_only", sources=[src], extra_cflags=["-O3", "-fopenmp", "-DCSD_NO_X86"],
+     extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=build)
+assert list(torch.ops.csd.qlinear_cpu_supported_isas()) == ["scalar"]
+assert torch.ops.csd.qlinear_cpu_isa() == "scalar"
+try:
+    torch.ops.csd.qlinear_cpu_set_isa("avx2")
+    raise SystemExit("avx2 accepted")
+except RuntimeError as e:
+    assert "cannot run the 'avx2' path" in str(e)
+g = torch.Generator().manual_seed(0)
+nw = quantize(torch.randn(130, 256, generator=g) * 0.1, 64)
+for m in (1, 5, 20):
+    x = torch.randn(m, 256, generator=g)
+    for bits in (2, 3, 4, 8):
+        b = torch.tensor(bits)
+        r = qlinear_ref(x, *nw, b)
+        y = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
+        assert ((y - r).norm() / r.norm()).item() < 1e-5, (m, bits)
+print("ok")
+"""
+
+
+def test_scalar_only_build_for_other_cpus(tmp_path):
+    """On non-x86 CPUs (ARM, ...) the source builds its scalar path only; ``-DCSD_NO_X86`` makes this
+    machine build that variant, which must offer, and compute with, the scalar path alone."""
+    src = Path(native.__file__).with_name("csrc") / "qlinear_cpu.cpp"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    proc = subprocess.run([sys.executable, "-c", _NO_X86, str(src), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
