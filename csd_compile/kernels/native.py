@@ -3,8 +3,8 @@
 ``load()`` builds them once per source version (about 10 s; PyTorch's extension cache under
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions`` keeps the result) and registers their ops
 under ``torch.ops.csd``. Without a working compiler it warns once and returns ``False``; callers
-then use the pure-PyTorch CPU paths, which compute the same values more slowly. Set
-``CSD_COMPILE_NO_NATIVE=1`` to skip the C++ kernels on purpose.
+then use the pure-PyTorch CPU paths, which compute the same values more slowly. :func:`disable`
+(before the first quantized op) skips the C++ kernels on purpose.
 
 The build is for baseline x86-64 (``-O3 -fopenmp``, no ``-march=native``): the kernel's inner loops
 exist for AVX-512, AVX2+FMA and plain C++, each compiled with its own target attribute, and the
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 
-__all__ = ["load", "available", "isa", "set_isa", "use_isa", "supported_isas", "ISAS"]
+__all__ = ["load", "available", "disable", "isa", "set_isa", "use_isa", "supported_isas", "ISAS"]
 
 # the kernel's paths, slowest first ("auto": the best the CPU has)
 ISAS = ("scalar", "avx2", "avx512")
@@ -40,9 +39,17 @@ class NativeBuildWarning(UserWarning):
     """The C++ CPU kernels could not be built; the slower PyTorch paths are used instead."""
 
 
+def disable() -> None:
+    """Use the pure-PyTorch CPU paths in this process even where the C++ kernels could be built.
+    Call it before the first quantized op runs (once they are loaded, ops already use them)."""
+    with _lock:
+        if _state.get("ok"):
+            raise RuntimeError("csd-compile: the C++ CPU kernels are already loaded in this process; "
+                               "call native.disable() before the first quantized op")
+        _state["ok"] = False
+
+
 def _build() -> bool:
-    if os.environ.get("CSD_COMPILE_NO_NATIVE", "") not in ("", "0"):
-        return False
     from torch.utils.cpp_extension import load as load_extension
 
     # no -march=native: the SIMD paths carry their own target attributes and are chosen at run time

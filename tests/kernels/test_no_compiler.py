@@ -42,3 +42,28 @@ def test_missing_compiler_warns_once_and_falls_back_correctly(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "warnings 1" in proc.stdout
+
+
+def test_disable_forces_the_pytorch_path_and_refuses_once_loaded():
+    script = r"""
+import torch
+from csd_compile.kernels import native
+from csd_compile.kernels.qlinear import qlinear_ref
+from csd_compile.quant.nested import quantize
+native.disable()
+nw = quantize(torch.randn(64, 64), 32)
+x = torch.randn(2, 64)
+torch.testing.assert_close(torch.ops.csd.qlinear(x, *nw, torch.tensor(4)), qlinear_ref(x, *nw, torch.tensor(4)),
+                           rtol=1e-5, atol=1e-5)
+assert not native.available() and native.isa() is None
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+    from csd_compile.kernels import native
+
+    assert native.load()
+    import pytest
+
+    with pytest.raises(RuntimeError, match="already loaded"):
+        native.disable()
