@@ -274,4 +274,9 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, cache_dir, verbose: bool):
         shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"loaded {gguf.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if _cache_damage(target) is None:
+        # the first run gets the very model later runs load (same config and parameter objects as
+        # transformers builds them from the directory), so a compile cached now serves them
+        del model
+        return _load_hf_dir(target, dtype)
     return model.to(dtype).eval(), tokenizer
