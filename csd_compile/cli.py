@@ -379,6 +379,17 @@ def cmd_calibrate(args, parser) -> int:
     return 0
 
 
+def _systems_arg(parser, command: str, text: str | None, known) -> list[str] | None:
+    """``--systems a,b`` as a list of known system names (``None``: the command's default)."""
+    if not text:
+        return None
+    systems = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in known]
+    if unknown or not systems:
+        _fail(parser, command, f"unknown system(s) {unknown}; choose from {list(known)}")
+    return systems
+
+
 def cmd_bench(args, parser) -> int:
     from .bench import harness  # importing the package registers the systems
 
@@ -387,12 +398,7 @@ def cmd_bench(args, parser) -> int:
             print(f"{name:24s} {system.description}")
         return 0
     _check_model_arg(parser, "bench", args.model)
-    systems = None
-    if args.systems:
-        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-        unknown = [s for s in systems if s not in harness.SYSTEMS]
-        if unknown or not systems:
-            _fail(parser, "bench", f"unknown system(s) {unknown}; choose from {list(harness.SYSTEMS)}")
+    systems = _systems_arg(parser, "bench", args.systems, harness.SYSTEMS)
     harness.run(
         model_name=args.model,
         num_prompts=args.prompts,
@@ -408,12 +414,7 @@ def cmd_profile(args, parser) -> int:
     from .bench import harness, profile
 
     _check_model_arg(parser, "profile", args.model)
-    systems = None
-    if args.systems:
-        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-        unknown = [s for s in systems if s not in harness.SYSTEMS]
-        if unknown or not systems:
-            _fail(parser, "profile", f"unknown system(s) {unknown}; choose from {list(harness.SYSTEMS)}")
+    systems = _systems_arg(parser, "profile", args.systems, harness.SYSTEMS)
     profile.profile(model_name=args.model, systems=systems, steps=args.steps, out_dir=Path(args.out))
     return 0
 

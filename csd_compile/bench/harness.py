@@ -208,14 +208,19 @@ def run(
         "prompts": [{"source": s, "prompt_tokens": x.shape[1]} for (s, _), x in zip(prompts, inputs)],
         "records": {n: [{k: v for k, v in r.items() if k != "tokens"} for r in recs] for n, recs in records.items()},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-    table = markdown_table(result)
-    (out_dir / "results.md").write_text(table + "\n")
-    plot(result, out_dir / "results.png")
-    print(table)
-    print(f"[bench] wrote {out_dir}/results.json, results.md, results.png", file=sys.stderr)
+    write_report(out_dir, "results", result, markdown_table(result), plot, tag="bench")
     return result
+
+
+def write_report(out_dir: Path, stem: str, result: dict, table: str, plot_fn, *, tag: str) -> None:
+    """``stem.json``, ``stem.md`` (``table``) and ``stem.png`` (``plot_fn(result, path)``) in ``out_dir``;
+    the table goes to stdout too."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out_dir / f"{stem}.md").write_text(table + "\n")
+    plot_fn(result, out_dir / f"{stem}.png")
+    print(table)
+    print(f"[{tag}] wrote {out_dir}/{stem}.json, {stem}.md, {stem}.png", file=sys.stderr)
 
 
 def markdown_table(result: dict) -> str:

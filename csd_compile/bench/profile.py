@@ -33,7 +33,6 @@ forward (draft or verify), not per token. ``ms/token (no profiler)`` is the plai
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -168,7 +167,7 @@ def profile(*, model_name: str, systems: list[str] | None = None, steps: int = 1
     from csd_compile.data import load_prompts
     from csd_compile.models.hf_generate import encode_prompt
 
-    from .harness import SYSTEMS, BenchContext
+    from .harness import SYSTEMS, BenchContext, write_report
 
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an int >= 1")
@@ -188,13 +187,7 @@ def profile(*, model_name: str, systems: list[str] | None = None, steps: int = 1
     result = {"model": model_name, "steps": steps, "prompt_tokens": ids.shape[1], "threads": torch.get_num_threads(),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "buckets": list(BUCKETS),
               "systems": rows, "skipped": skipped}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "profile.json").write_text(json.dumps(result, indent=2))
-    table = markdown_table(result)
-    (out_dir / "profile.md").write_text(table + "\n")
-    plot(result, out_dir / "profile.png")
-    print(table)
-    print(f"[profile] wrote {out_dir}/profile.json, profile.md, profile.png", file=sys.stderr)
+    write_report(out_dir, "profile", result, markdown_table(result), plot, tag="profile")
     return result
 
 
