@@ -16,7 +16,7 @@ Patterns (traced for fp32, bf16 and fp16 logits):
   ``csd.gate`` on a 1-slot empty memory with rescue disabled (identical output, one kernel).
 
 The counting gate (``update=True``) has sequential semantics no vectorised torch expresses, so a
-step that wants counting calls ``torch.ops.csd.gate`` itself (``kernels.gate.make_csd_accept``);
+step that wants counting calls ``torch.ops.csd.gate`` itself (``speculative.csd_accept.make_csd_accept``);
 this pass only fuses what can be written in plain torch. The pattern matcher re-traces every
 match with its real shapes before replacing it, so a graph that differs (other slices, other
 dtypes) is left alone.
