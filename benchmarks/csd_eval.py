@@ -1,9 +1,12 @@
 """CSD evaluation: exact vs csd acceptance with the same draft ("self": the target at low bits) on
 HumanEval prompts.
 
-For each problem both modes generate (order alternating per problem, so tok/s is measured
-interleaved); the csd memory is seeded offline from held-out prompts (``calibration_prompts`` other
-than the evaluated problems, through ``seed_from_prompts``) and then keeps learning online.
+For each problem both modes generate, timed with the bench's one timing definition
+(``csd_compile.bench.timing.measure``: both compiled on a held-out prompt first, then the modes'
+order alternating per problem, wall clock around ``generate`` alone, median tok/s); scoring below
+happens between the timed calls, never inside them (its code is in ``benchmarks/csd_scoring.py``).
+The csd memory is seeded offline from held-out prompts (``calibration_prompts`` other than the
+evaluated problems, through ``seed_from_prompts``) and then keeps learning online.
 Reported per mode: mean accepted length, tokens per step and ms per step after the prefill,
 median tok/s, HumanEval pass@1 (each completion run against its tests in ``benchmarks/sandbox.py``),
 the full-precision target's mean log-likelihood per generated token (teacher-forced on the mode's own
@@ -21,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import string
 import sys
 import time
 from collections import Counter
@@ -31,108 +32,12 @@ from pathlib import Path
 
 import torch
 
+from .csd_scoring import (
+    build_program, divergent_pairs, likelihood_vs_exact, mean_loglik, rescue_cost, teacher_forced, token_category,
+)
 from .sandbox import SandboxUnavailable, isolation_unavailable, run_sandboxed
 
-__all__ = [
-    "build_program", "extract_code", "main", "token_category", "mean_loglik", "divergent_pairs",
-    "rescue_cost", "likelihood_vs_exact", "decode_and_score",
-]
-
-def extract_code(reply: str) -> str:
-    """The code of a chat reply: the first fenced block (```python or ```), else the whole reply.
-
-    An unterminated fence (the reply was cut by ``max_new_tokens``) yields everything after it.
-    """
-    if not isinstance(reply, str):
-        raise TypeError(f"reply must be a str, got {type(reply).__name__}")
-    m = re.search(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", reply, flags=re.S)
-    return m.group(1) if m else reply
-
-
-def build_program(problem: dict, reply: str) -> str:
-    """The test program for ``problem`` (a HumanEval record) and a model ``reply``.
-
-    If the extracted code defines the entry point it follows the problem's prompt (so the prompt's
-    imports are there and the model's definition wins); otherwise it is taken as the body that
-    continues the prompt. Then the problem's ``test`` and ``check(entry_point)``.
-    """
-    missing = {"prompt", "test", "entry_point"} - set(problem)
-    if missing:
-        raise ValueError(f"problem is missing HumanEval fields {sorted(missing)}")
-    code = extract_code(reply)
-    entry = problem["entry_point"]
-    if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, flags=re.M):
-        body = problem["prompt"] + "\n    pass\n\n" + code
-    else:
-        body = problem["prompt"] + code
-    return f"{body}\n\n{problem['test']}\n\ncheck({entry})\n"
-
-
-def token_category(draft_text: str, target_text: str) -> str:
-    """A coarse category of a (emitted, target-argmax) pair of decoded tokens.
-
-    ``whitespace``: they differ only in whitespace; ``formatting``: either holds a newline, backtick,
-    ``#`` or ``*``, or one is pure whitespace; ``punctuation``: both are punctuation (after
-    stripping); ``synonym``: both are (stripped) alphabetic words; ``other`` otherwise (numbers,
-    identifiers, mixed).
-    """
-    a, b = draft_text, target_text
-    sa, sb = a.strip(), b.strip()
-    if sa == sb:
-        return "whitespace"
-    if any(c in s for s in (a, b) for c in "\n`#*") or not sa or not sb:
-        return "formatting"
-    punct = set(string.punctuation)
-    if all(c in punct for c in sa + sb):
-        return "punctuation"
-    if sa.isalpha() and sb.isalpha():
-        return "synonym"
-    return "other"
-
-
-@torch.no_grad()
-def _teacher_forced(model, ids: torch.Tensor, n_prompt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probs of the generated tokens, the model's argmax at those positions and its log-prob
-    (1-D each)."""
-    logits = model(ids).logits[0, n_prompt - 1 : -1].float()
-    gen = ids[0, n_prompt:]
-    logp_all = torch.log_softmax(logits, -1)
-    top_logp, amax = logp_all.max(-1)
-    return logp_all.gather(-1, gen.unsqueeze(-1)).squeeze(-1), amax, top_logp
-
-
-def mean_loglik(logps: list[torch.Tensor]) -> float:
-    """Mean log-likelihood per token over several sequences' per-token log-probs."""
-    total = sum(float(x.sum()) for x in logps)
-    count = sum(x.numel() for x in logps)
-    if count == 0:
-        raise ValueError("no generated tokens to score")
-    return total / count
-
-
-def rescue_cost(top_logp: torch.Tensor, emitted_logp: torch.Tensor) -> float:
-    """Sum over positions of ``log p(argmax) - log p(emitted)`` (``>= 0``; 0 where they agree)."""
-    if top_logp.shape != emitted_logp.shape:
-        raise ValueError(f"shapes differ: {tuple(top_logp.shape)} vs {tuple(emitted_logp.shape)}")
-    return float((top_logp - emitted_logp).clamp(min=0).sum())
-
-
-def likelihood_vs_exact(mode: dict, exact: dict) -> dict:
-    """A mode's mean log-likelihood change and extra rescue cost against exact acceptance's, each as a
-    share of exact's mean log-likelihood per token (from the ``mean_loglik_per_token`` and
-    ``rescue_cost_per_token`` of both)."""
-    scale = abs(exact["mean_loglik_per_token"])
-    return {
-        "loglik_rel_change": (mode["mean_loglik_per_token"] - exact["mean_loglik_per_token"]) / scale,
-        "rescue_cost_rel": (mode["rescue_cost_per_token"] - exact["rescue_cost_per_token"]) / scale,
-    }
-
-
-def divergent_pairs(emitted: torch.Tensor, argmax: torch.Tensor) -> Counter:
-    """``Counter`` of (emitted, argmax) id pairs where they differ."""
-    miss = emitted != argmax
-    return Counter(zip(emitted[miss].tolist(), argmax[miss].tolist()))
-
+__all__ = ["decode_and_score", "decoder", "main"]
 
 def _strip_tail(new: torch.Tensor, eos: set[int]) -> torch.Tensor:
     out = new.tolist()
@@ -154,18 +59,35 @@ def _pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def decode_and_score(model, ref, tok, prompt: torch.Tensor, width: int, max_new_tokens: int, accept, kw: dict):
-    """Decode ``prompt`` (1-D ids, left-padded to ``width``) with ``csd_compile.generate`` and score the
-    new tokens (cut after the first EOS) with the reference model, teacher-forced. Returns
-    ``(new ids, generate's stats, log-probs of the new tokens, ref's argmax there, rescue cost)``."""
+def decoder(model, tok, width: int, max_new_tokens: int, accept, kw: dict):
+    """A bench runner (:mod:`csd_compile.bench.timing`) that decodes a prompt (1-D ids, left-padded to
+    ``width``: one cache bucket, one compile) with ``csd_compile.generate``; it returns ``ids`` (prompt
+    + new tokens) and generate's ``stats``."""
     from csd_compile.speculative import generate
 
-    padded, mask = _left_pad(prompt, width, _pad_id(tok))
-    out, stats = generate(model, padded, attention_mask=mask, max_new_tokens=max_new_tokens, acceptance=accept,
-                          return_stats=True, **kw)
-    new = _strip_tail(out[0, width:].cpu(), {tok.eos_token_id} if tok.eos_token_id is not None else set())
-    logp, amax, top_logp = _teacher_forced(ref, torch.cat([prompt, new]).unsqueeze(0), prompt.numel())
-    return new, stats, logp, amax, rescue_cost(top_logp, logp)
+    def run(prompt: torch.Tensor) -> dict:
+        padded, mask = _left_pad(prompt, width, _pad_id(tok))
+        out, stats = generate(model, padded, attention_mask=mask, max_new_tokens=max_new_tokens, acceptance=accept,
+                              return_stats=True, **kw)
+        return {"ids": torch.cat([prompt, out[0, width:].cpu()]).unsqueeze(0), "stats": stats}
+
+    return run
+
+
+def score(ref, tok, prompt: torch.Tensor, ids: torch.Tensor):
+    """The new tokens of ``ids`` (a decoder's output for ``prompt``) cut after the first EOS, and their
+    teacher-forced scores under ``ref``: ``(new, log-probs, ref's argmax there, rescue cost)``."""
+    new = _strip_tail(ids[0, prompt.numel():], {tok.eos_token_id} if tok.eos_token_id is not None else set())
+    logp, amax, top_logp = teacher_forced(ref, torch.cat([prompt, new]).unsqueeze(0), prompt.numel())
+    return new, logp, amax, rescue_cost(top_logp, logp)
+
+
+def decode_and_score(model, ref, tok, prompt: torch.Tensor, width: int, max_new_tokens: int, accept, kw: dict):
+    """One untimed :func:`decoder` call and :func:`score`: ``(new ids, generate's stats, log-probs of
+    the new tokens, ref's argmax there, rescue cost)``."""
+    out = decoder(model, tok, width, max_new_tokens, accept, kw)(prompt)
+    new, logp, amax, cost = score(ref, tok, prompt, out["ids"])
+    return new, out["stats"], logp, amax, cost
 
 
 def _parse(argv):
@@ -253,9 +175,9 @@ def main(argv=None) -> dict:
     if why is not None and not a.unsafe_exec:  # before any model work
         raise SystemExit(f"csd_eval: {SandboxUnavailable.__name__}: cannot isolate the completions ({why}); "
                          "pass --unsafe-exec to run them with your own rights")
+    from csd_compile.bench.timing import measure
     from csd_compile.data import _code_prompt, _spread, humaneval_problems
     from csd_compile.speculative.csd_accept import make_csd_accept
-    from csd_compile.speculative import generate
     from csd_compile.speculative.drafts import vocab_size
     from csd_compile.speculative.memory import protected_tokens, token_kinds
 
@@ -274,29 +196,32 @@ def main(argv=None) -> dict:
     prompts = [enc(_code_prompt(p))[0] for p in problems]
     width = max(len(p) for p in prompts)  # left-pad every prompt to one length: one cache bucket, one compile
     warm = enc(held[a.seed_prompts])[0][-width:]
-    for mode in ("exact", "csd"):  # compile both steps once (the warm-up also feeds the csd memory)
-        t0 = time.perf_counter()
-        w_ids, w_mask = _left_pad(warm, width, _pad_id(tok))
-        generate(model, w_ids, attention_mask=w_mask, max_new_tokens=a.max_new_tokens, acceptance=accept[mode], **kw)
-        log(f"{mode}: warm-up/compile {time.perf_counter() - t0:.0f}s")
+    runners = {mode: decoder(model, tok, width, a.max_new_tokens, accept[mode], kw) for mode in ("exact", "csd")}
+    rows = {m: [] for m in runners}
 
-    rows = {m: [] for m in ("exact", "csd")}
-    for i, prob in enumerate(problems):
-        for mode in (("exact", "csd") if i % 2 == 0 else ("csd", "exact")):
-            new, st, logp, amax, cost = decode_and_score(model, ref, tok, prompts[i], width, a.max_new_tokens,
-                                                         accept[mode], kw)
-            reply = tok.decode(new, skip_special_tokens=True)
-            res = run_sandboxed(build_program(prob, reply), timeout=a.timeout, unsafe_exec=a.unsafe_exec)
-            rows[mode].append({
-                "task_id": prob["task_id"], "passed": res["passed"], "timeout": res["timeout"],
-                "mean_accepted": st["mean_accepted"], "tok_s": st["tok_per_s"], "new_tokens": int(new.numel()),
-                "steps": st["steps"], "seconds": st["seconds"], "prefill_seconds": st["prefill_seconds"],
-                "logp": logp, "cost": cost, "pairs": divergent_pairs(new, amax),
-                "reply": reply, "stderr": res["stderr"][-200:],
-            })
-        log(f"{i + 1}/{len(problems)} {prob['task_id']}: exact pass={rows['exact'][-1]['passed']} "
-            f"acc={rows['exact'][-1]['mean_accepted']:.2f} | csd pass={rows['csd'][-1]['passed']} "
-            f"acc={rows['csd'][-1]['mean_accepted']:.2f}")
+    def scored(mode: str, rec: dict) -> None:  # after each timed call, outside the timed region
+        i, st = rec["prompt"], rec["output"]["stats"]
+        new, logp, amax, cost = score(ref, tok, prompts[i], rec["output"]["ids"])
+        reply = tok.decode(new, skip_special_tokens=True)
+        res = run_sandboxed(build_program(problems[i], reply), timeout=a.timeout, unsafe_exec=a.unsafe_exec)
+        rows[mode].append({
+            "task_id": problems[i]["task_id"], "passed": res["passed"], "timeout": res["timeout"],
+            "mean_accepted": st["mean_accepted"], "tok_s": rec["tok_s"], "new_tokens": int(new.numel()),
+            "steps": st["steps"], "seconds": rec["seconds"], "generate_seconds": st["seconds"],
+            "prefill_seconds": st["prefill_seconds"],
+            "logp": logp, "cost": cost, "pairs": divergent_pairs(new, amax),
+            "reply": reply, "stderr": res["stderr"][-200:],
+        })
+        if all(len(r) == i + 1 for r in rows.values()):
+            log(f"{i + 1}/{len(problems)} {problems[i]['task_id']}: exact pass={rows['exact'][-1]['passed']} "
+                f"acc={rows['exact'][-1]['mean_accepted']:.2f} | csd pass={rows['csd'][-1]['passed']} "
+                f"acc={rows['csd'][-1]['mean_accepted']:.2f}")
+
+    # the bench's timing: both steps compiled on a held-out prompt first (the warm-up also feeds the csd
+    # memory), then the problems with the modes' order alternating, wall clock around generate alone
+    t0 = time.perf_counter()
+    timings = measure(runners, prompts, warmup_input=warm, progress=None, on_record=scored)
+    log(f"warm-up/compile {timings.warmup_s}; all {time.perf_counter() - t0:.0f}s")
 
     result = _summarise(a, rows, tok, memory, recorded, seeded_frequent)
     (out_dir / "csd_eval.json").write_text(json.dumps(result, indent=2))
@@ -321,11 +246,11 @@ def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
         for (x, t), c in pairs.items():
             cats[token_category(tok.decode([x]), tok.decode([t]))] += c
         n_tok = sum(r["new_tokens"] for r in rs)
-        decode_s = sum(r["seconds"] - r["prefill_seconds"] for r in rs)
+        decode_s = sum(r["generate_seconds"] - r["prefill_seconds"] for r in rs)  # generate's own split
         res["modes"][mode] = {
             "mean_accepted": statistics.mean(r["mean_accepted"] for r in rs),
             "tok_s_median": statistics.median(r["tok_s"] for r in rs),
-            "tok_s_all": n_tok / sum(r["seconds"] for r in rs),  # every call's tokens over every call's seconds
+            "tok_s_all": n_tok / sum(r["seconds"] for r in rs),  # every call's tokens over every call's wall seconds
             "pass_at_1": sum(r["passed"] for r in rs) / len(rs),
             "passed": sum(r["passed"] for r in rs), "problems": len(rs),
             "mean_loglik_per_token": mean_loglik([r["logp"] for r in rs]),
@@ -339,7 +264,8 @@ def _summarise(a, rows, tok, memory, recorded, seeded_frequent) -> dict:
             "diverged_from_fp32_argmax": sum(pairs.values()),
             "diverged_categories": dict(cats), "top_pairs": top,
             "per_problem": [{k: r[k] for k in ("task_id", "passed", "timeout", "mean_accepted", "tok_s", "new_tokens",
-                                                   "steps", "seconds", "prefill_seconds", "reply", "stderr")}
+                                                   "steps", "seconds", "generate_seconds", "prefill_seconds", "reply",
+                                                   "stderr")}
                             for r in rs],
         }
     e, c = res["modes"]["exact"], res["modes"]["csd"]

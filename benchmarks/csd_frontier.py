@@ -41,9 +41,8 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.csd_eval import (
-    _logger, decode_and_score, held_out_prompts, likelihood_vs_exact, mean_loglik, seeded_setup,
-)
+from benchmarks.csd_eval import _logger, decode_and_score, held_out_prompts, seeded_setup
+from benchmarks.csd_scoring import likelihood_vs_exact, mean_loglik
 
 __all__ = ["main", "pick_tau"]
 

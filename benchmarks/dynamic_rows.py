@@ -1,7 +1,7 @@
 """FlexQuant frontier: dynamic precision vs static plans (average bits vs perplexity vs tok/s).
 
-Rows (each ``row(model, tokenizer, prompts, max_new_tokens) -> dict`` with ``tok_s``, ``texts``,
-``ids``, ``avg_bits``, ``ppl``; the model passed in is the unquantized bf16 model, never modified):
+Rows (each gives ``tok_s``, ``texts``, ``ids``, ``avg_bits``, ``ppl``; the model passed in is the
+unquantized bf16 model, never modified):
 
 - ``full``: the bf16 model as is (reference for perplexity and greedy agreement);
 - ``static8`` / ``static4``: every quantized linear at 8 / 4 bits;
@@ -12,7 +12,8 @@ Rows (each ``row(model, tokenizer, prompts, max_new_tokens) -> dict`` with ``tok
 
 Speed: compiled (HF static cache; ``full`` with Inductor bf16, the rest with ``backend="csd"``,
 ``dynamic`` through ``options={"bits": "dynamic"}``) when a table is given, else eager (``--eager``
-forces eager). Quality: perplexity on two slices of the Britannica text scored token by token (the
+forces eager), timed with the bench's one timing definition (``csd_compile.bench.timing``: every row
+warmed up, then interleaved prompt by prompt, median tok/s over prompts). Quality: perplexity on two slices of the Britannica text scored token by token (the
 dynamic plan of each token comes from the previous token's output, as in decoding) and greedy
 agreement with the full model on HumanEval prompts (matching prefix / max_new_tokens), batch 1.
 Run: ``python -m benchmarks.dynamic_rows --table T --avg-bits 6 --out DIR``.
@@ -24,7 +25,6 @@ import argparse
 import copy
 import json
 import random
-import time
 from pathlib import Path
 
 import torch
@@ -37,31 +37,22 @@ from csd_compile.quant.table import PrecisionTable
 __all__ = ["frontier", "make_rows", "perplexity", "plot_frontier", "greedy_agreement"]
 
 
-def _generate(model, tokenizer, prompts, max_new_tokens, compile_options=None, backend=None):
-    """Greedy generate every prompt; tok/s over all of them. With ``backend``, HF's static cache and
-    that backend (``compile_options`` as its options) compile the decode step; a warm-up on the first
-    prompt (compiles included) comes before the timed runs."""
-    kwargs = dict(attention_mask=None, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
+def _runner(model, tokenizer, max_cache_len: int, max_new_tokens: int, compile_options=None, backend=None):
+    """A bench runner (:mod:`csd_compile.bench.timing`): greedy ``model.generate`` of one prompt. With
+    ``backend``, HF's static cache and that backend (``compile_options`` as its options) compile the
+    decode step, as the bench's compiled rows do."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
     if backend is not None:
         from csd_compile.models.hf_generate import compile_config
 
-        longest = max(ids.shape[1] for ids in encoded) + max_new_tokens + 16
-        kwargs |= dict(cache_implementation="static", max_cache_len=256 * -(-longest // 256),
+        kwargs |= dict(cache_implementation="static", max_cache_len=max_cache_len,
                        compile_config=compile_config(compile_options, backend=backend))
-        with torch.no_grad():
-            model.generate(encoded[0], **(kwargs | {"attention_mask": torch.ones_like(encoded[0])}))
-    texts, ids_out, n_tok, elapsed = [], [], 0, 0.0
-    for ids in encoded:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, **(kwargs | {"attention_mask": torch.ones_like(ids)}))
-        elapsed += time.perf_counter() - t0
-        new = out[0, ids.shape[1]:].tolist()
-        n_tok += len(new)
-        ids_out.append(new)
-        texts.append(tokenizer.decode(new, skip_special_tokens=True))
-    return {"tok_s": n_tok / elapsed, "texts": texts, "ids": ids_out}
+
+    def run(ids):
+        return {"ids": model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)}
+
+    return run
 
 
 @torch.no_grad()
@@ -98,23 +89,23 @@ def greedy_agreement(ref_ids: list[list[int]], ids: list[list[int]]) -> float:
 
 
 def _static(plan_fn, backend=None):
-    def row(model, tokenizer, prompts, max_new_tokens):
+    def setup(model, tokenizer, gen):
         m = copy.deepcopy(model)
         quantize_(m, bits=8)
         plan = plan_fn(m)
         set_bits(m, plan)
-        out = _generate(m, tokenizer, prompts, max_new_tokens, backend=backend)
-        out["ppl"] = perplexity(m, tokenizer)
-        out["plan"] = plan if isinstance(plan, int) else list(plan)
-        return out
-    return row
+        return {"runner": gen(m, backend=backend), "ppl": perplexity(m, tokenizer),
+                "plan": plan if isinstance(plan, int) else list(plan)}
+    return setup
 
 
 def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, num_buckets: int | None = None,
               spread: float | None = None,
               table_path: str | None = None):
-    """``{name: row}`` for the frontier at the dynamic policy's budget ``avg_bits`` (without a
-    table: only ``full``, ``static8`` and ``static4``).
+    """``{name: setup}`` for the frontier at the dynamic policy's budget ``avg_bits`` (without a
+    table: only ``full``, ``static8`` and ``static4``). ``setup(model, tokenizer, gen)`` builds the
+    row on a copy of ``model`` and returns its ``runner`` (``gen(model, compile_options=None,
+    backend=None)`` makes one), ``ppl`` and ``avg_bits``; :func:`frontier` times every runner together.
 
     With ``table_path`` (the table's file) speed is measured compiled, HF static cache: ``full``
     with Inductor (bf16), the static plans with ``backend="csd"`` on ``QLinear`` modules, and
@@ -133,33 +124,30 @@ def make_rows(table: PrecisionTable | None, avg_bits: float, *, seed: int = 0, n
                                     table.entropy_quantiles, table.settings)
         rand_plan = plan_for_budget(rand_table, avg_bits)
 
-    def full(model, tokenizer, prompts, max_new_tokens):
-        out = _generate(copy.deepcopy(model) if compiled else model, tokenizer, prompts, max_new_tokens,
-                        backend="inductor" if compiled else None)
-        return out | {"ppl": perplexity(model, tokenizer), "avg_bits": 16.0}
+    def full(model, tokenizer, gen):
+        runner = gen(copy.deepcopy(model) if compiled else model, backend="inductor" if compiled else None)
+        return {"runner": runner, "ppl": perplexity(model, tokenizer), "avg_bits": 16.0}
 
-    def with_avg(row, avg):
+    def with_avg(setup, avg):
         def wrapped(*a):
-            return row(*a) | {"avg_bits": avg}
+            return setup(*a) | {"avg_bits": avg}
         return wrapped
 
-    def dynamic(model, tokenizer, prompts, max_new_tokens):
+    def dynamic(model, tokenizer, gen):
         m = copy.deepcopy(model)
         policy = enable_dynamic_precision(m, table, avg_bits, num_buckets=num_buckets, spread=spread)
         plans = []
         head = m.get_output_embeddings()
         handle = head.register_forward_hook(lambda *_: plans.append(policy.plan.clone()))  # no sync
-        out = _generate(m, tokenizer, prompts, max_new_tokens)
-        used = [avg_of(p.tolist()) for p in plans]
-        if compiled:  # speed from the backend's own dynamic mode; texts and plans from the eager hook
-            options = {"bits": "dynamic", "calibration": table_path, "avg_bits": avg_bits}
-            out["tok_s"] = _generate(copy.deepcopy(model), tokenizer, prompts, max_new_tokens, options, "csd")["tok_s"]
-        plans.clear()
-        out["ppl"] = perplexity(m, tokenizer)
-        used_ppl = [avg_of(p.tolist()) for p in plans]
+        ppl = perplexity(m, tokenizer)  # one plan per scored token
         handle.remove()
-        mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
-        return out | {"avg_bits": mean(used), "avg_bits_ppl": mean(used_ppl)}
+        used = [avg_of(p.tolist()) for p in plans]
+        if compiled:  # timed: the backend's own dynamic mode
+            options = {"bits": "dynamic", "calibration": table_path, "avg_bits": avg_bits}
+            runner = gen(copy.deepcopy(model), options, "csd")
+        else:  # timed: the eager policy (its forward hook)
+            runner = gen(m)
+        return {"runner": runner, "ppl": ppl, "avg_bits": sum(used) / len(used) if used else float("nan")}
 
     backend = "csd" if compiled else None
     rows = {
@@ -181,21 +169,39 @@ _BUDGETED = ("sensitivity", "random", "dynamic")
 
 def frontier(model, tokenizer, table: PrecisionTable | None, prompts: list[str], max_new_tokens: int,
              avg_bits: float, *, rows: list[str] | None = None, previous: list[dict] = (), **kw) -> list[dict]:
-    """Run the rows of :func:`make_rows` (all, or those named in ``rows``) after the ``previous``
-    results; add greedy agreement with the ``full`` row. Rows planned for the budget are named
-    ``row@budget`` (``dynamic@7``), so runs at several budgets merge into one frontier."""
+    """Set up the rows of :func:`make_rows` (all, or those named in ``rows``), time them together with
+    the bench's timing (:func:`csd_compile.bench.timing.measure`: warm-up, interleaved, median tok/s
+    over prompts), append them to the ``previous`` results and add greedy agreement with the ``full``
+    row. Rows planned for the budget are named ``row@budget`` (``dynamic@7``), so runs at several
+    budgets merge into one frontier (speeds from different runs are not comparable: rerun them
+    together to compare)."""
+    from csd_compile.bench.timing import measure
+
     table_rows = make_rows(table, avg_bits, **kw)
     unknown = set(rows or ()) - set(table_rows)
     if unknown:
         raise ValueError(f"unknown rows {sorted(unknown)}; choose from {list(table_rows)}")
-    results = list(previous)
-    for name, row in table_rows.items():
+    encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
+    longest = max(ids.shape[1] for ids in encoded) + max_new_tokens + 16
+    cache_len = 256 * -(-longest // 256)
+
+    def gen(m, compile_options=None, backend=None):
+        return _runner(m, tokenizer, cache_len, max_new_tokens, compile_options, backend)
+
+    built = {}
+    for name, setup in table_rows.items():
         if rows is None or name in rows:
-            r = row(model, tokenizer, prompts, max_new_tokens)
-            if name in _BUDGETED:
-                name = f"{name}@{avg_bits:g}"
-            results.append({"name": name} | r)
-            print(f"{name}: ppl {r['ppl']:.3f} avg_bits {r['avg_bits']:.2f} tok/s {r['tok_s']:.2f}", flush=True)
+            built[f"{name}@{avg_bits:g}" if name in _BUDGETED else name] = setup(model, tokenizer, gen)
+    timings = measure({n: b["runner"] for n, b in built.items()}, encoded, progress="frontier")
+    results = list(previous)
+    for name, b in built.items():
+        recs = timings.records[name]
+        ids = [r["output"]["ids"][0, x.shape[1]:].tolist() for r, x in zip(recs, encoded)]
+        r = {k: v for k, v in b.items() if k != "runner"} | {
+            "tok_s": timings.median_tok_s(name), "ids": ids,
+            "texts": [tokenizer.decode(t, skip_special_tokens=True) for t in ids]}
+        results.append({"name": name} | r)
+        print(f"{name}: ppl {r['ppl']:.3f} avg_bits {r['avg_bits']:.2f} tok/s {r['tok_s']:.2f}", flush=True)
     ref = next((r["ids"] for r in results if r["name"] == "full"), None)
     for r in results:
         r["agreement"] = greedy_agreement(ref, r["ids"]) if ref is not None else float("nan")

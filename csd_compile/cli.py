@@ -39,7 +39,6 @@ def _lambda(text: str) -> float:
 
 
 # acceptance settings are generate's (--acceptance/--tau/--lambda), not backend options
-_ACCEPTANCE_OPTIONS = {"acceptance": "--acceptance", "lambda": "--lambda", "tau": "--tau"}
 
 
 def _draft_tokens(text: str) -> int:
@@ -156,7 +155,7 @@ def _check_model_arg(parser, command: str, model: str) -> None:
 
 
 def cmd_generate(args, parser) -> int:
-    from .config import CSDConfig, OptionError
+    from .config import _MOVED_KEYS, CSDConfig, OptionError
 
     if not args.prompt.strip():
         _fail(parser, "generate", "--prompt is empty")
@@ -173,9 +172,9 @@ def cmd_generate(args, parser) -> int:
         if given:
             _fail(parser, "generate", f"{', '.join(given)}: only with --acceptance csd (got --acceptance {args.acceptance})")
     options = dict(args.option)
-    for key, flag in _ACCEPTANCE_OPTIONS.items():
+    for key in _MOVED_KEYS:  # the backend refuses them too; here each has a flag of the same name
         if key in options:
-            _fail(parser, "generate", f"-o {key}=... is not a backend option of generate; use {flag}")
+            _fail(parser, "generate", f"-o {key}=... is not a backend option of generate; use --{key}")
     try:
         cfg = CSDConfig.from_options(options)
     except OptionError as e:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks.csd_eval import rescue_cost
+from benchmarks.csd_scoring import rescue_cost
 from benchmarks.csd_frontier import _parse, main, pick_tau
 
 

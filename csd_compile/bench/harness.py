@@ -2,9 +2,9 @@
 
 A system is one small function registered with ``@system(name, description)``: it receives the
 :class:`BenchContext` and returns a runner ``run(input_ids [1, S]) -> dict`` whose dict holds at
-least ``ids`` (prompt + new tokens, ``[1, S + n]``) and may add ``mean_accepted`` etc. Timing,
-medians, ratios against plain HF bf16 greedy, quality (agreement with that baseline's tokens),
-JSON, markdown and the PNG chart are done here, once, for all of them.
+least ``ids`` (prompt + new tokens, ``[1, S + n]``) and may add ``mean_accepted`` etc. Timing
+(:mod:`.timing`: warm-up, interleaved runs, medians), ratios against plain HF bf16 greedy, quality
+(agreement with that baseline's tokens), JSON, markdown and the PNG chart are done here, once, for all of them.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from csd_compile.data import load_prompts
 
 from .roofline import Precision, measure_bandwidth, roofline_row
+from .timing import measure, median_tok_s, warm_up
 
 __all__ = ["BASELINE", "SYSTEMS", "BenchContext", "System", "run", "system"]
 
@@ -38,7 +39,7 @@ class System:
     setup: Callable[["BenchContext"], Runner]
     default: bool = True  # part of a plain `csd-compile bench`
     available: Callable[[], str | None] = lambda: None  # returns why it cannot run, or None
-    plain: str | None = None  # a speculative row's own plain decoding: same model and precision
+    plain: str | None = None  # the row's own plain decoding (same model and precision): a lossless row must match it
     precision: Precision | None = None  # what it reads per step (roofline); None: not applicable
 
 
@@ -108,8 +109,6 @@ def run(
     default 8x the last-level cache, see :func:`roofline.measure_bandwidth`) and each row gets its
     memory roofline: bytes per token, the tok/s limit they allow, its fraction of that limit.
     """
-    from tqdm import tqdm
-
     from csd_compile import load_model
     from csd_compile.models.hf_generate import encode_prompt
 
@@ -138,30 +137,24 @@ def run(
     for n in names:
         t0 = time.perf_counter()
         runners[n] = SYSTEMS[n].setup(ctx)
-        if warmup:  # compiles happen here, outside the timed runs
-            with torch.inference_mode():
-                runners[n](inputs[0])
         setup_s[n] = time.perf_counter() - t0
+        if warmup:  # compiles happen here, outside the timed runs (measure's warm-up, one system at a time)
+            setup_s[n] += warm_up({n: runners[n]}, inputs[0])[n]
         print(f"[bench] {n}: ready in {setup_s[n]:.1f}s (setup + warm-up)", file=sys.stderr, flush=True)
 
     bandwidth = measure_bandwidth(bandwidth_bytes)
     print(f"[bench] streaming read: {bandwidth['gb_s']:.1f} GB/s ({bandwidth['bytes'] / 2**20:.0f} MiB, "
           f"{bandwidth['threads']} threads)", file=sys.stderr, flush=True)
 
-    records: dict[str, list[dict]] = {n: [] for n in names}
-    bar = tqdm(total=len(inputs) * len(names), desc="bench", unit="run", file=sys.stderr)
-    for i, ids in enumerate(inputs):
-        order = names[i % len(names):] + names[: i % len(names)]  # rotate: no system always goes first
-        for n in order:
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                res = runners[n](ids)
-                dt = time.perf_counter() - t0
-            new = res["ids"][0, ids.shape[1]:].tolist()
-            extra = {k: v for k, v in res.items() if k != "ids"}
-            records[n].append({"prompt": i, "new_tokens": len(new), "seconds": dt, "tok_s": len(new) / dt, "tokens": new, **extra})
-            bar.update(1)
-    bar.close()
+    timings = measure(runners, inputs, warmup=False, progress="bench")
+    records: dict[str, list[dict]] = {}
+    for n, recs in timings.records.items():
+        records[n] = []
+        for r in recs:
+            out = r["output"]
+            extra = {k: v for k, v in out.items() if k != "ids"}
+            tokens = out["ids"][0, inputs[r["prompt"]].shape[1]:].tolist()
+            records[n].append({k: v for k, v in r.items() if k != "output"} | {"tokens": tokens, **extra})
 
     base = {r["prompt"]: r["tokens"] for r in records[BASELINE]}
     summary = {}
@@ -170,7 +163,7 @@ def run(
         agree = [_common_prefix(r["tokens"], base[r["prompt"]]) / max(1, len(base[r["prompt"]])) for r in recs]
         row = {
             "description": SYSTEMS[n].description,
-            "median_tok_s": statistics.median(r["tok_s"] for r in recs),
+            "median_tok_s": median_tok_s(recs),
             "identical_to_baseline": sum(r["tokens"] == base[r["prompt"]] for r in recs),
             "mean_prefix_agreement": statistics.fmean(agree),
             "setup_s": setup_s[n],

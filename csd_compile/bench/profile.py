@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import timed_call
+
 __all__ = ["BUCKETS", "DEFAULT_SYSTEMS", "bucket_of", "markdown_table", "plot", "profile"]
 
 BUCKETS = ("quantized matmuls", "dense matmuls", "LM head", "attention", "norms/rotary/elementwise", "other")
@@ -109,10 +111,8 @@ def _attribute(prof, vocab: int) -> dict:
 
 
 def _timed(runner, ids) -> tuple[float, int]:
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        res = runner(ids)
-        return time.perf_counter() - t0, res["ids"].shape[1] - ids.shape[1]
+    res, seconds = timed_call(runner, ids)  # the bench's own timed region
+    return seconds, res["ids"].shape[1] - ids.shape[1]
 
 
 def _profile_system(runner, ids, ctx, steps: int, vocab: int, repeats: int = 3) -> dict:

@@ -156,6 +156,29 @@ def csd_int8_ngram(ctx):
                                 compile_options=_LOSSLESS_INT8)
 
 
+@system("csd-int8-self", "csd_compile.generate, the target's own 4-bit rung as draft (K=4), lossless w.r.t. "
+        "csd-int8-fp32 (same model: 8-bit weights and LM head, fp32 activations)", default=False,
+        plain="csd-int8-fp32", precision=Precision(bits=8, quantize_lm_head=True, dtype="fp32", draft="model"))
+def csd_int8_self(ctx):
+    return _csd_generate_runner(ctx.load("fp32"), ctx, draft="self", draft_bits=4, compile_options=_LOSSLESS_INT8)
+
+
+@system("csd-int8-self-csd", "csd-int8-self with CSD acceptance at its defaults (tau 0.3, lambda 6, memory "
+        "learning online from an empty table): lossy; compared with csd-int8-fp32", default=False,
+        plain="csd-int8-fp32", precision=Precision(bits=8, quantize_lm_head=True, dtype="fp32", draft="model"))
+def csd_int8_self_csd(ctx):
+    return _csd_generate_runner(ctx.load("fp32"), ctx, draft="self", draft_bits=4, compile_options=_LOSSLESS_INT8,
+                                acceptance="csd", tokenizer=ctx.tokenizer)
+
+
+@system("csd-self4-csd", "csd-self4 with CSD acceptance at its defaults (tau 0.3, lambda 6, memory learning "
+        "online from an empty table): lossy; compared with csd-self4", default=False, plain="csd-self4",
+        precision=Precision(draft="model"))
+def csd_self4_csd(ctx):
+    return _csd_generate_runner(ctx.load("bf16"), ctx, draft="self", draft_bits=4, acceptance="csd",
+                                tokenizer=ctx.tokenizer)
+
+
 # The embedded GGUF is Q4_1 (blocks of 32, w = d * q + m): at group_size 32 the 4-bit rung's grid
 # (float zero point) is the file's own, so these rows run the file's weights, not an approximation.
 _Q4_1_GRID = {"bits": 4, "group_size": 32}
@@ -191,6 +214,33 @@ def hf_assisted_q4(ctx):
     model = ctx.load("bf16")
     assistant = quantize_(copy.deepcopy(model), bits=4, group_size=64)
     return _hf_runner(model, ctx, assistant_model=assistant)
+
+
+@system("csd-draft-q4", "csd_compile.generate, lossless, a separate draft model: an independent 4-bit copy "
+        "of the target (its own weights and KV cache), K=4, bf16", default=False, precision=Precision(draft="model"))
+def csd_draft_q4(ctx):
+    import copy
+
+    from csd_compile.quant import quantize_
+
+    model = ctx.load("bf16")
+    return _csd_generate_runner(model, ctx, draft=quantize_(copy.deepcopy(model), bits=4, group_size=64))
+
+
+def _eager_rung(bits: int):
+    def setup(ctx):
+        from csd_compile.quant import quantize_, set_bits
+
+        model = quantize_(ctx.load("bf16"), bits=8, group_size=64)  # one stored copy ...
+        set_bits(model, bits)  # ... read at this rung
+        return _hf_runner(model, ctx)
+
+    return setup
+
+
+for _b in (8, 4, 3, 2):  # FlexQuant's rungs without the compiler: QLinear modules, eager HF generate
+    system(f"qlinear-eager-b{_b}", f"HF greedy, bf16, eager, quantize_ (nested g64) read at its {_b}-bit rung",
+           default=False, precision=Precision(bits=_b))(_eager_rung(_b))
 
 
 @system("csd-int8", "HF greedy, static cache, backend='csd' with options bits=8 (weights at 8 bits)",

@@ -50,7 +50,8 @@ class QLinear(nn.Module):
         new.in_features, new.out_features, new.group_size = self.in_features, self.out_features, self.group_size
         for name in ("qdata", "scale", "zero"):
             new.register_buffer(name, getattr(self, name))
-        new.register_buffer("bits", torch.tensor(bits, dtype=torch.int32, device=self.bits.device))
+        with torch.inference_mode(False):  # set_bits may write it later, in or out of inference mode
+            new.register_buffer("bits", torch.tensor(bits, dtype=torch.int32, device=self.bits.device))
         new.register_buffer("fingerprint_minima", self.fingerprint_minima, persistent=False)
         new.bias = bias
         return new

@@ -58,7 +58,9 @@ def quantized_copy(weight: torch.nn.Parameter, group_size: int, bits: int, *, st
         _REGISTRY[weight] = per_group
     entry = per_group.get(group_size)
     if entry is None:
-        with torch.no_grad():
+        # never inference tensors, even when the first user decodes under torch.inference_mode: a
+        # later compile writes the shared ``bits`` while tracing, outside inference mode
+        with torch.no_grad(), torch.inference_mode(False):
             module = QLinear(weight, None, bits=bits, group_size=group_size)
         entry = per_group[group_size] = _Entry(module, bits if static else None)
         entry.in_graph = in_graph

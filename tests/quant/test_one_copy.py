@@ -49,3 +49,29 @@ def test_self_draft_of_a_quantize_d_target_runs_at_the_draft_bits():
         if d.in_features == 64:
             torch.testing.assert_close(d(x), qlinear_ref(x, d.qdata, d.scale, d.zero, torch.tensor(3))
                                        + (0 if d.bias is None else d.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_copy_made_under_inference_mode_serves_a_later_compile():
+    """The bench and users decode under ``torch.inference_mode``. A self draft built there over a
+    target compiled at 8 bits must not leave inference tensors in the shared copy that the compile
+    (which traces outside inference mode) writes to: before, the quantize pass failed, the step fell
+    back to plain Inductor and the "8-bit" target ran unquantized. Now the speculative output is the
+    8-bit model's own greedy decoding."""
+    import warnings
+
+    import csd_compile
+
+    model = make_tiny_llama(seed=8)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    options = {"bits": 8, "group_size": 32, "quantize_lm_head": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", csd_compile.CSDFallbackWarning)
+        with torch.inference_mode():
+            out = csd_compile.generate(model, ids, draft="self", draft_bits=4, max_new_tokens=8, compile_options=options)
+    base = [q for lin in model.modules() if isinstance(lin, torch.nn.Linear) for q in lookup_quantized(lin.weight)]
+    assert len(base) == 15 and all(int(q.bits) == 8 for q in base)  # 14 linears and the LM head
+    reference = quantize_(make_tiny_llama(seed=8), bits=8, group_size=32, quantize_lm_head=True)
+    with torch.no_grad():
+        greedy = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                                    pad_token_id=0)
+    assert out.tolist() == greedy.tolist()
