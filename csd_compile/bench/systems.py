@@ -191,6 +191,19 @@ def csd_q4_g32(ctx):
     return _static_compiled(ctx, "csd", _Q4_1_GRID)
 
 
+@system("csd-q4-g32-loop", "csd-q4-g32's compiled step in our own greedy loop (csd_compile.models.greedy) "
+        "instead of HF generate's", default=False, plain="csd-q4-g32", precision=Precision(bits=4, group_size=32))
+def csd_q4_g32_loop(ctx):
+    from csd_compile.models.greedy import GreedyDecoder
+
+    decoder = GreedyDecoder(ctx.load("bf16"), backend="csd", options=_Q4_1_GRID)
+
+    def run(ids):  # EOS as HF's: the model's generation config
+        return {"ids": decoder(ids, max_new_tokens=ctx.max_new_tokens)}
+
+    return run
+
+
 @system("csd-q4-g32-fp32", "HF greedy, static cache, backend='csd' bits=4 group_size=32, fp32 activations: "
         "the GGUF's own Q4_1 grid, i.e. hf-fp32's weights", default=False, plain="hf-fp32",
         precision=Precision(bits=4, group_size=32, dtype="fp32"))

@@ -1,0 +1,120 @@
+"""Plain greedy decoding with the decode step compiled once: our own loop instead of HF ``generate``.
+
+Around every step, HF's ``generate`` runs a general loop: input preparation, logits processors,
+stopping criteria, model-kwargs updates. At the step times a quantized 135M model reaches on a CPU
+(about 10 ms) that loop is a visible share of the step (the profile's "other" bucket). This loop does
+only what greedy decoding needs: the prompt through the model once (eager, ``logits_to_keep=1``),
+then per token one compiled forward of that token on HF's ``StaticCache``, an argmax and an EOS
+check. The tokens are HF greedy's (``tests/models/test_greedy.py``); the bench compares the two
+loops on the same compiled step (rows ``csd-q4-g32`` and ``csd-q4-g32-loop``) and ``csd-compile
+generate`` uses this one for plain decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GreedyDecoder"]
+
+_CACHE_QUANTUM = 256  # cache lengths are rounded up to this: fewer distinct shapes, fewer recompiles
+
+
+class GreedyDecoder:
+    """Greedy decoding of one sequence at a time with ``model``'s decode step compiled by
+    ``backend`` (``None``: eager). One decoder compiles once per cache length (lengths are rounded
+    up to a multiple of 256) and reuses its cache across calls; make one per model and keep it.
+
+    ``decoder(input_ids [1, S], max_new_tokens=N)`` returns ``[1, S + n]`` (``n <= N``: it stops
+    right after an EOS token). ``streamer``: an HF-style streamer (``put`` with the prompt, then each
+    new token, then ``end``).
+    """
+
+    def __init__(self, model: nn.Module, *, backend: str | None = "csd", options: Mapping[str, Any] | None = None):
+        if not isinstance(model, nn.Module) or not callable(getattr(model, "forward", None)):
+            raise TypeError(f"model must be an nn.Module causal LM, got {type(model).__name__}")
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"options must be a mapping of backend options, got {type(options).__name__}")
+        if options and backend is None:
+            raise ValueError("options are backend options: give a backend, or no options")
+        self.model = model
+        self._step = model.forward if backend is None else torch.compile(
+            model.forward, backend=backend, fullgraph=True, options=dict(options) if options else None)
+        self._caches: dict[int, Any] = {}
+
+    def _cache(self, length: int):
+        from transformers import StaticCache
+
+        size = _CACHE_QUANTUM * math.ceil(length / _CACHE_QUANTUM)
+        cache = self._caches.get(size)
+        if cache is None:
+            cache = self._caches[size] = StaticCache(config=self.model.config, max_cache_len=size)
+        else:
+            cache.reset()
+        return cache
+
+    def _eos(self, eos_token_id) -> set[int]:
+        if eos_token_id is None:
+            cfg = getattr(self.model, "generation_config", None)
+            eos_token_id = getattr(cfg, "eos_token_id", None)
+        if eos_token_id is None:
+            return set()
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+        return set(ids)
+
+    def warm_up(self, input_ids: torch.Tensor, *, max_new_tokens: int, steps: int = 2) -> None:
+        """Compile the step for the cache a call with these arguments uses, decoding only ``steps``
+        tokens (the compile happens on the first)."""
+        self(input_ids, max_new_tokens=max_new_tokens, eos_token_id=[], _stop_after=steps)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                 streamer=None, _stop_after: int | None = None) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+            raise ValueError(f"input_ids must be an int64 tensor [1, S], got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
+        if input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must hold one non-empty sequence [1, S], got shape {tuple(input_ids.shape)}; "
+                             "for batches use csd_compile.generate or model.generate")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        vocab = self.model.config.vocab_size
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got ids from {lo} to {hi}")
+        total = input_ids.shape[1] + max_new_tokens
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(context, int) and total > context:
+            raise ValueError(f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens {max_new_tokens} exceeds the "
+                             f"model's context of {context} tokens")
+        eos = self._eos(eos_token_id)
+        device = next(self.model.parameters()).device
+        ids = input_ids.to(device)
+        cache = self._cache(total)
+        if streamer is not None:
+            streamer.put(ids.cpu())
+        logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        new = [token]
+        position = torch.tensor([[ids.shape[1]]], device=device)
+        while True:
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if len(new) in (max_new_tokens, _stop_after) or int(token) in eos:
+                break
+            logits = self._step(input_ids=token, position_ids=position, cache=cache, use_cache=True,
+                                logits_to_keep=1).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            new.append(token)
+            position += 1
+        if streamer is not None:
+            streamer.end()
+        return torch.cat([ids, *new], dim=1)
