@@ -44,7 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .nested import NestedWeight, pack_codes, quantize
 
 __all__ = [
-    "AutoBitsWarning", "AutoChoice", "DENSE_TYPES", "EXACT_BITS", "GGUFSource", "choose", "grid_from_blocks",
+    "AutoBitsWarning", "AutoChoice", "DENSE_TYPES", "auto_bits", "EXACT_BITS", "GGUFSource", "choose", "grid_from_blocks",
     "register_source", "report", "require_gguf", "source_of", "warn_if_approximated",
 ]
 
@@ -243,3 +243,13 @@ def require_gguf(choices: list[tuple[str, AutoChoice]]) -> None:
                          f"but none of the {len(choices)} weight linears was loaded from one (e.g. {choices[0][0]}); "
                          "load the model with csd_compile.load_model('file.gguf') (or an embedded model), or "
                          "choose bits=4 or 8")
+
+
+def auto_bits(weight: torch.Tensor) -> int | None:
+    """The rung ``bits="auto"`` runs ``weight`` at, from its GGUF type alone (no file read): 4 or 8,
+    or ``None`` when it stays dense (a float type, or not loaded from a GGUF file). For byte
+    counts (the bench's roofline); :func:`choose` makes the copy."""
+    src = source_of(weight)
+    if src is None or src.type in DENSE_TYPES:
+        return None
+    return EXACT_BITS.get(src.type, APPROX_BITS)

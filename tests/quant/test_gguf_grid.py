@@ -53,20 +53,17 @@ def test_compiled_auto_fp32_logits_are_the_file_weights_lm_head_included():
     from csd_compile.quant.linear import quantized_linears
 
     model, tok = load_model(dtype="fp32")
-    ids = encode_prompt(tok, PROMPT, chat=True)
+    ids = encode_prompt(tok, PROMPT, chat=True)[:, -12:]  # one compile; M <= 16: the decode/verify kernel
     with torch.inference_mode():
         eager = model(ids).logits
-        eager_step = model(ids[:, :1]).logits
         compiled = torch.compile(model, backend="csd", options={"bits": "auto"}, fullgraph=True)
         with warnings.catch_warnings():
             warnings.simplefilter("error", CSDFallbackWarning)
             warnings.simplefilter("error", AutoBitsWarning)  # every weight on its own grid: nothing to report
-            step = compiled(ids[:, :1]).logits  # M=1: the decode kernel
-            out = compiled(ids).logits  # M > 16: the prefill path
+            out = compiled(ids).logits
     plan = quantized_linears(model)
     assert len(plan) == 7 * model.config.num_hidden_layers + 1  # the head is quantized too
     assert sorted(int(b) for _, b in plan).count(8) == 1
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied, dense
     tol = 1e-5 * eager.abs().max().item()
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=tol)
-    torch.testing.assert_close(step, eager_step, rtol=1e-5, atol=tol)
