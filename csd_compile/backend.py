@@ -77,6 +77,8 @@ def csd_backend(
                 progress.note(f"{ops} ops, pass {name}")
                 work = fn(work, example_inputs, cfg)
             compiled_gm = work
+        except OptionError as e:  # options this graph cannot honour (bits="auto" on weights not from a GGUF)
+            raise _OptionErrorForDynamo(str(e)) from None
         except Exception as e:  # a pass must never break the user's program
             warnings.warn(
                 f"csd backend: pass {name!r} could not handle this graph ({type(e).__name__}: {e}); "

@@ -17,6 +17,7 @@ __all__ = ["CSDConfig", "OptionError", "SUPPORTED_BITS", "SUPPORTED_GROUP_SIZES"
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+AUTO_GROUP_SIZE = 32  # bits="auto": every GGUF block type holds 32 (or 8 x 32) weights of a row
 
 
 class OptionError(ValueError):
@@ -38,12 +39,17 @@ class CSDConfig:
 
     Attributes:
         bits: weight bit-width of the quantized linears: ``None`` (no quantization, the default),
-            one of ``SUPPORTED_BITS`` for a static width, or ``"dynamic"`` for the entropy-driven
-            per-token policy (needs ``calibration``).
+            one of ``SUPPORTED_BITS`` for a static width, ``"dynamic"`` for the entropy-driven
+            per-token policy (needs ``calibration``), or ``"auto"``: each weight loaded from a GGUF
+            file at the rung and grid that reproduce its GGUF type (``csd_compile.quant.gguf``:
+            Q4_0/Q4_1/Q4_K exactly at 4 bits, Q8_0 at 8, other quantized types at 8 bits, float
+            types left dense); a graph with weight linears none of which came from a GGUF file
+            is an error.
         group_size: quantization group size along the input features, one of
-            ``SUPPORTED_GROUP_SIZES``.
-        quantize_lm_head: also quantize the output projection (off by default: it hurts quality
-            most and is shared with the embedding in many models).
+            ``SUPPORTED_GROUP_SIZES``; default 64, and 32 (the only choice) with ``bits="auto"``.
+        quantize_lm_head: also quantize the output projection. Default: off (it hurts quality
+            most and is shared with the embedding in many models), and with ``bits="auto"`` on
+            when the file stores the head quantized (``False`` keeps it dense then too).
         avg_bits: bit budget of the dynamic policy, between the lowest and highest rung of the
             table (default 6.0, clipped to its ladder).
         calibration: path of the precision-requirement table made by ``csd-compile calibrate``.
@@ -54,8 +60,8 @@ class CSDConfig:
     """
 
     bits: int | str | None = None
-    group_size: int = 64
-    quantize_lm_head: bool = False
+    group_size: int | None = None
+    quantize_lm_head: bool | None = None
     avg_bits: float | None = None
     calibration: str | None = None
     fuse_gating: bool = False
@@ -88,11 +94,18 @@ class CSDConfig:
 
     def __post_init__(self) -> None:
         bits = self.bits
-        if bits is not None and bits != "dynamic":
+        if bits is not None and bits not in ("dynamic", "auto"):
             if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-                raise OptionError(
-                    f"option 'bits'={bits!r} is not supported; use None, 'dynamic' or one of {list(SUPPORTED_BITS)}"
-                )
+                raise OptionError(f"option 'bits'={bits!r} is not supported; use None, 'dynamic', 'auto' or one of "
+                                  f"{list(SUPPORTED_BITS)}")
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", AUTO_GROUP_SIZE if bits == "auto" else 64)
+        elif bits == "auto" and self.group_size != AUTO_GROUP_SIZE:
+            raise OptionError(f"option 'group_size'={self.group_size!r} does not go with bits='auto', which keeps the "
+                              f"GGUF file's blocks of {AUTO_GROUP_SIZE} weights; leave group_size out or set it to "
+                              f"{AUTO_GROUP_SIZE}")
+        if self.quantize_lm_head is None:
+            object.__setattr__(self, "quantize_lm_head", bits == "auto")
         _check_choice("group_size", self.group_size, SUPPORTED_GROUP_SIZES, int)
         _check_type("quantize_lm_head", self.quantize_lm_head, bool)
         if self.avg_bits is not None:

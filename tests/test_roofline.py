@@ -111,3 +111,32 @@ def test_roofline_row_plain_free_draft_and_model_draft():
     model = roofline_row(Precision(draft="model"), config, context_len=8, gb_s=10.0, tok_s=100.0)
     assert model["roofline_tok_s"] is None and "not applicable" in model["roofline_note"]
     assert roofline_row(None, config, context_len=8, gb_s=10.0, tok_s=1.0)["roofline_fraction"] is None
+
+
+def test_auto_counts_each_weight_at_its_gguf_type_head_included(tmp_path):
+    """bits="auto": a Q4 linear at 0.5 byte + 8 per 32, a Q8_0 one (and the tied Q8_0 head) at 1
+    byte + 8 per 32, an approximated type at 8 bits, an F16 one at the dtype."""
+    import pytest
+
+    from csd_compile import load_model
+    from csd_compile.bench.roofline import Precision, nested_format, step_bytes
+    from csd_compile.bench import SYSTEMS
+    from tests.gguf_files import T, write_tiny_llama
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, {"attn_q": T.Q4_0, "attn_k": T.Q4_1, "attn_v": T.Q8_0, "attn_output": T.Q5_0,
+                            "ffn_gate": T.F16, "ffn_up": T.Q4_0, "ffn_down": T.Q4_K, "token_embd": T.Q8_0})
+    model, _ = load_model(path, dtype="bf16", cache_dir=tmp_path / "cache")
+    q4, q8 = nested_format(4, 32), nested_format(8, 32)
+    layer = (q4.nbytes(64, 64) + q4.nbytes(32, 64) + q8.nbytes(32, 64) + q8.nbytes(64, 64)  # q, k, v, o (Q5_0)
+             + 2 * 256 * 64 + q4.nbytes(256, 64) + q4.nbytes(64, 256))  # gate F16 (bf16), up, down
+    parts = step_bytes(model, bits="auto", dtype="bf16")
+    assert parts["linears"] == 2 * layer
+    assert parts["lm_head"] == q8.nbytes(258, 64) == 258 * 64 * 1.25
+    assert Precision(bits="auto").step_bytes(model, 0.0) == parts
+    assert Precision(bits="auto").label(model) == ("auto: nested-int4-g32 x8, nested-int8-g32 x4, bf16 x2 "
+                                                   "(head nested-int8-g32)")
+    with pytest.raises(ValueError, match="pass the loaded model, not its config"):
+        step_bytes(model.config, bits="auto")
+    row = SYSTEMS["csd-auto"]
+    assert row.precision == Precision(bits="auto") and not row.default

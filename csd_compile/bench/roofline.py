@@ -12,6 +12,11 @@ machine allows for that weight format: the roofline. What is counted, per step:
   a linear the quantize pass leaves alone (odd out_features, in_features not a multiple of the
   group) is counted at ``dtype``, as are biases.
 * ``lm_head``: the output projection at ``dtype`` unless ``quantize_lm_head`` (then like a linear).
+* ``bits="auto"`` (a model loaded from a GGUF file; the model itself, not its config): each linear,
+  the LM head included, in the nested format at group 32 at the rung ``bits="auto"`` gives it
+  (:func:`csd_compile.quant.gguf.auto_bits`: a Q4 type at 4 bits, 0.5 byte + 8 per 32; a Q8_0 or
+  approximated type at 8 bits, 1 byte + 8 per 32), a float type or a weight not from the file at
+  ``dtype``. SmolLM2's Q8_0 head is thus 1.25 byte per weight, not bf16's 2.
 * ``kv_cache``: ``layers x 2 x kv_heads x head_dim x context_len x kv dtype bytes``. Assumption:
   attention reads only the filled positions; ``context_len`` is the caller's (the harness uses
   prompt + mean generated position). A static cache that attends over its whole buffer reads more.
@@ -23,6 +28,7 @@ Activations, logits and the rotary tables are not counted (kilobytes against meg
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import statistics
@@ -90,6 +96,21 @@ def _as_model(model_or_config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(model_or_config)
 
 
+def auto_formats(model: torch.nn.Module, dense: WeightFormat, given=None) -> dict[torch.nn.Module, WeightFormat]:
+    """The format of each linear of ``model`` under ``bits="auto"`` (the module doc)."""
+    from csd_compile.config import AUTO_GROUP_SIZE
+    from csd_compile.quant.gguf import auto_bits
+
+    if not isinstance(given, torch.nn.Module):
+        raise ValueError("bits='auto' counts each weight at its GGUF type: pass the loaded model, not its config")
+    out = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            b = auto_bits(module.weight)
+            out[module] = dense if b is None else nested_format(b, AUTO_GROUP_SIZE)
+    return out
+
+
 def _kv_geometry(config) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -100,7 +121,7 @@ def _kv_geometry(config) -> tuple[int, int, int]:
 def step_bytes(
     model_config,
     *,
-    bits: int | None = None,
+    bits: int | str | None = None,
     group_size: int = 64,
     dtype: str = "bf16",
     quantize_lm_head: bool = False,
@@ -114,7 +135,8 @@ def step_bytes(
     Args:
         model_config: a Hugging Face config (the model is built on the meta device for its shapes)
             or the model itself.
-        bits: the nested format's rung for the quantized linears; ``None``: unquantized.
+        bits: the nested format's rung for the quantized linears; ``None``: unquantized;
+            ``"auto"``: each weight's own (see the module doc; ``group_size`` is then 32).
         group_size: the nested format's group size.
         dtype: the dtype of everything unquantized (and of the KV cache unless ``kv_dtype``).
         quantize_lm_head: the LM head is quantized like the other linears.
@@ -128,9 +150,10 @@ def step_bytes(
     if not context_len >= 0:
         raise ValueError(f"context_len={context_len!r} must be a number >= 0")
     dense = dense_format(dtype)
-    quant = weight_format or (nested_format(bits, group_size) if bits is not None else dense)
-    head_fmt = head_format or (quant if quantize_lm_head else dense)
     model = _as_model(model_config)
+    auto = auto_formats(model, dense, model_config) if bits == "auto" and weight_format is None else None
+    quant = weight_format or (nested_format(bits, group_size) if bits not in (None, "auto") else dense)
+    head_fmt = head_format or (quant if quantize_lm_head else dense)
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     counted = {id(p) for p in embed.parameters()}
@@ -140,7 +163,10 @@ def step_bytes(
             continue
         n_out, k_in = module.weight.shape
         bias = module.bias.numel() * dense.bytes_per_weight if module.bias is not None else 0.0
-        if module is head:
+        if auto is not None:  # bits="auto": the LM head too, at its own format
+            part = auto[module].nbytes(n_out, k_in) + bias
+            lm_head, linears = (lm_head + part, linears) if module is head else (lm_head, linears + part)
+        elif module is head:
             lm_head += head_fmt.nbytes(n_out, k_in) + bias
         else:
             fits = quant is not dense and (weight_format is not None or (n_out % 2 == 0 and k_in % group_size == 0))
@@ -179,8 +205,17 @@ class Precision:
             raise ValueError(f"draft={self.draft!r}; choose None, 'free' or 'model'")
         _dtype_bytes(self.dtype)
 
-    def label(self) -> str:
-        """A short name for tables: e.g. ``nested-int4-g64 (head bf16)``."""
+    def label(self, model: torch.nn.Module | None = None) -> str:
+        """A short name for tables: e.g. ``nested-int4-g64 (head bf16)``; with ``bits="auto"`` the
+        formats ``model``'s weights get, e.g. ``auto: nested-int4-g32 x210 (head nested-int8-g32)``."""
+        if self.bits == "auto" and self.weight_format is None:
+            if model is None:
+                return f"auto (head auto), {self.dtype}"
+            fmts = auto_formats(model, dense_format(self.dtype), model)
+            head = model.get_output_embeddings()
+            counts = collections.Counter(f.name for m, f in fmts.items() if m is not head)
+            lin = ", ".join(f"{name} x{n}" for name, n in counts.most_common())
+            return f"auto: {lin} (head {fmts[head].name if head in fmts else self.dtype})"
         lin = self.weight_format or (nested_format(self.bits, self.group_size) if self.bits is not None else None)
         head = self.head_format or (lin if self.quantize_lm_head else None)
         return f"{lin.name if lin else self.dtype} (head {head.name if head else self.dtype})"
@@ -269,7 +304,8 @@ def roofline_row(precision: Precision | None, model_config, *, context_len: floa
     if precision is None:
         return {"roofline_tok_s": None, "roofline_fraction": None, "roofline_note": "no precision declared"}
     parts = precision.step_bytes(model_config, context_len)
-    row = {"weights": precision.label(), "context_len": context_len, "step_bytes": parts}
+    row = {"weights": precision.label(model_config if isinstance(model_config, torch.nn.Module) else None),
+           "context_len": context_len, "step_bytes": parts}
     per_forward = 1.0
     if precision.draft == "model":
         per_forward = None

@@ -217,6 +217,13 @@ def csd_q4_g32_ngram(ctx):
     return _csd_generate_runner(ctx.load("fp32"), ctx, draft="ngram", num_draft_tokens=3, compile_options=_Q4_1_GRID)
 
 
+@system("csd-auto", "HF greedy, static cache, backend='csd' bits='auto', bf16: every weight at its GGUF type's "
+        "own grid (the embedded file: Q4_1 linears at 4 bits, the Q8_0 LM head at 8 bits)", default=False,
+        precision=Precision(bits="auto"))
+def csd_auto(ctx):
+    return _static_compiled(ctx, "csd", {"bits": "auto"})
+
+
 @system("hf-assisted-q4", "HF assisted generation, assistant = the model at 4 bits (csd QLinear), bf16",
         precision=Precision(draft="model"))
 def hf_assisted_q4(ctx):

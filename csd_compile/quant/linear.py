@@ -11,7 +11,7 @@ from torch import nn
 from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..kernels import native as _native
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
-from .nested import check_bits, group_minima, quantize
+from .nested import NestedWeight, check_bits, group_minima, quantize
 from .registry import lookup_quantized
 
 __all__ = ["QLinear", "quantize_", "quantized_linears", "set_bits"]
@@ -20,6 +20,9 @@ __all__ = ["QLinear", "quantize_", "quantized_linears", "set_bits"]
 class QLinear(nn.Module):
     """A linear layer whose weight is stored once in the nested format and run at ``bits``.
 
+    ``nested``: a quantized copy made elsewhere (e.g. a GGUF file's own grid, ``quant.gguf``)
+    instead of quantizing ``weight`` (still read for its shape and fingerprint).
+
     Buffers: ``qdata`` uint8 [2, N, K/2], ``scale``/``zero`` float32 [N, K/g], ``bits`` int32 0-d
     (change it in place, e.g. with :func:`set_bits`; compiled code never recompiles for it), and
     ``fingerprint_minima`` (not saved): :func:`~csd_compile.quant.nested.group_minima` of the
@@ -27,10 +30,14 @@ class QLinear(nn.Module):
     ``bias`` is the original layer's Parameter (shared, not copied).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int, group_size: int = 64):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int, group_size: int = 64,
+                 nested: NestedWeight | None = None):
         super().__init__()
         check_bits(bits)
-        nw = quantize(weight, group_size)
+        nw = quantize(weight, group_size) if nested is None else nested
+        if tuple(nw.qdata.shape) != (2, weight.shape[0], weight.shape[1] // 2):
+            raise ValueError(f"nested weight of shape {tuple(nw.qdata.shape)} does not hold a weight {tuple(weight.shape)}")
+        group_size = nw.group_size
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.group_size = group_size
         self.register_buffer("qdata", nw.qdata)
@@ -98,16 +105,28 @@ def lm_head_of(model: nn.Module) -> nn.Module | None:
     return heads[-1] if heads else None
 
 
-def quantize_(model: nn.Module, bits: int = 4, group_size: int = 64, quantize_lm_head: bool = False) -> nn.Module:
+def quantize_(model: nn.Module, bits: int | str = 4, group_size: int | None = None,
+              quantize_lm_head: bool | None = None) -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` for a :class:`QLinear` in place (torchao style).
 
-    The LM head (see :func:`lm_head_of`) stays full precision unless ``quantize_lm_head``. Layers
-    the format cannot hold (odd out_features, in_features not divisible by ``group_size``) stay
-    full precision, with one warning naming them. Returns ``model``.
+    ``group_size`` defaults to 64. The LM head (see :func:`lm_head_of`) stays full precision
+    unless ``quantize_lm_head``. Layers the format cannot hold (odd out_features, in_features not
+    divisible by ``group_size``) stay full precision, with one warning naming them.
+
+    ``bits="auto"`` (a model loaded from a GGUF file by ``load_model``): each weight at the rung and
+    grid that reproduce its GGUF type (:mod:`csd_compile.quant.gguf`), group 32, the LM head
+    included when the file stores it quantized (unless ``quantize_lm_head=False``; a tied
+    embedding keeps reading the dense table); one :class:`~csd_compile.quant.gguf.AutoBitsWarning`
+    line when a weight was approximated; a ``ValueError`` when no linear came from a GGUF file.
+    Returns ``model``.
     """
+    if bits == "auto":
+        return _quantize_auto(model, group_size, quantize_lm_head)
     check_bits(bits)
+    group_size = 64 if group_size is None else group_size
     if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size={group_size!r} is not supported; choose one of {list(SUPPORTED_GROUP_SIZES)}")
+    quantize_lm_head = False if quantize_lm_head is None else quantize_lm_head
     if not isinstance(quantize_lm_head, bool):
         raise TypeError(f"quantize_lm_head must be a bool, got {type(quantize_lm_head).__name__}")
     head = None if quantize_lm_head else lm_head_of(model)
@@ -124,6 +143,25 @@ def quantize_(model: nn.Module, bits: int = 4, group_size: int = 64, quantize_lm
     if skipped:
         warnings.warn(f"quantize_: left full precision (shape not divisible by group_size={group_size} "
                       f"or odd out_features): {skipped}", stacklevel=2)
+    return model
+
+
+def _quantize_auto(model: nn.Module, group_size, quantize_lm_head) -> nn.Module:
+    from ..config import CSDConfig
+    from . import gguf
+
+    cfg = CSDConfig(bits="auto", group_size=group_size, quantize_lm_head=quantize_lm_head)  # validates both
+    head = None if cfg.quantize_lm_head else lm_head_of(model)
+    todo = [(f"{name + '.' if name else ''}{child_name}", parent, child_name, child)
+            for name, parent in list(model.named_modules()) for child_name, child in list(parent.named_children())
+            if type(child) is nn.Linear and child is not head]
+    choices = [(path, gguf.choose(child.weight)) for path, _, _, child in todo]
+    gguf.require_gguf(choices)
+    for (path, parent, child_name, child), (_, c) in zip(todo, choices):
+        if c.nested is not None:
+            with torch.no_grad():
+                setattr(parent, child_name, QLinear(child.weight, child.bias, bits=c.bits, nested=c.nested))
+    gguf.warn_if_approximated(choices)
     return model
 
 

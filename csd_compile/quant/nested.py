@@ -23,6 +23,10 @@ joined by a larger group, which seldom share one grid) keep the integer zero poi
 model at group size 64 a float zero point everywhere had the smaller squared error but perplexity
 30.1 against 26.7 on Britannica. Every kernel takes the zero as a float.
 
+Codes, steps and zeros need not come from :func:`quantize`: :func:`pack_codes` stores any grid of
+the form ``z + q8 * s``. ``bits="auto"`` (:mod:`csd_compile.quant.gguf`) stores a GGUF file's own
+grids that way: Q8_0 (``d * q``, q in -127..127, all 255 codes) exactly at 8 bits, the Q4 types at 4.
+
 Storage (``NestedWeight``):
     qdata  uint8 [2, N, K/2]: plane 0 holds the high nibbles (the 4-bit codes), plane 1 the low
            nibbles, each packed two per byte (:func:`pack_nibbles`): rows in blocks of 64; inside a
@@ -49,6 +53,7 @@ __all__ = [
     "fake_quantize",
     "group_minima",
     "nested_codes",
+    "pack_codes",
     "pack_nibbles",
     "quantize",
     "rtn_fake_quantize",
@@ -196,9 +201,18 @@ def quantize(weight: torch.Tensor, group_size: int = 64) -> NestedWeight:
     _check_weight(weight, group_size)
     if weight.shape[0] % 2:
         raise ValueError(f"quantize needs an even out_features, got weight shape {tuple(weight.shape)}")
-    q8, scale, lo = _codes8(weight, group_size)
+    return pack_codes(*_codes8(weight, group_size))
+
+
+def pack_codes(q8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> NestedWeight:
+    """A nested weight from its 8-bit codes uint8 [N, K] (N, K even), step and zero float32 [N, K/g]
+    (decoded as ``zero + q8 * scale``), e.g. a grid read from a GGUF file (``quant.gguf``)."""
+    if q8.dtype != torch.uint8 or q8.dim() != 2:
+        raise ValueError(f"q8 must be uint8 [N, K], got {q8.dtype} {_desc(q8)}")
+    if scale.shape != zero.shape or scale.dim() != 2 or scale.shape[0] != q8.shape[0] or q8.shape[1] % scale.shape[1]:
+        raise ValueError(f"scale {_desc(scale)} and zero {_desc(zero)} must be [N, K/g] for q8 {_desc(q8)}")
     qdata = torch.stack([pack_nibbles(q8 >> 4), pack_nibbles(q8 & 15)])
-    return NestedWeight(qdata, scale, lo)
+    return NestedWeight(qdata, scale.float().contiguous(), zero.float().contiguous())
 
 
 def nested_codes(qdata: torch.Tensor, bits: int) -> torch.Tensor:

@@ -9,6 +9,9 @@ copy at its own bit-width. So a model compiled at 4 bits and drafted at 2 holds 
 every graph compiled from the model (prefill, decode, recompiles) shares it and its ``bits``, and
 ``set_bits(model, ...)`` reaches it through ``model.modules()`` (:func:`quantized_linears`).
 
+``bits="auto"`` copies (a GGUF file's own grid, :mod:`csd_compile.quant.gguf`) are kept apart
+from the group-size copies, under the key ``"auto"``.
+
 Entries are keyed weakly by the Parameter: dropping the model frees its quantized copy. The
 bit-width is the model's state: compiling again with other static ``bits`` options sets it (the
 pass warns when earlier graphs share it), like ``set_bits`` does.
@@ -34,12 +37,12 @@ class _Entry:
         self.module, self.requested, self.in_graph = module, requested, False
 
 
-# Parameter -> {group_size: _Entry}
+# Parameter -> {group_size or "auto": _Entry}
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def quantized_copy(weight: torch.nn.Parameter, group_size: int, bits: int, *, static: bool = True,
-                   in_graph: bool = True) -> tuple["QLinear", bool]:
+                   in_graph: bool = True, nested=None) -> tuple["QLinear", bool]:
     """The shared ``QLinear`` (no bias) of ``weight`` at ``group_size``, and whether this call
     changed its bit-width.
 
@@ -49,6 +52,8 @@ def quantized_copy(weight: torch.nn.Parameter, group_size: int, bits: int, *, st
     ``static=False`` (the dynamic policy or a draft's view drives the width) never writes it.
     ``in_graph``: the caller runs the weight at this copy's own ``bits`` (the compile pass); only
     such copies are the model's quantized linears for ``set_bits`` (a draft's views have their own).
+    ``nested``: a ready quantized copy (``bits="auto"``'s :class:`~csd_compile.quant.nested.NestedWeight`),
+    kept under the key ``"auto"`` and used when that key has no copy yet.
     """
     from .linear import QLinear
 
@@ -56,13 +61,14 @@ def quantized_copy(weight: torch.nn.Parameter, group_size: int, bits: int, *, st
     if per_group is None:
         per_group = {}
         _REGISTRY[weight] = per_group
-    entry = per_group.get(group_size)
+    key = group_size if nested is None else "auto"
+    entry = per_group.get(key)
     if entry is None:
         # never inference tensors, even when the first user decodes under torch.inference_mode: a
         # later compile writes the shared ``bits`` while tracing, outside inference mode
         with torch.no_grad(), torch.inference_mode(False):
-            module = QLinear(weight, None, bits=bits, group_size=group_size)
-        entry = per_group[group_size] = _Entry(module, bits if static else None)
+            module = QLinear(weight, None, bits=bits, group_size=group_size, nested=nested)
+        entry = per_group[key] = _Entry(module, bits if static else None)
         entry.in_graph = in_graph
         return module, False
     entry.in_graph |= in_graph

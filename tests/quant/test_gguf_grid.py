@@ -44,3 +44,26 @@ def test_compiled_4bit_group_32_decodes_what_eager_fp32_decodes():
     assert torch.equal(compiled, eager)
     # the user's weights are untouched
     assert [m.weight.detach().double().sum().item() for _, m in _linears(model)] == before
+
+
+def test_compiled_auto_fp32_logits_are_the_file_weights_lm_head_included():
+    """bits="auto": the Q4_1 linears at 4 bits and the Q8_0 head (tied to the embedding) at 8 bits,
+    both on the file's own grids: the same logits as the dequantized weights in eager fp32."""
+    from csd_compile.quant.gguf import AutoBitsWarning
+    from csd_compile.quant.linear import quantized_linears
+
+    model, tok = load_model(dtype="fp32")
+    ids = encode_prompt(tok, PROMPT, chat=True)[:, -12:]  # one compile; M <= 16: the decode/verify kernel
+    with torch.inference_mode():
+        eager = model(ids).logits
+        compiled = torch.compile(model, backend="csd", options={"bits": "auto"}, fullgraph=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CSDFallbackWarning)
+            warnings.simplefilter("error", AutoBitsWarning)  # every weight on its own grid: nothing to report
+            out = compiled(ids).logits
+    plan = quantized_linears(model)
+    assert len(plan) == 7 * model.config.num_hidden_layers + 1  # the head is quantized too
+    assert sorted(int(b) for _, b in plan).count(8) == 1
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied, dense
+    tol = 1e-5 * eager.abs().max().item()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=tol)
