@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .cache import RowCache
-from .drafts import ModelDraft, NgramDraft, NoDraft, check_same_vocab, make_self_draft, vocab_size
+from .drafts import ModelDraft, NgramDraft, NoDraft, make_self_draft, vocab_size
 from .csd_accept import DEFAULT_LAMBDA, DEFAULT_TAU
 from .engine_args import GenerateArgs, parse_args
 from .step import build_step, prefill
@@ -193,8 +193,6 @@ def generate(
         acceptance=acceptance, generation_config=generation_config, kwargs=kwargs, memory=memory, tau=tau, lam=lam,
         tokenizer=tokenizer,
     )
-    if not isinstance(args.draft, str):
-        check_same_vocab(target, args.draft)
     B, S = args.input_ids.shape
     eng = _engine(target, args, B, args.cache_len)
     eng.warm_up()
