@@ -145,7 +145,8 @@ def generate(
             or a list of equal-length id lists.
         draft: ``"self"`` (the target with ``draft_bits``-bit linears via ``csd_compile.quant.QLinear``),
             ``"ngram"`` (prompt lookup on the host; steps with no proposal run a one-token decode
-            graph), or a model sharing the target's vocabulary.
+            graph), or a model sharing the target's vocabulary, dtype and device (another dtype is an
+            error naming both; convert a copy: ``copy.deepcopy(draft).to(dtype)``).
         num_draft_tokens: ``K``, drafts per step (1..64); default 4 for model drafts, 3 for n-grams (a verify
             pass over K + 1 positions is paid whenever a proposal exists; 3 measured best on CPU).
         temperature: 0 = greedy (output identical to the target's greedy decoding); > 0 = lossless
