@@ -441,12 +441,20 @@ def cmd_bench(args, parser) -> int:
     _check_model_arg(parser, "bench", args.model)
     systems = _systems_arg(parser, "bench", args.systems, harness.SYSTEMS)
     _check_out_folder(parser, "bench", args.out)
-    _check_length(parser, "bench", args.model, "--max-new-tokens", args.max_new_tokens)
-    from .data import load_prompts
+    if args.bandwidth_mib is not None:
+        from .bench.roofline import check_bandwidth_bytes
 
-    available = len(load_prompts(args.prompts))
-    if available < args.prompts:
-        _fail(parser, "bench", f"--prompts {args.prompts}: only {available} benchmark prompts ship")
+        try:
+            check_bandwidth_bytes(args.bandwidth_mib << 20)
+        except ValueError as e:
+            _fail(parser, "bench", f"--bandwidth-mib {args.bandwidth_mib}: {e}")
+    _check_length(parser, "bench", args.model, "--max-new-tokens", args.max_new_tokens)
+    from .data import humaneval_problems, mtbench_questions
+
+    # half MT-Bench (rounded up), half HumanEval: the most prompts served in full
+    limit = min(2 * len(mtbench_questions()), 2 * len(humaneval_problems()) + 1)
+    if args.prompts > limit:
+        _fail(parser, "bench", f"--prompts {args.prompts}: at most {limit} (half MT-Bench, half HumanEval questions)")
     harness.run(
         model_name=args.model,
         num_prompts=args.prompts,
