@@ -174,7 +174,6 @@ def _check_out_folder(parser, command: str, out: str) -> None:
 
 def cmd_generate(args, parser) -> int:
     from .config import CSDConfig, OptionError
-
     from .models.hf_generate import check_utf8
 
     if not args.prompt.strip():

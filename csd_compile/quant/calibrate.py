@@ -56,21 +56,23 @@ def calibration_text(name: str = "britannica") -> str:
     return "\n".join(keep).strip()
 
 
-MAX_TEXT_BYTES = 64 << 20
+_MAX_TEXT_BYTES = 64 << 20
 
 
 def _read_text_file(path: Path) -> str:
     """The contents of a calibration text file, refused unless it is UTF-8 text with words in it."""
     size = path.stat().st_size
-    if size > MAX_TEXT_BYTES:
-        raise ValueError(f"calibration text {str(path)!r} has {size} bytes, more than {MAX_TEXT_BYTES >> 20} MiB; "
+    if size > _MAX_TEXT_BYTES:
+        raise ValueError(f"calibration text {str(path)!r} has {size} bytes, more than {_MAX_TEXT_BYTES >> 20} MiB; "
                          "a few hundred KiB of text is plenty")
     raw = path.read_bytes()
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark is not text
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"calibration text {str(path)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                         f"{e.start}); give a UTF-8 text file") from None
+        at = bom + e.start
+        raise ValueError(f"calibration text {str(path)!r} is not UTF-8 text (byte 0x{raw[at]:02x} at offset "
+                         f"{at}); give a UTF-8 text file") from None
     control = sum(1 for c in text if ord(c) < 32 and c not in "\t\n\r\f\v")
     if control > len(text) // 100:
         raise ValueError(f"calibration text {str(path)!r} looks binary ({control} control characters in {len(text)}); "
