@@ -152,7 +152,7 @@ def generate(
         temperature: 0 = greedy (output identical to the target's greedy decoding); > 0 = lossless
             speculative sampling from ``softmax(logits / temperature)`` restricted to ``top_p``.
         top_p: nucleus mass in (0, 1].
-        eos_token_id: stop token(s); a row ends right after it. Default: the model's.
+        eos_token_id: stop token(s), inside the vocabulary; a row ends right after it. Default: the model's.
         streamer: an HF streamer (``put`` / ``end``), batch 1 only; standalone calls only (HF's
             ``generate`` keeps its streamer for itself).
         return_stats: also return a dict ``mean_accepted``, ``tokens_per_target_forward``, ``steps``,
@@ -163,6 +163,7 @@ def generate(
         max_cache_len: the static cache length: every call with the same value (and draft, ``K``, batch
             size) reuses one compiled step. Default: the need rounded up to a multiple of 256, at most
             ``config.max_position_embeddings``, so prompts of other lengths may compile another step.
+            A cache larger than the device's memory is refused before it is allocated.
         compile_backend: ``torch.compile`` backend of the step (``None`` runs it eagerly).
         compile_options: ``options=`` of that ``torch.compile``.
         acceptance: ``"exact"`` (lossless, the default) or ``"csd"`` (Calibrated Speculative Decoding:
