@@ -136,9 +136,13 @@ def check_draft(target: nn.Module, draft: nn.Module, cache_len: int) -> None:
     ids, the same parameter dtype and device, and a context that covers the cache."""
     draft = getattr(draft, "_orig_mod", draft)
     check_same_vocab(target, draft)
-    pt, pd = next(target.parameters()), next(draft.parameters(), None)
-    if pd is None:
-        raise ValueError("the draft model has no parameters")
+    def first_float(model):  # quantized layers may hold integer codes; activations run in the float dtype
+        return next((p for p in model.parameters() if p.is_floating_point()), None)
+
+    pt, pd = first_float(target), first_float(draft)
+    if pd is None or pt is None:
+        raise ValueError("the draft model has no floating-point parameters" if pd is None
+                         else "the target model has no floating-point parameters")
     if pd.dtype != pt.dtype:
         raise ValueError(f"the draft model's dtype {pd.dtype} differs from the target's {pt.dtype}; convert a copy "
                          f"of the draft first, e.g. draft = copy.deepcopy(draft).to({pt.dtype})")
