@@ -316,7 +316,8 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, cache_dir, verbose: bool):
             quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError, __import__("struct").error) as e:
+    except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError, OverflowError, MemoryError,
+            struct.error) as e:  # a damaged header: sizes and counts that overflow or exhaust memory
         raise ValueError(f"{gguf} could not be read as a model ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                          "a damaged file, or an architecture or tensor type transformers' GGUF reader does not "
                          "support") from None

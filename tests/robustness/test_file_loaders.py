@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from csd_compile import CorrectionMemory, MemoryFileError, load_model
@@ -40,6 +40,7 @@ def test_random_bytes_as_a_correction_memory(tmp_path, blob):
 
 @_SETTINGS
 @given(blob=st.binary(max_size=256), magic=st.booleans())
+@example(blob=bytes(15) + b"\x01" + bytes(7) + b"\x80", magic=True)  # a count past ssize_t (OverflowError)
 def test_random_bytes_as_a_gguf_model(tmp_path, blob, magic):
     path = tmp_path / "model.gguf"
     path.write_bytes((b"GGUF\x03\x00\x00\x00" if magic else b"") + blob)
