@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="offline calibration: FlexQuant sensitivity table, or the CSD correction memory")
     cal.add_argument("--model", default=DEFAULT_MODEL)
-    cal.add_argument("--data", default="britannica", help="calibration text: 'britannica' (shipped) or a text file path")
+    cal.add_argument("--data", default=None,
+                     help="calibration text: 'britannica' (shipped, the default) or a UTF-8 text file path")
     cal.add_argument("--out", required=True, help="output file (precision table JSON, or memory file with --ocm)")
     cal.add_argument("--ocm", action="store_true", help="seed the Online Correction Memory from shipped prompts instead")
     cal.add_argument("--prompts", type=_positive_int, default=64, help="with --ocm: prompts to seed from (default 64)")
@@ -154,12 +155,37 @@ def _check_model_arg(parser, command: str, model: str) -> None:
         _fail(parser, command, f"--model {model!r} is neither an embedded model {sorted(EMBEDDED_MODELS)} nor an existing path")
 
 
+def _check_length(parser, command: str, model: str, flag: str, value: int) -> None:
+    """``flag`` counts tokens the model's context must hold besides the prompt; refuse a value past the
+    context before loading (read from the model's files; unknown: the later checks still hold)."""
+    from .models.loader import context_length
+
+    context = context_length(model)
+    if context is not None and value >= context:
+        _fail(parser, command, f"{flag} {value} does not fit the model's context of {context} tokens "
+                               "(the prompt takes some of it too)")
+
+
+def _check_out_folder(parser, command: str, out: str) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        _fail(parser, command, f"--out {out!r} is a file; it must be a folder (or a new name)")
+
+
 def cmd_generate(args, parser) -> int:
     from .config import _MOVED_KEYS, CSDConfig, OptionError
+    from .models.hf_generate import check_utf8
 
     if not args.prompt.strip():
         _fail(parser, "generate", "--prompt is empty")
+    try:
+        check_utf8(args.prompt, "--prompt")
+    except ValueError as e:
+        _fail(parser, "generate", str(e))
     _check_model_arg(parser, "generate", args.model)
+    _check_length(parser, "generate", args.model, "--max-new-tokens", args.max_new_tokens)
+    if args.no_compile and args.option:
+        _fail(parser, "generate", "-o options configure backend='csd'; they do nothing with --no-compile "
+                                  "(drop one or the other)")
     if args.acceptance == "csd" and args.draft == "none":
         _fail(parser, "generate", "--acceptance csd needs a draft: use --draft self or --draft ngram")
     if args.memory is not None and not Path(args.memory).is_file():
@@ -222,7 +248,7 @@ def cmd_generate(args, parser) -> int:
         try:
             table.check_model(model)
         except ValueError as e:
-            _fail(parser, "generate", str(e))
+            _fail(parser, "generate", f"-o calibration={cfg.calibration}: {e}")
     context = getattr(model.config, "max_position_embeddings", None)
     if isinstance(context, int) and input_ids.shape[1] + args.max_new_tokens > context:
         _fail(parser, "generate", f"the prompt ({input_ids.shape[1]} tokens) + --max-new-tokens {args.max_new_tokens} "
@@ -326,15 +352,25 @@ def cmd_calibrate(args, parser) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         _fail(parser, "calibrate", f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    if out.is_dir():
+        _fail(parser, "calibrate", f"--out {args.out!r} is a folder; give a file name")
+    if args.ocm and args.data is not None:
+        _fail(parser, "calibrate", "--data: only without --ocm (the memory is seeded from shipped prompts)")
     if not args.ocm:
-        from .quant.calibrate import TEXTS
+        from .quant.calibrate import TEXTS, calibration_text
 
-        if args.data not in TEXTS and not Path(args.data).is_file():
-            _fail(parser, "calibrate", f"--data {args.data!r} is neither a text file nor one of {list(TEXTS)}")
+        data = args.data or "britannica"
+        if data not in TEXTS and not Path(data).is_file():
+            _fail(parser, "calibrate", f"--data {data!r} is neither a text file nor one of {list(TEXTS)}")
+        if data not in TEXTS:
+            try:  # binary or empty content: refused before the model loads
+                calibration_text(data)
+            except (ValueError, OSError) as e:
+                _fail(parser, "calibrate", f"--data: {e}")
         from .quant.calibrate import calibrate_main
 
         try:
-            table = calibrate_main(args.model, data=args.data, out=out, dtype=args.dtype or "fp32")
+            table = calibrate_main(args.model, data=data, out=out, dtype=args.dtype or "fp32")
         except ValueError as e:
             _fail(parser, "calibrate", str(e))
         print(f"[csd-compile] wrote the precision-requirement table ({len(table.names)} layers) to {out}", file=sys.stderr)
@@ -347,8 +383,12 @@ def cmd_calibrate(args, parser) -> int:
     from .models.hf_generate import encode_prompt
     from .speculative.memory import CorrectionMemory, seed_from_prompts, tokenizer_fingerprint
 
+    _check_length(parser, "calibrate", args.model, "--max-new-tokens", args.max_new_tokens)
+    texts = calibration_prompts(args.prompts)
+    if len(texts) < args.prompts:
+        _fail(parser, "calibrate", f"--prompts {args.prompts}: only {len(texts)} held-out calibration prompts ship")
     model, tokenizer = load_model(args.model, dtype=args.dtype or "bf16", verbose=True)
-    prompts = [encode_prompt(tokenizer, p, chat=True)[0] for p in calibration_prompts(args.prompts)]
+    prompts = [encode_prompt(tokenizer, p, chat=True)[0] for p in texts]
     memory = CorrectionMemory(fingerprint=tokenizer_fingerprint(tokenizer))
     with torch.inference_mode():
         recorded = seed_from_prompts(memory, model, tokenizer, prompts, draft="self", draft_bits=args.draft_bits,
@@ -379,6 +419,21 @@ def cmd_bench(args, parser) -> int:
         return 0
     _check_model_arg(parser, "bench", args.model)
     systems = _systems_arg(parser, "bench", args.systems, harness.SYSTEMS)
+    _check_out_folder(parser, "bench", args.out)
+    if args.bandwidth_mib is not None:
+        from .bench.roofline import check_bandwidth_bytes
+
+        try:
+            check_bandwidth_bytes(args.bandwidth_mib << 20)
+        except ValueError as e:
+            _fail(parser, "bench", f"--bandwidth-mib {args.bandwidth_mib}: {e}")
+    _check_length(parser, "bench", args.model, "--max-new-tokens", args.max_new_tokens)
+    from .data import humaneval_problems, mtbench_questions
+
+    # half MT-Bench (rounded up), half HumanEval: the most prompts served in full
+    limit = min(2 * len(mtbench_questions()), 2 * len(humaneval_problems()) + 1)
+    if args.prompts > limit:
+        _fail(parser, "bench", f"--prompts {args.prompts}: at most {limit} (half MT-Bench, half HumanEval questions)")
     harness.run(
         model_name=args.model,
         num_prompts=args.prompts,
@@ -395,6 +450,8 @@ def cmd_profile(args, parser) -> int:
 
     _check_model_arg(parser, "profile", args.model)
     systems = _systems_arg(parser, "profile", args.systems, harness.SYSTEMS)
+    _check_out_folder(parser, "profile", args.out)
+    _check_length(parser, "profile", args.model, "--steps", args.steps)
     profile.profile(model_name=args.model, systems=systems, steps=args.steps, out_dir=Path(args.out))
     return 0
 

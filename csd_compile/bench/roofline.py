@@ -257,6 +257,18 @@ def default_bandwidth_bytes() -> int:
     return min(size, avail // 4) if avail else size
 
 
+def check_bandwidth_bytes(nbytes: int) -> int:
+    """``nbytes`` if a measurement of that size fits: an int >= 4096, at most half the available memory
+    (a larger one would push the machine into swap or the OOM killer); else ``ValueError``."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 4096:
+        raise ValueError(f"nbytes={nbytes!r} must be an int >= 4096")
+    avail = _available_memory()
+    if avail and nbytes > avail // 2:
+        raise ValueError(f"a bandwidth measurement of {nbytes >> 20} MiB is more than half the available memory "
+                         f"({avail >> 20} MiB)")
+    return nbytes
+
+
 def measure_bandwidth(nbytes: int | None = None, *, repeats: int = 5, threads: int | None = None) -> dict:
     """Streaming-read bandwidth: the median time of ``sum()`` over a float32 tensor of ``nbytes``.
 
@@ -265,9 +277,7 @@ def measure_bandwidth(nbytes: int | None = None, *, repeats: int = 5, threads: i
     "repeats", "llc_bytes"}``: the median and the fastest repeat in 1e9 bytes per second (on a
     shared machine the two part when others load the memory).
     """
-    nbytes = default_bandwidth_bytes() if nbytes is None else nbytes
-    if not isinstance(nbytes, int) or nbytes < 4096:
-        raise ValueError(f"nbytes={nbytes!r} must be an int >= 4096")
+    nbytes = default_bandwidth_bytes() if nbytes is None else check_bandwidth_bytes(nbytes)
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats={repeats!r} must be an int >= 1")
     before = torch.get_num_threads()

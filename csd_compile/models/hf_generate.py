@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHAT_TEMPLATES", "TextPrinter", "compile_config", "encode_prompt", "resolve_chat_template"]
+__all__ = ["CHAT_TEMPLATES", "TextPrinter", "check_utf8", "compile_config", "encode_prompt", "resolve_chat_template"]
 
 # Named templates for checkpoints that ship none (many GGUF files): Jinja, as transformers renders them.
 CHAT_TEMPLATES = {
@@ -53,6 +53,18 @@ def compile_config(options: Mapping[str, Any] | None = None, backend: str = "csd
     return cc
 
 
+def check_utf8(text: str, what: str) -> None:
+    """Raise ``ValueError`` when ``text`` holds characters that are not UTF-8 text: the lone
+    surrogates Python makes of undecodable bytes (a command-line argument in another encoding)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        raise ValueError(f"{what} is not valid UTF-8 text ({byte} at character {e.start}); "
+                         "pass it UTF-8 encoded") from None
+
+
 def encode_prompt(tokenizer, prompt: str, *, chat: bool, allow_special_tokens: bool = False) -> torch.Tensor:
     """Token ids ``[1, S]`` of ``prompt``, wrapped in the tokenizer's chat template when ``chat``.
 
@@ -63,6 +75,7 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool, allow_special_tokens: b
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    check_utf8(prompt, "prompt")
     if not chat:
         enc = tokenizer(prompt, return_tensors="pt", split_special_tokens=not allow_special_tokens)
         return enc["input_ids"]

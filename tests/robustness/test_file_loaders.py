@@ -1,15 +1,20 @@
 """Every file loader turns damaged input into its own clear error: random bytes (hypothesis) and
-structurally valid files with impossible values."""
+structurally valid files with impossible values. The loaders: precision tables, correction memories,
+GGUF models (and the context read from their metadata before loading), calibration texts, chat
+templates."""
 
 import json
 import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from csd_compile import CorrectionMemory, MemoryFileError, load_model
+from csd_compile.models.hf_generate import resolve_chat_template
+from csd_compile.models.loader import context_length
+from csd_compile.quant.calibrate import calibration_text
 from csd_compile.quant.table import PrecisionTable, TableError
 
 _SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -35,11 +40,49 @@ def test_random_bytes_as_a_correction_memory(tmp_path, blob):
 
 @_SETTINGS
 @given(blob=st.binary(max_size=256), magic=st.booleans())
+@example(blob=bytes(15) + b"\x01" + bytes(7) + b"\x80", magic=True)  # a count past ssize_t (OverflowError)
 def test_random_bytes_as_a_gguf_model(tmp_path, blob, magic):
     path = tmp_path / "model.gguf"
     path.write_bytes((b"GGUF\x03\x00\x00\x00" if magic else b"") + blob)
     with pytest.raises(ValueError, match="model.gguf"):
         load_model(path, cache_dir=tmp_path / "cache")
+
+
+@_SETTINGS
+@given(blob=st.binary(max_size=512))
+def test_random_bytes_as_a_calibration_text(tmp_path, blob):
+    path = tmp_path / "text.txt"
+    path.write_bytes(blob)
+    try:
+        text = calibration_text(str(path))
+    except ValueError as e:
+        assert "text.txt" in str(e)
+    else:  # accepted only as the UTF-8 text it is, with words in it
+        assert text == blob.decode("utf-8-sig") and any(c.isalnum() for c in text)
+
+
+@_SETTINGS
+@given(blob=st.binary(max_size=512))
+def test_random_bytes_as_a_chat_template(tmp_path, blob):
+    path = tmp_path / "template.jinja"
+    path.write_bytes(blob)
+    try:
+        text = resolve_chat_template(str(path))
+    except ValueError as e:
+        assert "template.jinja" in str(e)
+    else:
+        assert text == blob.decode("utf-8") and ("{{" in text or "{%" in text)
+
+
+@_SETTINGS
+@given(blob=st.binary(max_size=256), magic=st.booleans(), count=st.integers(0, 2**64 - 1))
+def test_random_bytes_as_gguf_metadata(tmp_path, blob, magic, count):
+    """The context read before loading never raises and never reads past the file: a positive int or None."""
+    path = tmp_path / "model.gguf"
+    head = b"GGUF\x03\x00\x00\x00" + (1).to_bytes(8, "little") + count.to_bytes(8, "little") if magic else b""
+    path.write_bytes(head + blob)
+    value = context_length(path)
+    assert value is None or (isinstance(value, int) and value > 0)
 
 
 def _table_doc():
@@ -90,3 +133,35 @@ def test_memory_file_with_impossible_values(tmp_path, edit, phrase):
     torch.save(blob, tmp_path / "bad.ocm")
     with pytest.raises(MemoryFileError, match=phrase):
         CorrectionMemory.load(tmp_path / "bad.ocm", fingerprint="f" * 64)
+
+
+def _gguf_metadata(context: int) -> bytes:
+    """A GGUF v3 header with strings, an array of strings, a u32 array and the context length."""
+    def s(text):
+        raw = text.encode()
+        return len(raw).to_bytes(8, "little") + raw
+
+    def kv(key, kind, payload):
+        return s(key) + kind.to_bytes(4, "little") + payload
+
+    items = [
+        kv("general.architecture", 8, s("llama")),
+        kv("tokenizer.ggml.tokens", 9, (8).to_bytes(4, "little") + (3).to_bytes(8, "little") + s("a") + s("bc") + s("")),
+        kv("llama.block_count", 4, (30).to_bytes(4, "little")),
+        kv("tokenizer.ggml.scores", 9, (6).to_bytes(4, "little") + (2).to_bytes(8, "little") + bytes(8)),
+        kv("llama.context_length", 4, context.to_bytes(4, "little")),
+    ]
+    return b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + len(items).to_bytes(8, "little") + b"".join(items)
+
+
+@pytest.mark.parametrize("context", [2048, 8192, 131072])
+def test_gguf_context_is_read_and_a_cut_header_never_misreads(tmp_path, context):
+    blob = _gguf_metadata(context)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(blob)
+    assert context_length(path) == context
+    for cut in range(len(blob)):  # cut anywhere: the true value (when read before the cut) or None
+        path.write_bytes(blob[:cut])
+        assert context_length(path) in (None, context), cut
+    path.write_bytes(blob[:-4] + (0).to_bytes(4, "little"))  # a context of 0 is no context
+    assert context_length(path) is None
