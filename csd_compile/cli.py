@@ -178,7 +178,7 @@ def cmd_generate(args, parser) -> int:
     if int(os.environ["RANK"]) == 0:
         return _cmd_generate(args, parser)
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-        return _cmd_generate(args, parser)
+        return _cmd_generate(args, parser)  # other ranks: silent (main() still reports an unexpected error)
 
 
 def _shard_for_tp(args, parser, model, cfg):
@@ -201,6 +201,8 @@ def _shard_for_tp(args, parser, model, cfg):
         _fail(parser, "generate", f"--tp: {e}")
     info = init(args.tp_backend)
     print(f"[csd-compile] tensor parallel: {info.world} ranks ({info.backend})", file=sys.stderr, flush=True)
+    if info.backend == "nccl":  # one device per rank
+        model = model.to(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     return shard_model(model, info)
 
 
@@ -280,6 +282,7 @@ def _cmd_generate(args, parser) -> int:
 
     if args.tp:
         model = _shard_for_tp(args, parser, model, cfg)
+        input_ids = input_ids.to(next(model.parameters()).device)
     if args.draft != "none":
         return _generate_speculative(args, parser, model, tokenizer, input_ids, options)
 

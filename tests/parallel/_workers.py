@@ -56,7 +56,8 @@ def _memory_state(memory) -> list:
 
 def decode_matrix(rank: int, overrides: dict, full_matrix: bool) -> dict:
     """Greedy tokens of one process (the full model, eager) and of this rank's shard (compiled),
-    for plain decoding, bits 4 and 8, and the speculative engine; graphs compiled per phase."""
+    for plain decoding, bits 4 and 8, and the speculative engine; graphs compiled per phase.
+    Without ``full_matrix``: plain decoding and the self draft, both eager."""
     import csd_compile
     from csd_compile import parallel
     from csd_compile.quant import quantize_, set_bits
@@ -78,14 +79,17 @@ def decode_matrix(rank: int, overrides: dict, full_matrix: bool) -> dict:
             if expect_same is not None:
                 res[f"{name}_ref"] = expect_same
 
+        if not full_matrix:  # eager only: the split itself, without paying for compiles
+            phase("plain", lambda: _hf_greedy(sharded, ids), ref)
+            phase("self", lambda: csd_compile.generate(sharded, ids, draft="self", max_new_tokens=NEW, eos_token_id=[],
+                                                       compile_backend=None)[0, ids.shape[1]:].tolist(), ref)
+            return res
         phase("plain", lambda: _compiled_greedy(sharded, ids, None), ref)
         before = _graphs()
         res["plain_again"] = _compiled_greedy(sharded, ids, None)
         res["graphs"]["plain_again"] = _graphs() - before
         phase("self", lambda: csd_compile.generate(sharded, ids, draft="self", max_new_tokens=NEW, eos_token_id=[])
               [0, ids.shape[1]:].tolist(), ref)
-        if not full_matrix:
-            return res
         phase("ngram", lambda: csd_compile.generate(sharded, ids, draft="ngram", max_new_tokens=NEW, eos_token_id=[])
               [0, ids.shape[1]:].tolist(), ref)
 

@@ -13,16 +13,16 @@ ARGS = ["generate", "--prompt", "The three primary colours are", "--max-new-toke
         "-o", "bits=4"]
 
 
-def _run(launcher: list[str], threads: int) -> subprocess.CompletedProcess:
+def _run(launcher: list[str], threads: int, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
-    return subprocess.run([sys.executable, *launcher, "-m", "csd_compile", *ARGS], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, *launcher, "-m", "csd_compile", *ARGS, *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
 def test_torchrun_tp2_prints_the_single_process_text():
     torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
-    tp = _run(torchrun, threads=1)  # one core per rank
-    one = _run([], threads=2)
+    tp = _run(torchrun, 1, "--tp")  # one core per rank
+    one = _run([], 2)
     assert one.returncode == 0, one.stderr[-2000:]
     assert tp.returncode == 0, tp.stderr[-3000:]
     assert one.stdout.strip() and tp.stdout == one.stdout  # the text, printed once (rank 0)

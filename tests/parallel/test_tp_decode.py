@@ -1,6 +1,7 @@
 """Tensor parallel over 2 gloo ranks on CPU: greedy tokens identical to one process (fp32), for plain
 decoding, bits 4 and 8, and the speculative engine (n-gram, self and CSD); one graph per phase per
-rank, 0 recompiles; CSD's correction memory the same on every rank and in one process."""
+rank, 0 recompiles; CSD's correction memory the same on every rank and in one process. The uneven
+split runs everything compiled; the even one checks plain decoding and the self draft eagerly."""
 
 import pytest
 
@@ -11,15 +12,16 @@ from tests.parallel._workers import decode_matrix
 def _check_rank(res: dict, phases: list[str]) -> None:
     for name in phases:
         assert res[name] == res[f"{name}_ref"], name
+    if "ngram" not in phases:
+        return
     assert res["graphs"]["plain"] == 1  # HF's decode step
     assert res["graphs"]["plain_again"] == 0  # a second generation: no recompile
     assert res["plain_again"] == res["plain"]
     assert res["graphs"]["self"] == 1  # the draft-verify step
-    if "ngram" in phases:
-        assert res["graphs"]["ngram"] == 2  # the verify step and the no-proposal decode step
-        assert res["graphs"]["bits4"] == 1
-        assert res["graphs"]["bits8"] == 0  # bits switched on every rank at run time
-        assert res["graphs"]["csd"] == 1
+    assert res["graphs"]["ngram"] == 2  # the verify step and the no-proposal decode step
+    assert res["graphs"]["bits4"] == 1
+    assert res["graphs"]["bits8"] == 0  # bits switched on every rank at run time
+    assert res["graphs"]["csd"] == 1
 
 
 @pytest.mark.parametrize(
@@ -27,7 +29,7 @@ def _check_rank(res: dict, phases: list[str]) -> None:
     [
         # uneven: 3 KV heads over 2 ranks -> 2 + 1 (4 + 2 query heads of 32 dims)
         (dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=3, head_dim=32), [2, 1], True),
-        (dict(num_attention_heads=4, num_key_value_heads=2), [1, 1], False),  # even
+        (dict(num_attention_heads=4, num_key_value_heads=2), [1, 1], False),  # even, eager
     ],
     ids=["uneven-6q-3kv", "even-4q-2kv"],
 )
