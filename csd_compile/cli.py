@@ -195,8 +195,6 @@ def _shard_for_tp(args, parser, model, cfg):
                              "whole model's weights); use bits=2|3|4|8")
         if cfg.bits is not None:
             check_group_size(model.config, world, cfg.group_size)
-        if args.draft == "self":
-            check_group_size(model.config, world, 64)  # the self draft's group size
     except ValueError as e:
         _fail(parser, "generate", f"--tp: {e}")
     info = init(args.tp_backend)
