@@ -114,6 +114,39 @@ def decode_matrix(rank: int, overrides: dict, full_matrix: bool) -> dict:
     return res
 
 
+def embedded_drafts(rank: int) -> dict:
+    """The embedded model (9 query / 3 KV heads: 6 + 3 per rank), fp32, eager: plain greedy, the
+    speculative engine with the n-gram and self drafts, and bits 8 and 4 on the shard, against one
+    process's greedy."""
+    import csd_compile
+    from csd_compile import load_model, parallel
+    from csd_compile.quant import quantize_, set_bits
+
+    info = parallel.init("gloo", timeout_s=300)
+    full, tok = load_model("smollm2-135m-instruct", dtype="fp32")
+    ids = tok("def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n\ndef fib",
+              return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        ref = _hf_greedy(full, ids)
+        sharded = parallel.shard_model(full, info)
+        out = {"ref": ref, "heads": [sharded.config.num_attention_heads, sharded.config.num_key_value_heads],
+               "plain": _hf_greedy(sharded, ids)}
+        for draft in ("ngram", "self"):
+            ids_out, stats = csd_compile.generate(sharded, ids, draft=draft, max_new_tokens=NEW, eos_token_id=[],
+                                                  compile_backend=None, return_stats=True)
+            out[draft] = ids_out[0, ids.shape[1]:].tolist()
+            out[f"{draft}_accepted"] = stats["mean_accepted"]
+        # bits 8 then 4, eager: quantize_ on the shard quantizes each rank's slices (groups of 64
+        # never straddle the 384 | 192 and 768 | 768 column splits); set_bits switches every rank
+        ref_q = quantize_(copy.deepcopy(full), bits=8, group_size=64)
+        q = quantize_(parallel.shard_model(full, info), bits=8, group_size=64)
+        out["bits8"], out["bits8_ref"] = _hf_greedy(q, ids), _hf_greedy(ref_q, ids)
+        set_bits(q, 4)
+        set_bits(ref_q, 4)
+        out["bits4"], out["bits4_ref"] = _hf_greedy(q, ids), _hf_greedy(ref_q, ids)
+    return out
+
+
 def failing_rank(rank: int, mode: str) -> None:
     """Rank 1 raises (``mode="raise"``) or hangs (``"hang"``) after joining; rank 0's next
     collective must fail with an error, not wait forever (the group's timeout is 8 s)."""

@@ -6,7 +6,7 @@ split runs everything compiled; the even one checks plain decoding and the self 
 import pytest
 
 from tests.parallel._spawn import run_ranks
-from tests.parallel._workers import decode_matrix
+from tests.parallel._workers import decode_matrix, embedded_drafts
 
 
 def _check_rank(res: dict, phases: list[str]) -> None:
@@ -43,3 +43,14 @@ def test_tp2_tokens_match_one_process(overrides, kv_heads, full):
         assert results[0]["bits4"] != results[0]["bits8"] or results[0]["bits4"] != results[0]["plain"]
         assert results[0]["memory"] == results[1]["memory"] == results[0]["memory_ref"]
         assert results[0]["memory"][1] > 0  # the memory counted something
+
+
+def test_embedded_model_tp2_plain_speculative_and_bits_match_one_process():
+    results = run_ranks(embedded_drafts)
+    assert [r["heads"] for r in results] == [[6, 2], [3, 1]]  # uneven: whole KV groups per rank
+    for res in results:
+        assert res["plain"] == res["ngram"] == res["self"] == res["ref"]
+        assert res["ngram_accepted"] > 0 and res["self_accepted"] > 0
+        assert res["bits8"] == res["bits8_ref"] and res["bits4"] == res["bits4_ref"]
+        assert res["bits4"] != res["ref"]  # 4 bits changed the output: the quantized path ran
+    assert results[0]["self_accepted"] == results[1]["self_accepted"]  # the same acceptance on every rank
