@@ -247,7 +247,8 @@ def tp_info(model: nn.Module) -> TPInfo | None:
 def shard_model(model: nn.Module, info: TPInfo | None = None) -> nn.Module:
     """This rank's shard of ``model`` (see the module doc), a new module tree: sliced linears are new
     parameters, everything else (embedding, norms, LM head) is shared with ``model``, which is left
-    as it was. Call :func:`init` first (or pass ``info``)."""
+    as it was. Call :func:`init` first (or pass ``info``). Move ``model`` to this rank's device
+    before sharding (``.to()`` on the shard would move the shared tensors of ``model`` too)."""
     model = getattr(model, "_orig_mod", model)
     if tp_info(model) is not None:
         raise ValueError("model is already sharded")
@@ -271,7 +272,7 @@ def shard_model(model: nn.Module, info: TPInfo | None = None) -> nn.Module:
         if style is None or style.startswith("replicated"):
             return None
         leaf = name.rsplit(".", 1)[-1]
-        if not isinstance(mod, nn.Linear) or type(mod) is not nn.Linear:
+        if type(mod) is not nn.Linear:
             raise ValueError(f"{name} is a {type(mod).__name__}, not a plain nn.Linear: shard the model before "
                              "quantizing or compiling it")
         if style == "colwise" and (leaf in _HEAD_ROWS or leaf in _FF_ROWS):
@@ -301,8 +302,8 @@ def shard_model(model: nn.Module, info: TPInfo | None = None) -> nn.Module:
         if new is not None:
             found.append(name)
             return new
-        new = copy.copy(mod)
-        new.__dict__ = dict(mod.__dict__)
+        new = copy.copy(mod)  # its own attribute dicts: assigning a parameter here leaves `model` alone
+        new._parameters, new._buffers = dict(mod._parameters), dict(mod._buffers)
         for key in _DROPPED_STATE:
             new.__dict__.pop(key, None)
         if id(getattr(mod, "config", None)) in old_configs:
