@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
         help="a csd backend option, e.g. -o bits=4 (repeatable)",
     )
+    gen.add_argument("--tp", action="store_true",
+                     help="tensor parallel over the ranks of a torchrun launch "
+                          "(torchrun --nproc-per-node N -m csd_compile generate --tp ...); rank 0 prints")
+    gen.add_argument("--tp-backend", choices=("auto", "gloo", "nccl"), default="auto",
+                     help="with --tp: the torch.distributed backend (default auto: NCCL with CUDA, else gloo)")
 
     cal = sub.add_parser("calibrate", help="offline calibration: FlexQuant sensitivity table, or the CSD correction memory")
     cal.add_argument("--model", default=DEFAULT_MODEL)
@@ -172,6 +177,50 @@ def _check_out_folder(parser, command: str, out: str) -> None:
 
 
 def cmd_generate(args, parser) -> int:
+    if not args.tp:
+        if args.tp_backend != "auto":
+            _fail(parser, "generate", f"--tp-backend {args.tp_backend}: only with --tp")
+        return _cmd_generate(args, parser)
+    import contextlib
+    import os
+
+    from .parallel import check_launch, resolve_backend
+
+    try:  # each rank checks the same things; only rank 0 speaks
+        check_launch()
+        resolve_backend(args.tp_backend)
+    except ValueError as e:
+        _fail(parser, "generate", f"--tp: {e}")
+    if int(os.environ["RANK"]) == 0:
+        return _cmd_generate(args, parser)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        return _cmd_generate(args, parser)  # other ranks: silent (main() still reports an unexpected error)
+
+
+def _shard_for_tp(args, parser, model, cfg):
+    """``--tp``: check the split before any work, join the process group, return this rank's shard."""
+    import os
+
+    from .parallel import check_group_size, init, plan_shards, shard_model
+
+    world = int(os.environ["WORLD_SIZE"])
+    try:
+        plan_shards(model.config, world)
+        if cfg.bits == "dynamic":
+            raise ValueError("bits='dynamic' is not supported with --tp yet (its precision table describes the "
+                             "whole model's weights); use bits=2|3|4|8")
+        if cfg.bits is not None:
+            check_group_size(model.config, world, cfg.group_size)
+    except ValueError as e:
+        _fail(parser, "generate", f"--tp: {e}")
+    info = init(args.tp_backend)
+    print(f"[csd-compile] tensor parallel: {info.world} ranks ({info.backend})", file=sys.stderr, flush=True)
+    if info.backend == "nccl":  # one device per rank
+        model = model.to(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+    return shard_model(model, info)
+
+
+def _cmd_generate(args, parser) -> int:
     from .config import _MOVED_KEYS, CSDConfig, OptionError
     from .models.hf_generate import check_utf8
 
@@ -254,6 +303,9 @@ def cmd_generate(args, parser) -> int:
         _fail(parser, "generate", f"the prompt ({input_ids.shape[1]} tokens) + --max-new-tokens {args.max_new_tokens} "
                                   f"exceeds the model's context of {context} tokens")
 
+    if args.tp:
+        model = _shard_for_tp(args, parser, model, cfg)
+        input_ids = input_ids.to(next(model.parameters()).device)
     if args.draft != "none":
         return _generate_speculative(args, parser, model, tokenizer, input_ids, options)
 
@@ -276,7 +328,7 @@ def cmd_generate(args, parser) -> int:
     new = out.shape[1] - input_ids.shape[1]
     print(
         f"[csd-compile] prompt tokens {input_ids.shape[1]} | new tokens {new} | {new / elapsed:.1f} tok/s"
-        f" | compile {compile_s:.1f} s | backend {'eager' if args.no_compile else 'csd'} {args.dtype}",
+        f" | compile {compile_s:.1f} s | backend {'eager' if args.no_compile else 'csd'} {args.dtype}{_tp_text(args)}",
         file=err,
         flush=True,
     )
@@ -336,11 +388,17 @@ def _generate_speculative(args, parser, model, tokenizer, input_ids, options) ->
     print(
         f"[csd-compile] prompt tokens {input_ids.shape[1]} | new tokens {stats['new_tokens']} | {stats['tok_per_s']:.1f} tok/s"
         f" | accepted/step {stats['mean_accepted']:.2f} | tokens/target-forward {stats['tokens_per_target_forward']:.2f}"
-        f" | compile {compile_s:.1f} s | draft {draft} | acceptance {acceptance} | {args.dtype}",
+        f" | compile {compile_s:.1f} s | draft {draft} | acceptance {acceptance} | {args.dtype}{_tp_text(args)}",
         file=err,
         flush=True,
     )
     return 0
+
+
+def _tp_text(args) -> str:
+    import os
+
+    return f" | tp {os.environ['WORLD_SIZE']} ranks" if args.tp else ""
 
 
 def _options_text(options: dict) -> str:

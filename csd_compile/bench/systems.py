@@ -321,3 +321,22 @@ def torchao_int4(ctx):
             w = module.weight.detach()
             module.weight = torch.nn.Parameter(Int4OpaqueTensor.from_hp(w, [1, 64]), requires_grad=False)
     return _static_compiled(ctx, "inductor", model=model)
+
+
+@system("csd-tp2", "csd-int4's configuration tensor-parallel over 2 torchrun ranks (gloo on CPU; ranks "
+        "share this machine's cores and memory bus)", default=False, plain="csd-int4", precision=Precision(bits=4))
+def csd_tp2(ctx):
+    import atexit
+
+    from .tp_server import TPServer
+
+    greedy = ctx.greedy_kwargs()
+    server = TPServer(model=ctx.model_name, options={"bits": 4}, max_new_tokens=ctx.max_new_tokens,
+                      max_cache_len=ctx.max_cache_len, pad_token_id=greedy["pad_token_id"])
+    atexit.register(server.close)
+
+    def run(ids):
+        reply = server(ids)
+        return {"ids": torch.tensor([ids[0].tolist() + reply["tokens"]])}
+
+    return run

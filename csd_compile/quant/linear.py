@@ -129,17 +129,21 @@ def quantize_(model: nn.Module, bits: int | str = 4, group_size: int | None = No
     quantize_lm_head = False if quantize_lm_head is None else quantize_lm_head
     if not isinstance(quantize_lm_head, bool):
         raise TypeError(f"quantize_lm_head must be a bool, got {type(quantize_lm_head).__name__}")
+    from ..parallel import AllReduced, RowParallelLinear
+
     head = None if quantize_lm_head else lm_head_of(model)
     skipped = []
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or child is head:
+            if type(child) not in (nn.Linear, RowParallelLinear) or child is head:
                 continue
             n, k = child.weight.shape
             if n % 2 or k % group_size:
                 skipped.append(f"{name + '.' if name else ''}{child_name} {tuple(child.weight.shape)}")
                 continue
-            setattr(parent, child_name, QLinear.from_linear(child, bits=bits, group_size=group_size))
+            q = QLinear.from_linear(child, bits=bits, group_size=group_size)
+            # a tensor-parallel row shard (csd_compile.parallel) keeps its all-reduce
+            setattr(parent, child_name, AllReduced(q, child.group) if isinstance(child, RowParallelLinear) else q)
     if skipped:
         warnings.warn(f"quantize_: left full precision (shape not divisible by group_size={group_size} "
                       f"or odd out_features): {skipped}", stacklevel=2)

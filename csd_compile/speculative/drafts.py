@@ -260,6 +260,7 @@ def make_self_draft(target: nn.Module, *, bits: int = 4, group_size: int = 64, q
     of each weight (``quant.registry``; made on first use, shared with the compiled target when it
     runs at the same group size) at the draft's bit-width. Other weights are shared, not copied;
     a target already quantized with ``quantize_`` lends its ``QLinear`` s' weights the same way."""
+    from ..parallel import AllReduced, RowParallelLinear
     from ..quant import QLinear  # the FlexQuant linear (csd::qlinear op)
     from ..quant.registry import quantized_copy
 
@@ -273,7 +274,9 @@ def make_self_draft(target: nn.Module, *, bits: int = 4, group_size: int = 64, q
             if n % 2 or k % group_size:  # a shape the format cannot hold stays as it is
                 return mod
             base, _ = quantized_copy(mod.weight, group_size, bits, static=False, in_graph=False)
-            return base.view(bits, mod.bias)
+            view = base.view(bits, mod.bias)
+            # a tensor-parallel row shard keeps its all-reduce around the quantized view
+            return AllReduced(view, mod.group) if isinstance(mod, RowParallelLinear) else view
         new = copy.copy(mod)
         new._modules = {name: swap(child) if child is not None else None for name, child in mod._modules.items()}
         return new
