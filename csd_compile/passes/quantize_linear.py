@@ -15,8 +15,19 @@ Parameter, so all graphs of one model share one quantized copy and ``set_bits(mo
 reaches them (0 recompiles). The LM head stays full precision unless ``cfg.quantize_lm_head``:
 it is a linear whose weight is an embedding table of the graph (tied), or a linear whose output
 reaches no other weight linear and whose out_features equals an embedding's vocabulary (any such
-terminal linear when the graph has no embedding). Linears whose shape the format cannot hold (odd out_features, in_features not
-divisible by the group size) are left alone. Idempotent: a second run finds nothing to replace.
+terminal linear when the graph has no embedding). Idempotent: a second run finds nothing to replace.
+
+Linears whose shape the format cannot hold (odd out_features; in_features, e.g. a hidden size or
+``heads x head_dim``, not a multiple of the group size) stay dense, the rest of the graph is
+quantized, and one warning names them (once per weight, however many graphs share it). A graph that
+autograd would have to differentiate through a quantized linear (grad mode on, weights requiring
+grad: ``csd.qlinear`` has no backward) raises :class:`UnsupportedGraph` before any change, so the
+backend compiles it with plain Inductor.
+
+Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``, any q/k/v or gate/up stored as one
+matrix) need nothing special: the parts are stacked along the output rows and groups run along the
+input features of each row, so a group never mixes two parts and the fused matrix quantizes exactly
+as its parts would one by one.
 """
 
 from __future__ import annotations
@@ -28,14 +39,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import CSDConfig
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
 from ..quant.registry import quantized_copy
+from . import UnsupportedGraph
 
 __all__ = ["quantize_linear"]
 
 _LINEARS = (torch._C._nn.linear, F.linear)
+_WARNED = WeakIdKeyDictionary()  # weights already named in a "left dense" warning
 _EMBEDDINGS = (F.embedding, torch.embedding)
 
 
@@ -77,6 +91,28 @@ def _lm_heads(gm: fx.GraphModule, linears: list[fx.Node], values: dict[fx.Node, 
     return tied | {n for n in terminal if values[n.args[1]].shape[0] in vocab}
 
 
+def _unfit(shape: torch.Size, group: int) -> bool:
+    n_out, k_in = shape
+    return bool(n_out % 2 or k_in % group)
+
+
+def _warn_dense(dense: list[fx.Node], values: dict[fx.Node, object], group: int) -> None:
+    from ..quant.compiled_policy import module_path
+
+    new = [n for n in dense if values[n.args[1]] not in _WARNED]
+    if not new:
+        return
+    names = []
+    for n in new:
+        w = values[n.args[1]]
+        _WARNED[w] = True
+        path = module_path(n.args[1]) or n.args[1].name
+        names.append(f"{path} {tuple(w.shape)}")
+    warnings.warn(f"csd backend: {len(names)} linear(s) left dense, their shape does not fit group_size={group} "
+                  f"(in_features must be a multiple of it, out_features even): {', '.join(names)}; "
+                  "the other linears are quantized", stacklevel=3)
+
+
 def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: CSDConfig) -> fx.GraphModule:
     """Replace every quantizable weight linear of ``gm`` with ``csd.qlinear``; see the module doc."""
     if cfg.bits is None:
@@ -87,6 +123,12 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     values = dict(zip(placeholders, example_inputs))
     linears = _weight_linears(gm, values)
     skip = set() if cfg.quantize_lm_head else _lm_heads(gm, linears, values)
+    dense = [n for n in linears if n not in skip and _unfit(values[n.args[1]].shape, group)]
+    todo = [n for n in linears if n not in skip and n not in dense]
+    if torch.is_grad_enabled() and any(values[n.args[1]].requires_grad for n in todo):
+        raise UnsupportedGraph("weights that require grad under autograd: csd.qlinear has no backward "
+                               "(compile under torch.no_grad() or torch.inference_mode() to quantize)")
+    _warn_dense(dense, values, group)
     # Dynamo's graph keeps fake values under "example_value", an FX/AOT graph under "val".
     meta_keys = [k for k in ("val", "example_value") if any(k in n.meta for n in gm.graph.nodes)]
     fake_mode = torch._guards.detect_fake_mode(
@@ -96,11 +138,8 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     name_to_source = getattr(gm, "_param_name_to_source", None)
     count = sum(1 for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("_csd_q"))
     changed_bits = False
-    for node in linears:
+    for node in todo:
         weight = values[node.args[1]]
-        n_out, k_in = weight.shape
-        if node in skip or n_out % 2 or k_in % group:
-            continue
         qlin, was_changed = quantized_copy(weight, group, init_bits, static=isinstance(cfg.bits, int))
         changed_bits |= was_changed
         tensors = {"qdata": qlin.qdata, "scale": qlin.scale, "zero": qlin.zero, "bits": qlin.bits}
