@@ -20,8 +20,8 @@ terminal linear when the graph has no embedding). Idempotent: a second run finds
 Linears whose shape the format cannot hold (odd out_features; in_features, e.g. a hidden size or
 ``heads x head_dim``, not a multiple of the group size) stay dense, the rest of the graph is
 quantized, and one warning names them (once per weight, however many graphs share it). A graph that
-autograd would have to differentiate through a quantized linear (grad mode on, weights requiring
-grad: ``csd.qlinear`` has no backward) raises :class:`UnsupportedGraph` before any change, so the
+autograd would have to differentiate through a quantized linear (traced in grad mode with weights
+requiring grad: ``csd.qlinear`` has no backward) raises :class:`UnsupportedGraph` before any change, so the
 backend compiles it with plain Inductor.
 
 Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``, any q/k/v or gate/up stored as one
@@ -91,6 +91,12 @@ def _lm_heads(gm: fx.GraphModule, linears: list[fx.Node], values: dict[fx.Node, 
     return tied | {n for n in terminal if values[n.args[1]].shape[0] in vocab}
 
 
+def _needs_grad(node: fx.Node) -> bool:
+    """Whether the linear's output was traced as requiring grad (grad mode on, weight requiring grad)."""
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return isinstance(val, torch.Tensor) and val.requires_grad
+
+
 def _unfit(shape: torch.Size, group: int) -> bool:
     n_out, k_in = shape
     return bool(n_out % 2 or k_in % group)
@@ -125,7 +131,7 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     skip = set() if cfg.quantize_lm_head else _lm_heads(gm, linears, values)
     dense = [n for n in linears if n not in skip and _unfit(values[n.args[1]].shape, group)]
     todo = [n for n in linears if n not in skip and n not in dense]
-    if torch.is_grad_enabled() and any(values[n.args[1]].requires_grad for n in todo):
+    if any(_needs_grad(n) for n in todo):
         raise UnsupportedGraph("weights that require grad under autograd: csd.qlinear has no backward "
                                "(compile under torch.no_grad() or torch.inference_mode() to quantize)")
     _warn_dense(dense, values, group)
