@@ -13,9 +13,11 @@ compile time is their difference, tok/s the second call's (prefill included, gre
 Families: the tiny random models of ``tests/test_architectures.py`` (hidden 64, vocab 128, fp32;
 ``--layers`` sets their depth) and ``smollm2`` (the embedded SmolLM2-135M-Instruct, 30 layers, bf16).
 
-``--mode layers`` compiles each decoder layer module on its own (``layer.compile(...)``, the same
-code object for every layer, so later layers reuse the first one's compiled code) and runs the rest
-of the step eagerly, instead of compiling the whole step as one graph (``whole``).
+``--mode`` (regional compilation against the default ``whole``, the step as one graph):
+``layers`` compiles each decoder layer module on its own (``layer.compile(...)``) and runs the rest
+of the step eagerly; ``nested`` wraps the decoder layer's ``forward`` in
+``torch.compiler.nested_compile_region``, so the whole step is one graph in which the layer is
+traced and compiled once and invoked per layer.
 """
 
 from __future__ import annotations
@@ -51,10 +53,13 @@ def _decoder_layers(model):
     return max(lists, key=len)
 
 
-def run_one(family: str, layers: int, bits: int | None, group_size: int, mode: str, new_tokens: int) -> dict:
+def run_one(family: str, layers: int, bits: int | None, group_size: int, mode: str, new_tokens: int,
+            threads: int | None = None) -> dict:
     """Measure one case in this process (the caller gives it a fresh Inductor cache)."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from csd_compile.models.hf_generate import compile_config
 
     torch.manual_seed(0)
@@ -63,11 +68,14 @@ def run_one(family: str, layers: int, bits: int | None, group_size: int, mode: s
     ids = torch.randint(1, vocab, (1, 16), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                   cache_implementation="static")
-    if mode == "whole":
-        kwargs["compile_config"] = compile_config(options)
-    else:
+    if mode == "layers":
         for layer in _decoder_layers(model):
             layer.compile(backend="csd", options=options, fullgraph=True)
+    else:
+        kwargs["compile_config"] = compile_config(options)
+    if mode == "nested":  # one region per decoder layer class: traced and compiled once, called per layer
+        cls = type(_decoder_layers(model)[0])
+        cls.forward = torch.compiler.nested_compile_region(cls.forward)
     torch._dynamo.reset()
     times = []
     with torch.no_grad():
@@ -76,7 +84,7 @@ def run_one(family: str, layers: int, bits: int | None, group_size: int, mode: s
             model.generate(ids, **kwargs)
             times.append(time.perf_counter() - t)
     return {"family": family, "layers": len(_decoder_layers(model)), "bits": bits, "group_size": group_size,
-            "mode": mode, "compile_s": round(times[0] - times[1], 2), "tok_s": round(new_tokens / times[1], 1),
+            "mode": mode, "threads": torch.get_num_threads(), "compile_s": round(times[0] - times[1], 2), "tok_s": round(new_tokens / times[1], 1),
             "first_call_s": round(times[0], 2)}
 
 
@@ -85,7 +93,7 @@ def _measure(family: str, layers: int, args) -> dict:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
         cmd = [sys.executable, "-m", "benchmarks.compile_time", "--one", family, "--layers", str(layers),
                "--bits", str(args.bits), "--group-size", str(args.group_size), "--mode", args.mode,
-               "--new-tokens", str(args.new_tokens)]
+               "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -116,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", default="2", help="comma-separated decoder layer counts of the tiny models")
     p.add_argument("--bits", type=_bits, default=4, help="none, 2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=32)
-    p.add_argument("--mode", choices=("whole", "layers"), default="whole")
+    p.add_argument("--mode", choices=("whole", "layers", "nested"), default="whole")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: PyTorch's own choice)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out", help="also write the table (Markdown) and rows (JSON next to it) here")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -130,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(n < 1 for n in layer_counts):
         p.error(f"--layers {args.layers!r}: every count must be >= 1")
     if args.one:
-        print(json.dumps(run_one(args.one, layer_counts[0], args.bits, args.group_size, args.mode, args.new_tokens)))
+        print(json.dumps(run_one(args.one, layer_counts[0], args.bits, args.group_size, args.mode, args.new_tokens,
+                                 args.threads)))
         return
     families = [f for f in args.families.split(",") if f]
     bad = [f for f in families if f not in FAMILIES]

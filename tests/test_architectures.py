@@ -262,3 +262,23 @@ def test_fused_projections_quantize_as_their_parts():
             whole = dequantize(fused.qdata, fused.scale, fused.zero, bits)
             one_by_one = torch.cat([dequantize(*p, bits) for p in parts])
             assert torch.equal(whole, one_by_one), (lin, bits)
+
+
+def test_linears_inside_a_nested_region_fall_back_with_one_warning(monkeypatch):
+    """A model whose decoder layer is a ``torch.compiler.nested_compile_region`` (regional compilation):
+    its linears are inside the region, out of the quantize pass's reach, so the graph is compiled with
+    plain Inductor, one warning, same logits; nothing is quantized behind the user's back."""
+    from transformers.models.llama import modeling_llama
+
+    cls = modeling_llama.LlamaDecoderLayer
+    monkeypatch.setattr(cls, "forward", torch.compiler.nested_compile_region(cls.forward))
+    model = _model("llama", seed=16)
+    ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(17))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(model, backend="csd", options={"bits": 4}, fullgraph=True)(ids).logits
+        ref = model(ids).logits
+    ours = [str(w.message) for w in caught if issubclass(w.category, CSDFallbackWarning)]
+    assert len(ours) == 1 and "nested region" in ours[0], ours
+    assert _rel(got, ref) < 1e-5
+    assert not csd_compile.quant.linear.quantized_linears(model)

@@ -22,7 +22,8 @@ Linears whose shape the format cannot hold (odd out_features; in_features, e.g. 
 quantized, and one warning names them (once per weight, however many graphs share it). A graph that
 autograd would have to differentiate through a quantized linear (traced in grad mode with weights
 requiring grad: ``csd.qlinear`` has no backward) raises :class:`UnsupportedGraph` before any change, so the
-backend compiles it with plain Inductor.
+backend compiles it with plain Inductor; so does a graph whose linears sit inside a nested region
+(``torch.compiler.nested_compile_region``, ``torch.cond``): their weights are the region's inputs.
 
 Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``, any q/k/v or gate/up stored as one
 matrix) need nothing special: the parts are stacked along the output rows and groups run along the
@@ -91,6 +92,17 @@ def _lm_heads(gm: fx.GraphModule, linears: list[fx.Node], values: dict[fx.Node, 
     return tied | {n for n in terminal if values[n.args[1]].shape[0] in vocab}
 
 
+def _region_with_linears(gm: fx.GraphModule) -> str | None:
+    """The name of a subgraph (a higher-order op's region: ``invoke_subgraph``, ``cond``, ...) that runs
+    linears, else ``None``; those linears' weights are the region's inputs, out of this pass's reach."""
+    for node in gm.graph.find_nodes(op="get_attr"):
+        sub = getattr(gm, str(node.target), None)
+        if isinstance(sub, fx.GraphModule) and any(
+                n.op == "call_function" and n.target in _LINEARS for n in sub.graph.nodes):
+            return str(node.target)
+    return None
+
+
 def _needs_grad(node: fx.Node) -> bool:
     """Whether the linear's output was traced as requiring grad (grad mode on, weight requiring grad)."""
     val = node.meta.get("example_value", node.meta.get("val"))
@@ -131,6 +143,10 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     skip = set() if cfg.quantize_lm_head else _lm_heads(gm, linears, values)
     dense = [n for n in linears if n not in skip and _unfit(values[n.args[1]].shape, group)]
     todo = [n for n in linears if n not in skip and n not in dense]
+    region = _region_with_linears(gm)
+    if region is not None:
+        raise UnsupportedGraph(f"weight linears inside the nested region {region!r} (torch.compiler.nested_compile_region "
+                               "or another higher-order op): the csd passes do not reach into regions yet")
     if any(_needs_grad(n) for n in todo):
         raise UnsupportedGraph("weights that require grad under autograd: csd.qlinear has no backward "
                                "(compile under torch.no_grad() or torch.inference_mode() to quantize)")
