@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 
+MODES = ("whole", "layers", "nested")
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "smollm2")
 
 
@@ -84,15 +85,16 @@ def run_one(family: str, layers: int, bits: int | None, group_size: int, mode: s
             model.generate(ids, **kwargs)
             times.append(time.perf_counter() - t)
     return {"family": family, "layers": len(_decoder_layers(model)), "bits": bits, "group_size": group_size,
-            "mode": mode, "threads": torch.get_num_threads(), "compile_s": round(times[0] - times[1], 2), "tok_s": round(new_tokens / times[1], 1),
-            "first_call_s": round(times[0], 2)}
+            "mode": mode, "threads": torch.get_num_threads(), "compile_s": round(times[0] - times[1], 2),
+            "tok_s": round(new_tokens / times[1], 1), "first_call_s": round(times[0], 2)}
 
 
-def _measure(family: str, layers: int, args) -> dict:
+def _measure(family: str, layers: int, mode: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="csd-inductor-cold-") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        bits = "none" if args.bits is None else str(args.bits)
         cmd = [sys.executable, "-m", "benchmarks.compile_time", "--one", family, "--layers", str(layers),
-               "--bits", str(args.bits), "--group-size", str(args.group_size), "--mode", args.mode,
+               "--bits", bits, "--group-size", str(args.group_size), "--mode", mode,
                "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", default="2", help="comma-separated decoder layer counts of the tiny models")
     p.add_argument("--bits", type=_bits, default=4, help="none, 2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=32)
-    p.add_argument("--mode", choices=("whole", "layers", "nested"), default="whole")
+    p.add_argument("--mode", default="whole", help="comma-separated, from whole,layers,nested (interleaved)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: PyTorch's own choice)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out", help="also write the table (Markdown) and rows (JSON next to it) here")
@@ -138,8 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--layers {args.layers!r} must be comma-separated integers")
     if any(n < 1 for n in layer_counts):
         p.error(f"--layers {args.layers!r}: every count must be >= 1")
+    modes = [m for m in args.mode.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        p.error(f"--mode {args.mode!r}: choose from {list(MODES)}")
     if args.one:
-        print(json.dumps(run_one(args.one, layer_counts[0], args.bits, args.group_size, args.mode, args.new_tokens,
+        print(json.dumps(run_one(args.one, layer_counts[0], args.bits, args.group_size, modes[0], args.new_tokens,
                                  args.threads)))
         return
     families = [f for f in args.families.split(",") if f]
@@ -149,8 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for family in families:
         for n in ([30] if family == "smollm2" else layer_counts):
-            rows.append(_measure(family, n, args))
-            print(json.dumps(rows[-1]), flush=True)
+            for mode in modes:
+                rows.append(_measure(family, n, mode, args))
+                print(json.dumps(rows[-1]), flush=True)
     text = table(rows)
     print(text)
     if args.out:

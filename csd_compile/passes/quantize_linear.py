@@ -92,15 +92,64 @@ def _lm_heads(gm: fx.GraphModule, linears: list[fx.Node], values: dict[fx.Node, 
     return tied | {n for n in terminal if values[n.args[1]].shape[0] in vocab}
 
 
-def _region_with_linears(gm: fx.GraphModule) -> str | None:
-    """The name of a subgraph (a higher-order op's region: ``invoke_subgraph``, ``cond``, ...) that runs
-    linears, else ``None``; those linears' weights are the region's inputs, out of this pass's reach."""
+_INVOKE_SUBGRAPH = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+
+
+def _regions(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ``invoke_subgraph`` calls of ``gm`` (regions of ``torch.compiler.nested_compile_region``)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _INVOKE_SUBGRAPH]
+
+
+def _other_region_with_linears(gm: fx.GraphModule) -> str | None:
+    """The name of a subgraph of another higher-order op (``cond``, ``map``, ...) that runs linears."""
+    regions = {str(n.args[0].target) for n in _regions(gm)}
     for node in gm.graph.find_nodes(op="get_attr"):
         sub = getattr(gm, str(node.target), None)
-        if isinstance(sub, fx.GraphModule) and any(
+        if str(node.target) not in regions and isinstance(sub, fx.GraphModule) and any(
                 n.op == "call_function" and n.target in _LINEARS for n in sub.graph.nodes):
             return str(node.target)
     return None
+
+
+def _region_weights(sub: fx.GraphModule, operands: Sequence[object], values: dict, group: int
+                    ) -> tuple[list[int], list[int]]:
+    """Positions of ``sub``'s inputs that are a Parameter used only as linear weights: (fit, unfit)."""
+    fit, unfit = [], []
+    for i, ph in enumerate(sub.graph.find_nodes(op="placeholder")):
+        w = values.get(operands[i]) if isinstance(operands[i], fx.Node) else None
+        if not isinstance(w, torch.nn.Parameter) or w.dim() != 2 or not ph.users:
+            continue
+        if all(u.op == "call_function" and u.target in _LINEARS and u.args[1] is ph and u.args[0] is not ph
+               for u in ph.users):
+            (unfit if _unfit(w.shape, group) else fit).append(i)
+    return fit, unfit
+
+
+def _rewrite_region(sub: fx.GraphModule, positions: list[int], attrs: list[fx.Node]) -> None:
+    """In ``sub``: the linears on the weight inputs at ``positions`` become ``csd.qlinear`` on four new
+    inputs each, appended in the order of ``attrs`` (one call's get_attr nodes: qdata, scale, zero,
+    bits per position), whose fake values they take."""
+    phs = list(sub.graph.find_nodes(op="placeholder"))
+    last = phs[-1]
+    for j, i in enumerate(positions):
+        new = []
+        for suffix, attr in zip(("qdata", "scale", "zero", "bits"), attrs[4 * j:4 * j + 4]):
+            with sub.graph.inserting_after(last):
+                last = sub.graph.placeholder(f"{phs[i].name}_csd_{suffix}")
+            last.meta.update({k: v for k, v in attr.meta.items() if k in ("val", "example_value")})
+            new.append(last)
+        for lin in list(phs[i].users):
+            with sub.graph.inserting_before(lin):
+                q = sub.graph.call_function(torch.ops.csd.qlinear.default, (lin.args[0], *new))
+                q.meta.update(lin.meta)
+                bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+                if bias is not None:
+                    q = sub.graph.call_function(operator.add, (q, bias))
+                    q.meta.update(lin.meta)
+            lin.replace_all_uses_with(q)
+            sub.graph.erase_node(lin)
+    sub.graph.lint()
+    sub.recompile()
 
 
 def _needs_grad(node: fx.Node) -> bool:
@@ -115,17 +164,18 @@ def _unfit(shape: torch.Size, group: int) -> bool:
 
 
 def _warn_dense(dense: list[fx.Node], values: dict[fx.Node, object], group: int) -> None:
+    """One warning naming the weights (placeholders) in ``dense`` not named before."""
     from ..quant.compiled_policy import module_path
 
-    new = [n for n in dense if values[n.args[1]] not in _WARNED]
-    if not new:
-        return
     names = []
-    for n in new:
-        w = values[n.args[1]]
+    for ph in dict.fromkeys(dense):
+        w = values[ph]
+        if w in _WARNED:
+            continue
         _WARNED[w] = True
-        path = module_path(n.args[1]) or n.args[1].name
-        names.append(f"{path} {tuple(w.shape)}")
+        names.append(f"{module_path(ph) or ph.name} {tuple(w.shape)}")
+    if not names:
+        return
     warnings.warn(f"csd backend: {len(names)} linear(s) left dense, their shape does not fit group_size={group} "
                   f"(in_features must be a multiple of it, out_features even): {', '.join(names)}; "
                   "the other linears are quantized", stacklevel=3)
@@ -143,14 +193,23 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     skip = set() if cfg.quantize_lm_head else _lm_heads(gm, linears, values)
     dense = [n for n in linears if n not in skip and _unfit(values[n.args[1]].shape, group)]
     todo = [n for n in linears if n not in skip and n not in dense]
-    region = _region_with_linears(gm)
+    region = _other_region_with_linears(gm)
     if region is not None:
-        raise UnsupportedGraph(f"weight linears inside the nested region {region!r} (torch.compiler.nested_compile_region "
-                               "or another higher-order op): the csd passes do not reach into regions yet")
-    if any(_needs_grad(n) for n in todo):
+        raise UnsupportedGraph(f"weight linears inside the region {region!r} of a higher-order op (torch.cond, "
+                               "torch.map, ...): the csd passes reach into nested_compile_region regions only")
+    regions = []  # (call, subgraph, fit positions): the same subgraph serves every call of its region
+    for call in _regions(gm):
+        sub = getattr(gm, str(call.args[0].target))
+        fit, unfit = _region_weights(sub, call.args[2:], values, group)
+        regions.append((call, sub, fit))
+        dense.extend(call.args[2 + i] for i in unfit)
+    if len({id(sub) for _, sub, _ in regions}) != len({(id(sub), tuple(fit)) for _, sub, fit in regions}):
+        raise UnsupportedGraph("calls of one nested region pass weights at different inputs")
+    in_regions = [u for _, sub, fit in regions for i in fit for u in list(sub.graph.find_nodes(op="placeholder"))[i].users]
+    if any(_needs_grad(n) for n in todo + in_regions):
         raise UnsupportedGraph("weights that require grad under autograd: csd.qlinear has no backward "
                                "(compile under torch.no_grad() or torch.inference_mode() to quantize)")
-    _warn_dense(dense, values, group)
+    _warn_dense([n if n.op == "placeholder" else n.args[1] for n in dense], values, group)
     # Dynamo's graph keeps fake values under "example_value", an FX/AOT graph under "val".
     meta_keys = [k for k in ("val", "example_value") if any(k in n.meta for n in gm.graph.nodes)]
     fake_mode = torch._guards.detect_fake_mode(
@@ -160,14 +219,16 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     name_to_source = getattr(gm, "_param_name_to_source", None)
     count = sum(1 for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("_csd_q"))
     changed_bits = False
-    for node in todo:
-        weight = values[node.args[1]]
+
+    def attrs_for(weight: torch.nn.Parameter, before: fx.Node) -> list[fx.Node]:
+        """get_attr nodes (before ``before``) of the four buffers of ``weight``'s one quantized copy."""
+        nonlocal count, changed_bits
         qlin, was_changed = quantized_copy(weight, group, init_bits, static=isinstance(cfg.bits, int))
         changed_bits |= was_changed
-        tensors = {"qdata": qlin.qdata, "scale": qlin.scale, "zero": qlin.zero, "bits": qlin.bits}
-        with gm.graph.inserting_before(node):
-            attrs = []
-            for suffix, t in tensors.items():
+        attrs = []
+        with gm.graph.inserting_before(before):
+            for suffix in ("qdata", "scale", "zero", "bits"):
+                t = getattr(qlin, suffix)
                 name = f"_csd_q{count}_{suffix}"
                 gm.register_buffer(name, t)
                 if name_to_source is not None:
@@ -177,6 +238,19 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
                     for k in meta_keys:
                         a.meta[k] = fake_mode.from_tensor(t, static_shapes=True)
                 attrs.append(a)
+        count += 1
+        return attrs
+
+    rewritten = set()
+    for call, sub, fit in regions:
+        extra = [a for i in fit for a in attrs_for(values[call.args[2 + i]], call)]
+        if id(sub) not in rewritten:
+            rewritten.add(id(sub))
+            _rewrite_region(sub, fit, extra)
+        call.args = (*call.args, *extra)
+    for node in todo:
+        attrs = attrs_for(values[node.args[1]], node)
+        with gm.graph.inserting_before(node):
             x = node.args[0]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             new = gm.graph.call_function(torch.ops.csd.qlinear.default, (x, *attrs))
@@ -186,7 +260,6 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
                 new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        count += 1
     if changed_bits:
         warnings.warn(f"csd backend: bits={cfg.bits} now also applies to the graphs compiled earlier from this model "
                       "(its linears share one quantized copy and one bit-width); use csd_compile.set_bits(model, b) "
