@@ -289,3 +289,27 @@ def test_regional_compilation_quantizes_inside_the_region(monkeypatch):
     assert seen == [3]  # one graph, the layer region called three times
     assert len(csd_compile.quant.linear.quantized_linears(model)) == 3 * 7
     assert _rel(got, ref) < 1e-4, _rel(got, ref)
+
+
+def test_linears_inside_another_higher_order_region_fall_back_with_one_warning():
+    """Linears inside a ``torch.cond`` branch: their weights are the region's inputs, which the quantize
+    pass does not rewrite outside ``nested_compile_region``; plain Inductor, one warning, same output."""
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return torch.cond(x.sum() > 0, lambda t: self.proj(t), lambda t: self.proj(t).neg(), (x,))
+
+    torch.manual_seed(18)
+    model = Branchy().eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(model, backend="csd", options={"bits": 4}, fullgraph=True)(x)
+        ref = model(x)
+    ours = [str(w.message) for w in caught if issubclass(w.category, CSDFallbackWarning)]
+    assert len(ours) == 1 and "higher-order op" in ours[0], ours
+    assert _rel(got, ref) < 1e-5
