@@ -1,12 +1,17 @@
 """The architecture matrix: tiny random models of several Hugging Face families through every path.
 
-For each family (2 layers, small hidden, built from its transformers config, no weights to
-download): ``backend="csd"`` compiles the forward ``fullgraph=True`` and matches eager (unquantized:
-within fp32 rounding, since the decode-attention rewrite computes the same softmax in another
-order; 4 and 8 bits: against the eager ``QLinear`` path at the same bits), and the speculative
-engine with the n-gram and self drafts reproduces the model's own greedy decoding (fp32), sliding
-windows included (the engine's masks carry them: Mistral and Gemma 3 decoded wrong text past the
-window before).
+For each family (2 layers, small hidden, built from its transformers config, no weights to download;
+Gemma 3 also with soft-capped scores and logits, which HF runs on its eager attention):
+``backend="csd"`` compiles the forward ``fullgraph=True`` and matches eager (unquantized: within fp32
+rounding, since the decode-attention rewrite computes the same softmax in another order; 4 and 8
+bits, and ``bits="dynamic"`` with a table calibrated on the family: against the eager ``QLinear`` path
+at the same plan); the decode-attention rewrite fires on every SDPA family's decode step and leaves
+eager attention alone, with the same logits either way; the speculative engine with the n-gram and
+self drafts reproduces the model's own greedy decoding (fp32), sliding windows included. Also: fused
+projections (Phi-3) quantize as their parts, linears whose shape does not fit the group stay dense
+with one warning, regional compilation (``nested_compile_region``) is quantized inside the region,
+and graphs the passes cannot handle (autograd through a quantized linear, linears in a ``torch.cond``
+branch, a failing pass) fall back to plain Inductor with one ``CSDFallbackWarning``.
 """
 
 import warnings

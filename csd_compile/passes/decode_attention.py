@@ -11,7 +11,9 @@ and so do CUDA graphs, whose flash kernels already serve short queries well. Sco
 float32 whatever the input dtype; the result is cast back.
 
 Only calls without dropout and without ``is_causal`` are rewritten (a decode graph passes an
-explicit mask); anything else is left as is.
+explicit mask); anything else is left as is, and so is attention that is not an SDPA call (HF's eager
+attention, e.g. Gemma 3 with soft-capped scores). Regions of ``torch.compiler.nested_compile_region``
+(``invoke_subgraph``) are rewritten inside, once per region.
 """
 
 from __future__ import annotations
