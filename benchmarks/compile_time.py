@@ -15,9 +15,9 @@ Families: the tiny random models of ``tests/test_architectures.py`` (hidden 64, 
 
 ``--mode`` (regional compilation against the default ``whole``, the step as one graph):
 ``layers`` compiles each decoder layer module on its own (``layer.compile(...)``) and runs the rest
-of the step eagerly; ``nested`` wraps the decoder layer's ``forward`` in
-``torch.compiler.nested_compile_region``, so the whole step is one graph in which the layer is
-traced and compiled once and invoked per layer.
+of the step eagerly; ``nested`` makes the decoder layer's ``forward`` one
+``torch.compiler.nested_compile_region`` (``csd_compile.models.regions.mark_decoder_regions``), so
+the whole step is one graph in which the layer is traced and compiled once and invoked per layer.
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ def run_one(family: str, layers: int, bits: int | None, group_size: int, mode: s
             layer.compile(backend="csd", options=options, fullgraph=True)
     else:
         kwargs["compile_config"] = compile_config(options)
-    if mode == "nested":  # one region per decoder layer class: traced and compiled once, called per layer
-        cls = type(_decoder_layers(model)[0])
-        cls.forward = torch.compiler.nested_compile_region(cls.forward)
+    if mode == "nested":  # the decoder layer as one region: traced and compiled once, called per layer
+        from csd_compile.models.regions import mark_decoder_regions
+
+        mark_decoder_regions(model)
     torch._dynamo.reset()
     times = []
     with torch.no_grad():

@@ -269,29 +269,28 @@ def test_fused_projections_quantize_as_their_parts():
             assert torch.equal(whole, one_by_one), (lin, bits)
 
 
-def test_regional_compilation_quantizes_inside_the_region(monkeypatch):
+def test_regional_compilation_quantizes_inside_the_region():
     """A model whose decoder layer is a ``torch.compiler.nested_compile_region`` (regional compilation:
     the layer is traced and compiled once, called per layer): the passes reach into the region, each
     call gets its own layer's quantized weights, and logits equal the eager ``QLinear`` model's."""
-    from transformers.models.llama import modeling_llama
+    from csd_compile.models.regions import mark_decoder_regions
 
-    cls = modeling_llama.LlamaDecoderLayer
-    monkeypatch.setattr(cls, "forward", torch.compiler.nested_compile_region(cls.forward))
-    model = _model("llama", seed=16, layers=3)
+    model = mark_decoder_regions(_model("llama", seed=16, layers=3))
     ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(17))
     seen = []
 
     def backend(gm, example_inputs):
         from csd_compile.backend import csd_backend
 
-        seen.append(sum(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes))
+        calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+        seen.append((len(calls), len({n.args[1] for n in calls})))  # (calls, distinct regions)
         return csd_backend(gm, example_inputs, options={"bits": 4, "group_size": 32})
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", CSDFallbackWarning)
         got = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
         ref = quantize_(_model("llama", seed=16, layers=3), bits=4, group_size=32)(ids).logits
-    assert seen == [3]  # one graph, the layer region called three times
+    assert seen == [(3, 1)]  # one graph, one region called three times
     assert len(csd_compile.quant.linear.quantized_linears(model)) == 3 * 7
     assert _rel(got, ref) < 1e-4, _rel(got, ref)
 
