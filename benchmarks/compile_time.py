@@ -16,7 +16,8 @@ Families: the tiny random models of ``tests/test_architectures.py`` (hidden 64, 
 
 ``--mode`` (regional compilation against the default ``whole``, the step as one graph):
 ``layers`` compiles each decoder layer module on its own (``layer.compile(...)``) and runs the rest
-of the step eagerly; ``nested`` makes the decoder layer's ``forward`` one
+of the step eagerly (HF layers differ in a constant ``layer_idx``, so Dynamo compiles each layer
+anew and stops at its recompile limit: a measurement, not a usable mode); ``nested`` makes the decoder layer's ``forward`` one
 ``torch.compiler.nested_compile_region`` (``csd_compile.models.regions.mark_decoder_regions``), so
 the whole step is one graph in which the layer is traced and compiled once and invoked per layer.
 """
