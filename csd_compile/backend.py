@@ -112,7 +112,7 @@ def csd_backend(
             driver = compiled_policy.policy_for_graph(compiled_gm, example_inputs, table, avg_bits, cfg.group_size)
         except ValueError as e:
             raise _OptionErrorForDynamo(str(e)) from None
-    qlinears = sum(1 for n in compiled_gm.graph.nodes if str(n.target) == "csd.qlinear.default")
+    qlinears = sum(1 for g in _graphs(compiled_gm) for n in g.nodes if str(n.target) == "csd.qlinear.default")
     progress.note(f"{ops} ops ({qlinears} quantized linears), Inductor: lowering, C++ code and its build")
     compiled = compile_fx(compiled_gm, example_inputs, config_patches=patches)
     return compiled if driver is None else compiled_policy.wrap(compiled, *driver)
@@ -123,8 +123,14 @@ def _all_cpu(example_inputs: Sequence[Any]) -> bool:
     return devices == {"cpu"}
 
 
+def _graphs(gm: fx.GraphModule) -> list[fx.Graph]:
+    """``gm``'s graph and those of its regions (subgraphs of higher-order ops)."""
+    return [m.graph for m in gm.modules() if isinstance(m, fx.GraphModule)]
+
+
 def _has_cpu_qlinear(gm: fx.GraphModule) -> bool:
-    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.csd.qlinear.default):
+    nodes = [n for g in _graphs(gm) for n in g.find_nodes(op="call_function", target=torch.ops.csd.qlinear.default)]
+    for node in nodes:
         val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
         if isinstance(val, torch.Tensor) and val.device.type == "cpu":
             return True

@@ -11,7 +11,9 @@ and so do CUDA graphs, whose flash kernels already serve short queries well. Sco
 float32 whatever the input dtype; the result is cast back.
 
 Only calls without dropout and without ``is_causal`` are rewritten (a decode graph passes an
-explicit mask); anything else is left as is.
+explicit mask); anything else is left as is, and so is attention that is not an SDPA call (HF's eager
+attention, e.g. Gemma 3 with soft-capped scores). Regions of ``torch.compiler.nested_compile_region``
+(``invoke_subgraph``) are rewritten inside, once per region.
 """
 
 from __future__ import annotations
@@ -99,7 +101,12 @@ def _emit_attention(graph: fx.Graph, bound: dict) -> fx.Node | None:
 
 
 def decode_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], cfg: CSDConfig) -> fx.GraphModule:
-    """Rewrite short-query SDPA calls of ``gm`` into :func:`attention_math`'s ops (in place; returns ``gm``)."""
+    """Rewrite short-query SDPA calls of ``gm`` into :func:`attention_math`'s ops (in place; returns ``gm``),
+    and those of its ``nested_compile_region`` regions (``invoke_subgraph``), once per region."""
+    invoke = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+    subs = {str(n.args[0].target) for n in gm.graph.nodes if n.op == "call_function" and n.target is invoke}
+    for sub in {id(m): m for m in (getattr(gm, name) for name in subs)}.values():
+        decode_attention(sub, (), cfg)
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _SDPA_TARGETS:

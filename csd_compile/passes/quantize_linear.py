@@ -15,15 +15,28 @@ Parameter, so all graphs of one model share one quantized copy and ``set_bits(mo
 reaches them (0 recompiles). The LM head stays full precision unless ``cfg.quantize_lm_head``:
 it is a linear whose weight is an embedding table of the graph (tied), or a linear whose output
 reaches no other weight linear and whose out_features equals an embedding's vocabulary (any such
-terminal linear when the graph has no embedding). Linears whose shape the format cannot hold (odd out_features, in_features not
-divisible by the group size) are left alone. Idempotent: a second run finds nothing to replace.
+terminal linear when the graph has no embedding). Idempotent: a second run finds nothing to replace.
+
+Linears whose shape the format cannot hold (odd out_features; in_features, e.g. a hidden size or
+``heads x head_dim``, not a multiple of the group size) stay dense, the rest of the graph is
+quantized, and one warning names them (once per weight, however many graphs share it). A graph that
+autograd would have to differentiate through a quantized linear (traced in grad mode with weights
+requiring grad: ``csd.qlinear`` has no backward) raises :class:`UnsupportedGraph` before any change, so the
+backend compiles it with plain Inductor; so does a graph whose linears sit inside a nested region
+(``torch.compiler.nested_compile_region``, ``torch.cond``): their weights are the region's inputs.
+
+Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``, any q/k/v or gate/up stored as one
+matrix) need nothing special: the parts are stacked along the output rows and groups run along the
+input features of each row, so a group never mixes two parts and the fused matrix quantizes exactly
+as its parts would one by one.
 
 ``bits="auto"``: each weight at the rung and on the grid of its GGUF tensor type
 (:func:`csd_compile.quant.gguf.choose`; group 32; the copy kept under the registry's ``"auto"``
 key), each copy's ``bits`` set to its own rung (4 or 8); the LM head too when the file stores it
 quantized (a tied embedding keeps reading the dense table); weights of float GGUF types stay
 dense. One ``AutoBitsWarning`` line says what was approximated; a graph none of whose weight
-linears came from a GGUF file raises an ``OptionError``.
+linears came from a GGUF file raises an ``OptionError``. Nested regions are not combined with
+``"auto"`` yet: such a graph falls back to plain Inductor.
 """
 
 from __future__ import annotations
@@ -35,14 +48,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import CSDConfig, OptionError
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
 from ..quant.registry import quantized_copy
+from . import UnsupportedGraph
 
 __all__ = ["quantize_linear"]
 
 _LINEARS = (torch._C._nn.linear, F.linear)
+_WARNED = WeakIdKeyDictionary()  # weights already named in a "left dense" warning
 _EMBEDDINGS = (F.embedding, torch.embedding)
 
 
@@ -84,6 +100,95 @@ def _lm_heads(gm: fx.GraphModule, linears: list[fx.Node], values: dict[fx.Node, 
     return tied | {n for n in terminal if values[n.args[1]].shape[0] in vocab}
 
 
+_INVOKE_SUBGRAPH = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+
+
+def _regions(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ``invoke_subgraph`` calls of ``gm`` (regions of ``torch.compiler.nested_compile_region``)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _INVOKE_SUBGRAPH]
+
+
+def _other_region_with_linears(gm: fx.GraphModule) -> str | None:
+    """The name of a subgraph of another higher-order op (``cond``, ``map``, ...) that runs linears."""
+    regions = {str(n.args[0].target) for n in _regions(gm)}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        sub = getattr(gm, str(node.target), None)
+        if str(node.target) not in regions and isinstance(sub, fx.GraphModule) and any(
+                n.op == "call_function" and n.target in _LINEARS for n in sub.graph.nodes):
+            return str(node.target)
+    return None
+
+
+def _region_weights(sub: fx.GraphModule, operands: Sequence[object], values: dict, group: int
+                    ) -> tuple[list[int], list[int]]:
+    """Positions of ``sub``'s inputs that are a Parameter used only as linear weights: (fit, unfit)."""
+    fit, unfit = [], []
+    for i, ph in enumerate(sub.graph.find_nodes(op="placeholder")):
+        w = values.get(operands[i]) if isinstance(operands[i], fx.Node) else None
+        if not isinstance(w, torch.nn.Parameter) or w.dim() != 2 or not ph.users:
+            continue
+        if all(u.op == "call_function" and u.target in _LINEARS and u.args[1] is ph and u.args[0] is not ph
+               for u in ph.users):
+            (unfit if _unfit(w.shape, group) else fit).append(i)
+    return fit, unfit
+
+
+def _rewrite_region(sub: fx.GraphModule, positions: list[int], attrs: list[fx.Node]) -> None:
+    """In ``sub``: the linears on the weight inputs at ``positions`` become ``csd.qlinear`` on four new
+    inputs each, appended in the order of ``attrs`` (one call's get_attr nodes: qdata, scale, zero,
+    bits per position), whose fake values they take."""
+    phs = list(sub.graph.find_nodes(op="placeholder"))
+    last = phs[-1]
+    for j, i in enumerate(positions):
+        new = []
+        for suffix, attr in zip(("qdata", "scale", "zero", "bits"), attrs[4 * j:4 * j + 4]):
+            with sub.graph.inserting_after(last):
+                last = sub.graph.placeholder(f"{phs[i].name}_csd_{suffix}")
+            last.meta.update({k: v for k, v in attr.meta.items() if k in ("val", "example_value")})
+            new.append(last)
+        for lin in list(phs[i].users):
+            with sub.graph.inserting_before(lin):
+                q = sub.graph.call_function(torch.ops.csd.qlinear.default, (lin.args[0], *new))
+                q.meta.update(lin.meta)
+                bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+                if bias is not None:
+                    q = sub.graph.call_function(operator.add, (q, bias))
+                    q.meta.update(lin.meta)
+            lin.replace_all_uses_with(q)
+            sub.graph.erase_node(lin)
+    sub.graph.lint()
+    sub.recompile()
+
+
+def _needs_grad(node: fx.Node) -> bool:
+    """Whether the linear's output was traced as requiring grad (grad mode on, weight requiring grad)."""
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return isinstance(val, torch.Tensor) and val.requires_grad
+
+
+def _unfit(shape: torch.Size, group: int) -> bool:
+    n_out, k_in = shape
+    return bool(n_out % 2 or k_in % group)
+
+
+def _warn_dense(dense: list[fx.Node], values: dict[fx.Node, object], group: int) -> None:
+    """One warning naming the weights (placeholders) in ``dense`` not named before."""
+    from ..quant.compiled_policy import module_path
+
+    names = []
+    for ph in dict.fromkeys(dense):
+        w = values[ph]
+        if w in _WARNED:
+            continue
+        _WARNED[w] = True
+        names.append(f"{module_path(ph) or ph.name} {tuple(w.shape)}")
+    if not names:
+        return
+    warnings.warn(f"csd backend: {len(names)} linear(s) left dense, their shape does not fit group_size={group} "
+                  f"(in_features must be a multiple of it, out_features even): {', '.join(names)}; "
+                  "the other linears are quantized", stacklevel=3)
+
+
 def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: CSDConfig) -> fx.GraphModule:
     """Replace every quantizable weight linear of ``gm`` with ``csd.qlinear``; see the module doc."""
     if cfg.bits is None:
@@ -94,17 +199,39 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     values = dict(zip(placeholders, example_inputs))
     linears = _weight_linears(gm, values)
     skip = set() if cfg.quantize_lm_head else _lm_heads(gm, linears, values)
+    dense = [n for n in linears if n not in skip and _unfit(values[n.args[1]].shape, group)]
+    todo = [n for n in linears if n not in skip and n not in dense]
+    region = _other_region_with_linears(gm)
+    if region is not None:
+        raise UnsupportedGraph(f"weight linears inside the region {region!r} of a higher-order op (torch.cond, "
+                               "torch.map, ...): the csd passes reach into nested_compile_region regions only")
+    regions = []  # (call, subgraph, fit positions): the same subgraph serves every call of its region
+    for call in _regions(gm):
+        sub = getattr(gm, str(call.args[0].target))
+        fit, unfit = _region_weights(sub, call.args[2:], values, group)
+        regions.append((call, sub, fit))
+        dense.extend(call.args[2 + i] for i in unfit)
+    if len({id(sub) for _, sub, _ in regions}) != len({(id(sub), tuple(fit)) for _, sub, fit in regions}):
+        raise UnsupportedGraph("calls of one nested region pass weights at different inputs")
+    in_regions = [u for _, sub, fit in regions for i in fit for u in list(sub.graph.find_nodes(op="placeholder"))[i].users]
+    if any(_needs_grad(n) for n in todo + in_regions):
+        raise UnsupportedGraph("weights that require grad under autograd: csd.qlinear has no backward "
+                               "(compile under torch.no_grad() or torch.inference_mode() to quantize)")
+    _warn_dense([n if n.op == "placeholder" else n.args[1] for n in dense], values, group)
     auto = {}
     if cfg.bits == "auto":
         from ..quant import gguf
 
-        choices = [(str(n.args[1]), gguf.choose(values[n.args[1]])) for n in linears if n not in skip]
+        if regions:
+            raise UnsupportedGraph("bits='auto' inside nested_compile_region regions is not supported yet")
+        choices = [(str(n.args[1]), gguf.choose(values[n.args[1]])) for n in todo]
         try:
             gguf.require_gguf(choices)
         except ValueError as e:
             raise OptionError(str(e)) from None
-        auto = {n: c for n, (_, c) in zip((n for n in linears if n not in skip), choices)}
+        auto = {n: c for n, (_, c) in zip(todo, choices)}
         gguf.warn_if_approximated(choices, stacklevel=4)
+        todo = [n for n in todo if auto[n].nested is not None]  # float GGUF types stay dense
     # Dynamo's graph keeps fake values under "example_value", an FX/AOT graph under "val".
     meta_keys = [k for k in ("val", "example_value") if any(k in n.meta for n in gm.graph.nodes)]
     fake_mode = torch._guards.detect_fake_mode(
@@ -114,23 +241,20 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     name_to_source = getattr(gm, "_param_name_to_source", None)
     count = sum(1 for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("_csd_q"))
     changed_bits = False
-    for node in linears:
-        weight = values[node.args[1]]
-        n_out, k_in = weight.shape
-        if node in skip or n_out % 2 or k_in % group:
-            continue
-        if cfg.bits == "auto":
-            choice = auto[node]
-            if choice.nested is None:
-                continue
+
+    def attrs_for(weight: torch.nn.Parameter, before: fx.Node, choice=None) -> list[fx.Node]:
+        """get_attr nodes (before ``before``) of the four buffers of ``weight``'s one quantized copy
+        (``choice``: its ``bits="auto"`` grid)."""
+        nonlocal count, changed_bits
+        if choice is not None:
             qlin, was_changed = quantized_copy(weight, group, choice.bits, nested=choice.nested)
         else:
             qlin, was_changed = quantized_copy(weight, group, init_bits, static=isinstance(cfg.bits, int))
         changed_bits |= was_changed
-        tensors = {"qdata": qlin.qdata, "scale": qlin.scale, "zero": qlin.zero, "bits": qlin.bits}
-        with gm.graph.inserting_before(node):
-            attrs = []
-            for suffix, t in tensors.items():
+        attrs = []
+        with gm.graph.inserting_before(before):
+            for suffix in ("qdata", "scale", "zero", "bits"):
+                t = getattr(qlin, suffix)
                 name = f"_csd_q{count}_{suffix}"
                 gm.register_buffer(name, t)
                 if name_to_source is not None:
@@ -140,6 +264,19 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
                     for k in meta_keys:
                         a.meta[k] = fake_mode.from_tensor(t, static_shapes=True)
                 attrs.append(a)
+        count += 1
+        return attrs
+
+    rewritten = set()
+    for call, sub, fit in regions:
+        extra = [a for i in fit for a in attrs_for(values[call.args[2 + i]], call)]
+        if id(sub) not in rewritten:
+            rewritten.add(id(sub))
+            _rewrite_region(sub, fit, extra)
+        call.args = (*call.args, *extra)
+    for node in todo:
+        attrs = attrs_for(values[node.args[1]], node, auto.get(node))
+        with gm.graph.inserting_before(node):
             x = node.args[0]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             new = gm.graph.call_function(torch.ops.csd.qlinear.default, (x, *attrs))
@@ -149,7 +286,6 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
                 new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        count += 1
     if changed_bits:
         warnings.warn(f"csd backend: bits={cfg.bits} now also applies to the graphs compiled earlier from this model "
                       "(its linears share one quantized copy and one bit-width); use csd_compile.set_bits(model, b) "

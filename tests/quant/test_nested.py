@@ -161,3 +161,24 @@ def test_bad_group_size_and_odd_rows():
         quantize(_weight(4, 96, 0), 48)
     with pytest.raises(ValueError, match="even"):
         quantize(_weight(3, 64, 0), 64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(widths=st.lists(st.integers(1, 90), min_size=2, max_size=4), groups=st.integers(1, 4),
+       group=st.sampled_from([32, 64]), seed=st.integers(0, 2**16))
+def test_a_fused_projection_quantizes_as_its_parts(widths, groups, group, seed):
+    """q/k/v or gate/up stored as one matrix (parts stacked along the output rows, widths not multiples
+    of the 64-row block): groups run along K inside each row, so every rung of the fused copy decodes,
+    row for row, to the parts quantized one by one, and the kernel gives the parts' outputs."""
+    if sum(widths) % 2:
+        widths = [*widths[:-1], widths[-1] + 1]  # the format stores an even number of rows
+    k = group * groups
+    parts = [_weight(w, k, seed + i) for i, w in enumerate(widths)]
+    fused = quantize(torch.cat(parts), group)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(seed))
+    for bits in BITS:
+        whole = dequantize(*fused, bits)
+        assert torch.equal(whole, torch.cat([fake_quantize(p, bits, group) for p in parts])), bits
+        y = torch.ops.csd.qlinear(x, *fused, torch.tensor(bits, dtype=torch.int32))
+        ref = torch.cat([x @ fake_quantize(p, bits, group).T for p in parts], dim=-1)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
