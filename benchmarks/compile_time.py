@@ -7,9 +7,11 @@ Each case runs in its own Python process with an empty Inductor cache (``TORCHIN
 set to a new temporary folder; the C++ kernel's extension cache is kept, it is built once per
 machine, not per model). There, HF ``generate`` with a static cache compiles the decode step with
 ``backend="csd"`` (``csd_compile.models.hf_generate.compile_config``) on a 16-token prompt: the
-first call of ``--new-tokens`` tokens compiles and decodes, three more only decode; the compile
-time is the first call's time less the fastest of the others, tok/s that fastest call's (prefill
-included, greedy).
+first call of ``--new-tokens`` tokens compiles and decodes, three more only decode, timed with the
+bench's timing (``csd_compile.bench.timing``); the compile time is the first call's time less the
+median of the others, tok/s their median (prefill included, greedy). Cases run in separate
+processes, one after the other, so their tok/s are not an interleaved comparison: compare decode
+speed with ``csd-compile bench`` rows.
 
 Families: the tiny random models of ``tests/test_architectures.py`` (hidden 64, vocab 128, fp32;
 ``--layers`` sets their depth) and ``smollm2`` (the embedded SmolLM2-135M-Instruct, 30 layers, bf16).
@@ -27,10 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 MODES = ("whole", "layers", "nested")
 WARM_CALLS = 3
@@ -82,15 +84,17 @@ def run_one(family: str, layers: int, bits: int | None, group_size: int, mode: s
 
         mark_decoder_regions(model)
     torch._dynamo.reset()
-    times = []
-    with torch.no_grad():
-        for _ in range(1 + WARM_CALLS):
-            t = time.perf_counter()
-            model.generate(ids, **kwargs)
-            times.append(time.perf_counter() - t)
+    from csd_compile.bench.timing import measure, timed_call
+
+    def run(x):
+        return {"ids": model.generate(x, **kwargs)}
+
+    first = timed_call(run, ids)[1]  # the cold compile happens here
+    warm = measure({"run": run}, [ids] * WARM_CALLS, warmup=False, progress=None)  # the bench's timing
+    median_s = statistics.median(r["seconds"] for r in warm.records["run"])
     return {"family": family, "layers": len(_decoder_layers(model)), "bits": bits, "group_size": group_size,
-            "mode": mode, "threads": torch.get_num_threads(), "compile_s": round(times[0] - min(times[1:]), 2),
-            "tok_s": round(new_tokens / min(times[1:]), 1), "first_call_s": round(times[0], 2)}
+            "mode": mode, "threads": torch.get_num_threads(), "compile_s": round(first - median_s, 2),
+            "tok_s": round(warm.median_tok_s("run"), 1), "first_call_s": round(first, 2)}
 
 
 def _measure(family: str, layers: int, mode: str, args) -> dict:

@@ -204,6 +204,17 @@ def csd_q4_g32_loop(ctx):
     return run
 
 
+@system("csd-q4-g32-regions", "csd-q4-g32 with each decoder layer one nested_compile_region (compiled once, "
+        "called per layer: csd_compile.models.regions.mark_decoder_regions)", default=False, plain="csd-q4-g32",
+        precision=Precision(bits=4, group_size=32))
+def csd_q4_g32_regions(ctx):
+    from csd_compile.models.regions import mark_decoder_regions
+
+    model = ctx.load("bf16")
+    mark_decoder_regions(model)
+    return _static_compiled(ctx, "csd", _Q4_1_GRID, model=model)
+
+
 @system("csd-q4-g32-fp32", "HF greedy, static cache, backend='csd' bits=4 group_size=32, fp32 activations: "
         "the GGUF's own Q4_1 grid, i.e. hf-fp32's weights", default=False, plain="hf-fp32",
         precision=Precision(bits=4, group_size=32, dtype="fp32"))
