@@ -93,6 +93,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+# Every compiled row compiles the same HF forward (one code object) for its own model instance:
+# Dynamo's default of 8 cache entries per code object is a per-model-limit, not a bench-sized one.
+@torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096)
 def run(
     *,
     model_name: str,
