@@ -4,8 +4,8 @@
 
 Two copies of the embedded model as the lossless 8-bit target of the bench's ``csd-int8-self`` row
 (fp32 activations, 8-bit weights and LM head, ``backend="csd"``), each decoding with the ``"self"``
-draft at 4 bits: one whose draft keeps the target's LM head as it is (the default), one whose draft
-reads it at 4 bits, group 64 (``make_self_draft(..., quantize_lm_head=True)``). Plain decoding of the same target is the reference
+draft at 4 bits: one whose draft keeps the LM head module as it is (dense fp32; the default), one
+whose draft reads a 4-bit view of it, group 64 (``make_self_draft(..., quantize_lm_head=True)``). Plain decoding of the same target is the reference
 row. Timed with the bench's timing (``csd_compile.bench.timing``); every output is checked against
 the plain decoding (the draft changes speed, never tokens).
 """
