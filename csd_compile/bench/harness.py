@@ -4,7 +4,8 @@ A system is one small function registered with ``@system(name, description)``: i
 :class:`BenchContext` and returns a runner ``run(input_ids [1, S]) -> dict`` whose dict holds at
 least ``ids`` (prompt + new tokens, ``[1, S + n]``) and may add ``mean_accepted`` etc. Timing
 (:mod:`.timing`: warm-up, interleaved runs, medians), ratios against plain HF bf16 greedy, quality
-(agreement with that baseline's tokens), JSON, markdown and the PNG chart are done here, once, for all of them.
+(agreement with that baseline's tokens), JSON, markdown and the PNG chart are done here, once, for
+all of them.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 # Every compiled row compiles the same HF forward (one code object) for its own model instance:
-# Dynamo's default of 8 cache entries per code object is a per-model-limit, not a bench-sized one.
+# Dynamo's default of 8 cache entries per code object suits one model, not a bench of a dozen.
 @torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096)
 def run(
     *,
