@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "AllReduced", "BACKENDS", "DEFAULT_TIMEOUT_S", "RowParallelLinear", "ShardPlan", "TPInfo", "check_draft", "check_group_size",
-    "check_launch", "init", "plan_shards", "resolve_backend", "shard_model", "tp_info",
+    "AllReduced", "BACKENDS", "DEFAULT_TIMEOUT_S", "RowParallelLinear", "ShardPlan", "TPInfo", "check_group_size",
+    "check_launch", "check_same_sharding", "init", "plan_shards", "resolve_backend", "shard_model", "tp_info",
 ]
 
 BACKENDS = ("gloo", "nccl")
@@ -322,7 +322,7 @@ def shard_model(model: nn.Module, info: TPInfo | None = None) -> nn.Module:
     return sharded
 
 
-def check_draft(target: nn.Module, draft: nn.Module) -> None:
+def check_same_sharding(target: nn.Module, draft: nn.Module) -> None:
     """``ValueError`` unless a draft model used with a sharded ``target`` is sharded over the same group."""
     t, d = tp_info(target), tp_info(draft)
     if t is None and d is None:

@@ -59,17 +59,6 @@ class GreedyDecoder:
             cache.reset()
         return cache
 
-    def _eos(self, eos_token_id) -> set[int]:
-        if eos_token_id is None:
-            cfg = getattr(self.model, "generation_config", None)
-            eos_token_id = getattr(cfg, "eos_token_id", None)
-        if eos_token_id is None:
-            return set()
-        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
-        return set(ids)
-
     def warm_up(self, input_ids: torch.Tensor, *, max_new_tokens: int, steps: int = 2) -> None:
         """Compile the step for the cache a call with these arguments uses, decoding only ``steps``
         tokens (the compile happens on the first)."""
@@ -86,7 +75,10 @@ class GreedyDecoder:
                              "for batches use csd_compile.generate or model.generate")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        vocab = self.model.config.vocab_size
+        from ..speculative.drafts import vocab_size
+        from ..speculative.engine_args import eos_set
+
+        vocab = vocab_size(self.model)
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got ids from {lo} to {hi}")
@@ -95,7 +87,7 @@ class GreedyDecoder:
         if isinstance(context, int) and total > context:
             raise ValueError(f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens {max_new_tokens} exceeds the "
                              f"model's context of {context} tokens")
-        eos = self._eos(eos_token_id)
+        eos = eos_set(eos_token_id, self.model, None, vocab)  # as csd_compile.generate resolves it
         device = next(self.model.parameters()).device
         ids = input_ids.to(device)
         cache = self._cache(total)

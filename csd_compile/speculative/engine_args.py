@@ -14,7 +14,7 @@ from torch import nn
 from .csd_accept import AcceptanceSpec, parse_acceptance
 from .drafts import check_same_vocab, vocab_size
 
-__all__ = ["GenerateArgs", "check_draft", "parse_args", "MAX_DRAFT_TOKENS"]
+__all__ = ["GenerateArgs", "MAX_DRAFT_TOKENS", "check_draft", "eos_set", "parse_args"]
 
 MAX_DRAFT_TOKENS = 64
 # model kwargs HF's generate hands a custom_generate callable; not used by the speculative loop
@@ -85,7 +85,9 @@ def _check_mask(mask, ids: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _eos_set(eos_token_id, target: nn.Module, generation_config, vocab: int) -> frozenset:
+def eos_set(eos_token_id, target: nn.Module, generation_config, vocab: int) -> frozenset:
+    """The stop ids: ``eos_token_id`` (an int, a list of ints or a tensor), else ``generation_config``'s,
+    else the model's; ``TypeError`` for other types, ``ValueError`` when given ids lie outside ``vocab``."""
     given = eos_token_id is not None
     if eos_token_id is None and generation_config is not None:
         eos_token_id = generation_config.eos_token_id
@@ -132,9 +134,13 @@ def _check_backend(backend, options) -> None:
 
 
 def check_draft(target: nn.Module, draft: nn.Module, cache_len: int) -> None:
-    """Raise ``ValueError`` unless ``draft`` can run beside ``target``: the same vocabulary and special
-    ids, the same parameter dtype and device, and a context that covers the cache."""
+    """Raise ``ValueError`` unless ``draft`` can run beside ``target``: sharded (tensor parallel) over
+    the same ranks or not at all, the same vocabulary and special ids, the same parameter dtype and
+    device, and a context that covers the cache."""
+    from ..parallel import check_same_sharding
+
     draft = getattr(draft, "_orig_mod", draft)
+    check_same_sharding(target, draft)
     check_same_vocab(target, draft)
     def first_float(model):  # quantized layers may hold integer codes; activations run in the float dtype
         return next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -253,7 +259,7 @@ def parse_args(target: nn.Module, input_ids, *, draft, num_draft_tokens, tempera
         check_draft(target, draft, cache_len)
     _check_cache_fits(target, draft, B, cache_len)
 
-    eos = _eos_set(eos_token_id, target, generation_config, vocab)
+    eos = eos_set(eos_token_id, target, generation_config, vocab)
     pad_id = getattr(target.config, "pad_token_id", None)
     if pad_id is None:
         pad_id = min(eos) if eos else 0

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..parallel import check_draft
 from .cache import RowCache
 from .drafts import ModelDraft, NgramDraft, NoDraft, make_self_draft, vocab_size
 from .csd_accept import DEFAULT_LAMBDA, DEFAULT_TAU
@@ -196,8 +195,6 @@ def generate(
         acceptance=acceptance, generation_config=generation_config, kwargs=kwargs, memory=memory, tau=tau, lam=lam,
         tokenizer=tokenizer,
     )
-    if not isinstance(args.draft, str):
-        check_draft(target, args.draft)  # a sharded target wants a draft sharded over the same ranks
     B, S = args.input_ids.shape
     eng = _engine(target, args, B, args.cache_len)
     eng.warm_up()

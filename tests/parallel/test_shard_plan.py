@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csd_compile.parallel import RowParallelLinear, TPInfo, check_draft, check_group_size, plan_shards, shard_model
+from csd_compile.parallel import RowParallelLinear, TPInfo, check_group_size, check_same_sharding, plan_shards, shard_model
 from tests.conftest import make_tiny_llama, tiny_llama_config
 
 
@@ -83,7 +83,7 @@ def test_draft_that_cannot_be_sharded_the_same_way():
     with pytest.raises(ValueError, match="over 2 ranks cannot shard 1 KV heads"):
         shard_model(draft, info)
     with pytest.raises(ValueError, match="target model is sharded .* but the draft is not"):
-        check_draft(sharded, draft)
+        check_same_sharding(sharded, draft)
     from csd_compile import generate
 
     with pytest.raises(ValueError, match="draft is not"):
