@@ -5,7 +5,9 @@
 For every shape (N x K) and activation row count M, times side by side, interleaved (one sample
 of each candidate in turn, ``--repeats`` rounds, medians reported):
 
-- ``native/<isa>``: ``csd::qlinear_cpu_native`` forced onto each path this CPU can run;
+- ``native/<isa>``: ``csd::qlinear_cpu_native`` forced onto each path this CPU can run, float
+  activations; ``native/<isa>/i8`` the same path with int8 activations
+  (``native.use_activations("int8")``; ``avx512`` and ``avx2`` run the same vpmaddubsw loops there);
 - ``pytorch``: ``csd::qlinear_cpu``, the pure-PyTorch fallback;
 - ``dense bf16`` / ``dense fp32``: ``F.linear`` on an unquantized weight of the same shape.
 
@@ -54,8 +56,8 @@ class _Pool:
 class _Candidate:
     """One timed thing: ``fn(i)`` runs it on pool copy i; ``nbytes`` weight bytes per call."""
 
-    def __init__(self, name, bits, nbytes, pool, fn, isa=None):
-        self.name, self.bits, self.nbytes, self.isa = name, bits, nbytes, isa
+    def __init__(self, name, bits, nbytes, pool, fn, isa=None, act="float"):
+        self.name, self.bits, self.nbytes, self.isa, self.act = name, bits, nbytes, isa, act
         self.pool = pool  # a _Pool, maybe shared: its cursor moves on whoever reads it
         self.fn = fn
         self.samples: list[float] = []
@@ -63,7 +65,7 @@ class _Candidate:
 
     def _run(self, calls: int) -> float:
         ctx = native.use_isa(self.isa) if self.isa else _nullcontext()
-        with ctx:
+        with ctx, native.use_activations(self.act):
             t = time.perf_counter()
             for _ in range(calls):
                 self.fn(self.pool.next())
@@ -103,8 +105,9 @@ def _candidates(n, k, m, bits_list, pool_bytes):
         b = torch.tensor(bits)
         nbytes = n * k * bits // 8 + n * (k // GROUP) * 8
         for isa in native.supported_isas():
-            out.append(_Candidate(f"native/{isa}", bits, nbytes, shared,
-                                  lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa))
+            for act in native.ACTIVATIONS:
+                out.append(_Candidate(f"native/{isa}" + ("/i8" if act == "int8" else ""), bits, nbytes, shared,
+                                      lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa, act))
         # its own copies: the fallback caches repacked operands per weight and rung
         out.append(_Candidate("pytorch", bits, nbytes, pool(lambda: tuple(t.clone() for t in nw), nested_bytes),
                               lambda t, b=b: torch.ops.csd.qlinear_cpu(x, *t, b)))
@@ -153,13 +156,13 @@ def main(argv=None) -> None:
                 del cands
     bw = statistics.median(streams)
     print(f"streaming read (torch.sum, 1 GiB fp32): median {bw:.1f} GB/s over {len(streams)} samples\n")
-    print(f"{'N x K':>11} {'M':>2} {'bits':>4}  {'kernel':<14} {'us':>9} {'GB/s':>7} {'%bw':>5}  {'vs bf16':>7}")
+    print(f"{'N x K':>11} {'M':>2} {'bits':>4}  {'kernel':<18} {'us':>9} {'GB/s':>7} {'%bw':>5}  {'vs bf16':>7}")
     for n, k, m, cands in rows:
         dense_bf16 = statistics.median(next(c for c in cands if c.name == "dense bf16").samples)
         for c in sorted(cands, key=lambda c: (c.bits or 99, c.name)):
             t = statistics.median(c.samples)
             gbs = c.nbytes / t / 1e9
-            print(f"{n:>5}x{k:<5} {m:>2} {c.bits or '-':>4}  {c.name:<14} {t * 1e6:>9.1f} {gbs:>7.2f} "
+            print(f"{n:>5}x{k:<5} {m:>2} {c.bits or '-':>4}  {c.name:<18} {t * 1e6:>9.1f} {gbs:>7.2f} "
                   f"{100 * gbs / bw:>5.0f}  {dense_bf16 / t:>6.2f}x")
         print()
 

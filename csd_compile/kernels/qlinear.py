@@ -18,7 +18,10 @@ per-layer plan) *inside* the op: changing it never recompiles and never syncs th
   computes the same values more slowly: bf16 activations with up to 4 rows go through PyTorch's
   int4 CPU kernel on the rung's codes repacked by PyTorch itself (its packed layout depends on the
   instruction set), anything else dequantizes and calls ``F.linear``.
-- ``qlinear_ref``: the pure-torch reference every path is tested against.
+  ``native.set_activations("int8")`` switches its decode / verify passes to activations quantized
+  to int8 per 32 features and integer byte-dot products (off by default; see ``native``).
+- ``qlinear_ref``: the pure-torch reference every path is tested against; ``qlinear_ref_int8`` that
+  of the int8-activation mode.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ..quant.nested import check_bits, dequantize, unpack_nibbles
 from . import native
 from ._triton import jit, op, require_triton, tl, triton
 
-__all__ = ["qlinear", "qlinear_ref", "qlinear_triton", "check_qlinear_args"]
+__all__ = ["qlinear", "qlinear_ref", "qlinear_ref_int8", "qlinear_triton", "check_qlinear_args"]
 
 # bf16 decode/verify rows served by the int4 CPU kernel; past this, one dequantize + GEMM wins
 # (the int4 kernel reuses no weights across rows).
@@ -122,6 +125,31 @@ def qlinear_ref(x, qdata, scale, zero, bits) -> torch.Tensor:
     check_qlinear_args(x, qdata, scale, zero, bits)
     w = dequantize(qdata, scale, zero, check_bits(int(bits.reshape(()))))
     return F.linear(x.float(), w).to(x.dtype)
+
+
+def qlinear_ref_int8(x, qdata, scale, zero, bits) -> torch.Tensor:
+    """Pure-torch reference of the C++ kernel's int8-activation mode (``native.set_activations("int8")``,
+    up to 16 rows): every row quantized per 32 features, ``x ~ d * q`` with ``d = max|x| / 127`` and
+    ``q = round(x / d)`` in [-127, 127]; the codes enter centred (``c - 2^(b-1)``), so the
+    quantization error ``d * q - x`` is multiplied by ``S * (c - 2^(b-1))`` only, while the
+    zero-point term uses the exact per-group sums of ``x``."""
+    check_qlinear_args(x, qdata, scale, zero, bits)
+    b = check_bits(int(bits.reshape(())))
+    n, k = qdata.shape[1], 2 * qdata.shape[2]
+    groups = scale.shape[1]
+    xf = x.reshape(-1, k).float()
+    blocks = xf.reshape(-1, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # levels / amax as a true division (``127 / tensor`` would multiply by a rounded reciprocal)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    xh = (torch.round(blocks * inv).clamp(-127, 127) * (amax / 127.0)).reshape_as(xf)
+    w = dequantize(qdata, scale, zero, b).double()
+    # kernel: S * sum(xh * (c - c0)) + (Z + c0 * S) * sum(x) = xh @ W.T + (Z + c0 * S) * (sum(x) - sum(xh))
+    step = 2.0 ** (8 - b)
+    zc = (zero + (0.5 * (step - 1) + step * 2 ** (b - 1)) * scale).double()
+    dsum = (xf - xh).reshape(-1, groups, k // groups).sum(-1).double()
+    y = xh.double() @ w.T + dsum @ zc.T
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def qlinear_triton(x, qdata, scale, zero, bits, *, block_m: int = 16, block_n: int = 32, block_k: int = 32):

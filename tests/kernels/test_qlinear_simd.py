@@ -1,4 +1,5 @@
-"""The C++ kernel's instruction-set paths (scalar, AVX2+FMA, AVX-512), each forced in turn.
+"""The C++ kernel's instruction-set paths (scalar, AVX2+FMA, AVX-512, AVX-512 VNNI), each forced in turn,
+with float activations and with int8 ones (``native.use_activations("int8")``).
 
 The kernel picks the best path at run time; ``native.use_isa`` forces one so that this machine tests
 every path it can run (an AVX-512 machine runs the AVX2 path that AMD Zen 3 machines use). A path
@@ -20,10 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csd_compile.kernels import native
-from csd_compile.kernels.qlinear import qlinear_ref
+from csd_compile.kernels.qlinear import qlinear_ref, qlinear_ref_int8
 
-ISAS = ("scalar", "avx2", "avx512")
-_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "fma"}}
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
+_AVX512 = {"avx512f", "avx512bw", "avx512vl", "fma"}
+_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma"}, "avx512": _AVX512, "avx512vnni": _AVX512 | {"avx512_vnni"}}
 
 
 def _cpu_flags() -> set[str]:
@@ -49,6 +51,7 @@ def _built():
     assert native.load(), "the C++ CPU kernels should build on this machine"
     yield
     native.set_isa("auto")
+    native.set_activations("float")
 
 
 def _rel_err(y, r):
@@ -149,6 +152,78 @@ def test_embedded_model_shapes(isa, n, k):
                     assert _rel_err(y, qlinear_ref(x, *nw, b)) < _tol(dtype), (m, dtype, bits)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.one_of(st.sampled_from([64, 128, 192, 576]), st.integers(1, 288).map(lambda v: 2 * v)),
+    group=st.sampled_from([32, 64, 128]),
+    k_groups=st.integers(1, 12),
+    m=st.integers(1, 16),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    threads=st.sampled_from([1, 2, 4]),
+    scale_x=st.sampled_from([1e-3, 1.0, 30.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_int8_activations_match_their_reference(isa, n, group, k_groups, m, dtype, bits, threads, scale_x, seed):
+    """Every path with int8 activations against ``qlinear_ref_int8``: the integer sums are exact, so
+    only float rounding separates them. Some 32-feature blocks are all zero (scale 0)."""
+    if isa not in _runnable():
+        return  # refusal is checked by the float test above
+    k = min(group * k_groups, 1536 // group * group)
+    gen = torch.Generator().manual_seed(seed)
+    nw = _random_nested(n, k, group, gen)
+    x = torch.randn(m, k, generator=gen) * scale_x
+    x[:, : 32 * int(torch.randint(0, k // 32, (), generator=gen))] *= torch.rand(m, 1, generator=gen) < 0.3
+    x = x.to(dtype)
+    b = torch.tensor(bits, dtype=torch.int32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with native.use_isa(isa), native.use_activations("int8"):
+            y = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
+    finally:
+        torch.set_num_threads(before)
+    r = qlinear_ref_int8(x, *nw, b)
+    assert y.shape == r.shape == (m, n) and y.dtype == dtype
+    assert _rel_err(y, r) < _tol(dtype), (isa, n, k, group, m, dtype, bits)
+    # and what it approximates: the float product, within the activations' rounding (about 0.5%)
+    assert _rel_err(y, qlinear_ref(x, *nw, b)) < 0.03
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_activations_rows_do_not_depend_on_the_pass(isa):
+    """Each row is quantized on its own, so row i of a verify pass is bit for bit the decode pass of
+    row i (what lossless speculation relies on); more than 16 rows take the float GEMM path."""
+    if isa not in _runnable():
+        return
+    gen = torch.Generator().manual_seed(7)
+    nw = _random_nested(1536 + 66, 576, 32, gen)  # full row blocks and a tail
+    x = torch.randn(16, 576, generator=gen).to(torch.bfloat16)
+    b = torch.tensor(4)
+    with native.use_isa(isa), native.use_activations("int8"):
+        rows = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
+        for i in (0, 5, 15):
+            assert torch.equal(torch.ops.csd.qlinear_cpu_native(x[i : i + 1], *nw, b)[0], rows[i]), i
+        assert torch.equal(torch.ops.csd.qlinear_cpu_native(x[3:8], *nw, b), rows[3:8])
+        x17 = torch.randn(17, 576, generator=gen)
+        long = torch.ops.csd.qlinear_cpu_native(x17, *nw, b)
+    assert _rel_err(long, qlinear_ref(x17, *nw, b)) < 1e-5
+
+
+def test_activation_mode_is_set_and_restored():
+    assert native.activations() == "float"
+    with native.use_activations("int8") as mode:
+        assert mode == native.activations() == "int8" == str(torch.ops.csd.qlinear_cpu_activations())
+        assert native.set_activations("int8") == "int8"
+    assert native.activations() == "float"
+    with pytest.raises(ValueError, match=r"activations='int4' is not one of \['float', 'int8'\]"):
+        native.set_activations("int4")
+    with pytest.raises(ValueError, match="unknown mode 'fp8'; choose 'int8' or 'float'"):
+        torch.ops.csd.qlinear_cpu_set_activations("fp8")
+    assert native.activations() == "float"
+
+
 def _disassembly() -> str:
     maps = Path("/proc/self/maps").read_text()
     libs = {line.split()[-1] for line in maps.splitlines() if "csd_compile_cpu_kernels" in line}
@@ -169,6 +244,8 @@ def test_only_the_selected_functions_use_wide_registers():
         head = f.split("\n", 1)[0]
         wide512 = re.search(r"%zmm|%k[1-7]\b", f) is not None
         wide256 = "%ymm" in f
+        # VNNI instructions (AVX-512 VNNI) only where the CPU was checked for them
+        assert "vpdpbusd" not in f or "Vnni" in head, head
         if "Avx512" in head or "decode16" in head:
             seen["avx512"] += wide512
         elif "Avx2" in head or "decode8" in head:
@@ -182,7 +259,7 @@ def test_only_the_selected_functions_use_wide_registers():
 _NO_X86 = r"""
 import sys, torch
 from torch.utils.cpp_extension import load
-from csd_compile.kernels.qlinear import qlinear_ref
+from csd_compile.kernels.qlinear import qlinear_ref, qlinear_ref_int8
 from csd_compile.quant.nested import quantize
 src, build = sys.argv[1], sys.argv[2]
 load(name="csd_scalar_only", sources=[src], extra_cflags=["-O3", "-fopenmp", "-DCSD_NO_X86"],
@@ -203,6 +280,14 @@ for m in (1, 5, 20):
         r = qlinear_ref(x, *nw, b)
         y = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
         assert ((y - r).norm() / r.norm()).item() < 1e-5, (m, bits)
+torch.ops.csd.qlinear_cpu_set_activations("int8")
+for m in (1, 5):
+    x = torch.randn(m, 256, generator=g)
+    for bits in (2, 3, 4, 8):
+        b = torch.tensor(bits)
+        r = qlinear_ref_int8(x, *nw, b)
+        y = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
+        assert ((y - r).norm() / r.norm()).item() < 1e-5, ("int8", m, bits)
 print("ok")
 """
 

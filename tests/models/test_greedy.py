@@ -58,6 +58,35 @@ def test_warm_up_compiles_the_cache_bucket_of_the_real_call():
     assert out.shape == (1, 206) and counters["stats"]["unique_graphs"] == graphs
 
 
+def test_guards_are_skipped_only_for_the_later_steps_of_a_call():
+    """Steps after a call's first skip Dynamo's guard checks: only the step, never the streamer's code
+    (a compiled function it calls keeps its guards), and a model changed between calls is noticed."""
+    model = make_tiny_llama(seed=16)
+    reference = copy.deepcopy(model)
+    dec = GreedyDecoder(model, backend="csd")
+    doubled = torch.compile(lambda t: t * 2, backend="eager")
+    seen = []
+
+    class Streamer:
+        def put(self, tokens):
+            # compiled first for float, then called with int64: guards must send it to a new graph
+            seen.append(doubled(tokens.float() if not seen else tokens).dtype)
+
+        def end(self):
+            pass
+
+    ids = _prompt(8, 5)
+    out = dec(ids, max_new_tokens=6, eos_token_id=[], streamer=Streamer())
+    assert out.tolist() == _hf(reference, ids, 6).tolist()
+    assert seen == [torch.float32] + [torch.int64] * 6
+    # between calls: swap the MLP activation of every layer (a guarded attribute, not a tensor input)
+    for m in (model, reference):
+        for layer in m.model.layers:
+            layer.mlp.act_fn = torch.nn.Tanh()
+    ids = _prompt(9, 5)
+    assert dec(ids, max_new_tokens=6, eos_token_id=[]).tolist() == _hf(reference, ids, 6).tolist()
+
+
 def test_stops_after_eos_and_streams_prompt_then_tokens():
     model = make_tiny_llama(seed=13)
     dec = GreedyDecoder(model, backend=None)

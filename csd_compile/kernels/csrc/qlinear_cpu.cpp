@@ -17,7 +17,8 @@
 // weight once and call a GEMM.
 //
 // Instruction sets. The extension is compiled for baseline x86-64 (no -march=native: one build runs
-// on any CPU) and the inner loops exist three times, chosen at run time with __builtin_cpu_supports:
+// on any CPU) and the inner loops exist three times, chosen at run time with __builtin_cpu_supports
+// (a fourth level, avx512vnni, runs the avx512 float loops and the VNNI int8 ones, below):
 //   avx512  (AVX-512F/BW/VL + FMA): bytes -> 32-bit lanes with vpmovzxbd; 2/3/4-bit codes become
 //           floats by a 16-entry table lookup (vpermps reads only the low 4 bits of each lane, so
 //           one lookup decodes a nibble without masking), 8-bit codes are merged with one
@@ -34,6 +35,8 @@
 // are few blocks (N = 192 is 3 of them), and those partial sums are added at the end.
 // csd::qlinear_cpu_set_isa forces a path (tests, benchmarks); csd::qlinear_cpu_isa names the active
 // one, csd::qlinear_cpu_supported_isas those this CPU can run.
+// Activations: float by default (the loops above); csd::qlinear_cpu_set_activations("int8") switches
+// the blocked path to int8-quantized activations and byte-dot products (see "int8-activation paths").
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -46,6 +49,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -69,8 +73,9 @@ constexpr int64_t kCodesAhead = 2048;
 // ---------------------------------------------------------------------------------------------
 // Run-time choice of the instruction set.
 
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
+constexpr int kNumIsas = 4;
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512vnni"};
 
 bool cpu_supports(int isa) {
 #if CSD_X86
@@ -79,6 +84,7 @@ bool cpu_supports(int isa) {
     case kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+    case kAvx512Vnni: return cpu_supports(kAvx512) && __builtin_cpu_supports("avx512vnni");
     case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     default: return true;
   }
@@ -88,11 +94,15 @@ bool cpu_supports(int isa) {
 }
 
 int best_isa() {
-  static const int best = cpu_supports(kAvx512) ? kAvx512 : cpu_supports(kAvx2) ? kAvx2 : kScalar;
+  static const int best = cpu_supports(kAvx512Vnni) ? kAvx512Vnni
+                          : cpu_supports(kAvx512)   ? kAvx512
+                          : cpu_supports(kAvx2)     ? kAvx2
+                                                    : kScalar;
   return best;
 }
 
 std::atomic<int> g_forced_isa{-1};  // -1: the best the CPU has
+std::atomic<bool> g_int8_act{false};  // true: activations quantized to int8 per 32 features
 
 int active_isa() {
   const int f = g_forced_isa.load(std::memory_order_relaxed);
@@ -107,6 +117,9 @@ struct Ctx {
   const float* xsum;  // [M, G] their per-group sums
   const float* scale; // [N, G]
   const float* zero;  // [N, G]
+  const int8_t* xq;   // [M, K] the activations quantized per 32 features (int8 paths only)
+  const float* xd;    // [M, K/32] their scales
+  const int32_t* xqs; // [M, K/32] the sums of the quantized values per block
   int64_t M, N, K, G, gs;
   float mult, half;   // m = 2^(8-b) and (m-1)/2: S = m * scale, Z = zero + half * scale
 };
@@ -274,6 +287,268 @@ struct Avx2 {
 
 #endif  // CSD_X86
 
+// ---------------------------------------------------------------------------------------------
+// int8-activation paths (opt-in: csd::qlinear_cpu_set_activations("int8"); up to 16 rows, as the
+// float paths above; longer passes dequantize and run a float GEMM whatever the mode).
+// Every activation row is quantized per block of 32 features, x ~ d * q with q int8 in
+// [-127, 127] and d = max|x| / 127 (round to nearest even), so that a block's sum_k x[k] * c[k] is
+// d times an exact integer dot product of bytes, which the byte-dot instructions compute 4 (VNNI)
+// or 2 (vpmaddubsw) products per instruction and lane instead of one float FMA:
+//   avx2        vpmaddubsw (u8 code x s8 activation, pairs summed into 16 bits), added with vpaddw
+//               over a whole 32-feature block (per lane at most 16 products of 15 * 127: no
+//               overflow), one vpmaddwd at the block's end; 8-bit codes run as their two nibbles
+//               (16 * high + low), so no pair sum can saturate.
+//   avx512vnni  vpdpbusd on 256-bit registers: 4 products summed into 32 bits, 8-bit codes whole.
+//   scalar      integer loops.
+// The per-group sums of x stay exact (the zero-point term uses them). The nested layout puts one
+// k's 64 rows in 32 consecutive bytes, while the byte-dot instructions want one row's 4
+// consecutive k in a 32-bit lane, so each 4-k quad (128 bytes) is transposed in registers (8
+// unpacks) and its nibbles split into 8 vectors: vector 2i + h, lane 4L + e, holds row
+// 32h + 16L + 4i + e. A 32-feature block of codes is decoded once into a small buffer (2 or 4 KiB)
+// and then multiplied by every activation row of the pass.
+
+// Codes are unsigned (0 .. 2^b - 1); the products are taken against c - 2^(b-1), centred, so that
+// the activations' rounding error is not multiplied by the codes' large mean: sum_k q[k] * c[k] -
+// 2^(b-1) * sum_k q[k] (exact, in integers), and 2^(b-1) * S moves into the zero-point term.
+template <int BITS>
+constexpr int32_t kCentre = 1 << (BITS - 1);
+
+// Row of lane p of vector v in the transposed order above.
+constexpr int i8_row(int v, int p) { return 32 * (v & 1) + 16 * (p >> 2) + 4 * (v >> 1) + (p & 3); }
+
+#if CSD_X86
+struct I8Avx2 {
+  // 8 code vectors per quad; 8-bit codes on vpmaddubsw take 16 (the high plane's nibbles, then the
+  // low plane's), on vpdpbusd 8 (whole bytes)
+  template <int BITS, bool VNNI>
+  static constexpr int kVecs = BITS == 8 && !VNNI ? 16 : 8;
+
+  CSD_TARGET_AVX2 static inline __attribute__((always_inline)) void transpose(const uint8_t* p, __m256i t[4]) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 96));
+    const __m256i ab0 = _mm256_unpacklo_epi8(a, b), ab1 = _mm256_unpackhi_epi8(a, b);
+    const __m256i cd0 = _mm256_unpacklo_epi8(c, d), cd1 = _mm256_unpackhi_epi8(c, d);
+    t[0] = _mm256_unpacklo_epi16(ab0, cd0);
+    t[1] = _mm256_unpackhi_epi16(ab0, cd0);
+    t[2] = _mm256_unpacklo_epi16(ab1, cd1);
+    t[3] = _mm256_unpackhi_epi16(ab1, cd1);
+  }
+
+  // The quad of codes at feature k into out[0 .. kVecs).
+  template <int BITS, bool VNNI>
+  CSD_TARGET_AVX2 static inline __attribute__((always_inline)) void decode_quad(const uint8_t* hb, const uint8_t* lb,
+                                                                                int64_t k, __m256i* out) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    __m256i t[4];
+    transpose(hb + k * 32, t);
+    if constexpr (BITS == 8) {
+      __m256i u[4];
+      transpose(lb + k * 32, u);
+      for (int i = 0; i < 4; ++i) {
+        const __m256i th = _mm256_and_si256(t[i], m15), tl = _mm256_and_si256(_mm256_srli_epi16(t[i], 4), m15);
+        const __m256i uh = _mm256_and_si256(u[i], m15), ul = _mm256_and_si256(_mm256_srli_epi16(u[i], 4), m15);
+        if constexpr (VNNI) {  // whole 8-bit codes: 16 * (high plane nibble) + low plane nibble
+          out[2 * i] = _mm256_or_si256(_mm256_slli_epi16(th, 4), uh);
+          out[2 * i + 1] = _mm256_or_si256(_mm256_slli_epi16(tl, 4), ul);
+        } else {
+          out[2 * i] = th;
+          out[2 * i + 1] = tl;
+          out[8 + 2 * i] = uh;
+          out[8 + 2 * i + 1] = ul;
+        }
+      }
+    } else {
+      const __m256i mb = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+      for (int i = 0; i < 4; ++i) {
+        out[2 * i] = _mm256_and_si256(_mm256_srli_epi16(t[i], 4 - BITS), mb);
+        out[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(t[i], 8 - BITS), mb);
+      }
+    }
+  }
+
+  // 32 features of one activation row (xq) against 8 code vectors per quad: int32 row sums.
+  CSD_TARGET_AVX2 static inline __attribute__((always_inline)) void dot_block(const __m256i* buf, int stride,
+                                                                              const int8_t* xq, __m256i out[8]) {
+    __m256i acc[8];
+    for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
+    for (int q = 0; q < 8; ++q) {
+      int32_t x4;
+      std::memcpy(&x4, xq + 4 * q, 4);
+      const __m256i xv = _mm256_set1_epi32(x4);
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_add_epi16(acc[v], _mm256_maddubs_epi16(buf[q * stride + v], xv));
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int v = 0; v < 8; ++v) out[v] = _mm256_madd_epi16(acc[v], ones);
+  }
+
+  // Per group: res[m][row] += S * sum_blocks d * isum + Z * xsum, rows in the transposed order.
+  template <int BITS>
+  CSD_TARGET_AVX2 static inline __attribute__((always_inline)) void epilogue(const Ctx& c, int64_t n0, int64_t g,
+                                                                             const float* facc, float* res) {
+    for (int v = 0; v < 8; ++v) {
+      const __m256i rows = _mm256_setr_epi32(i8_row(v, 0), i8_row(v, 1), i8_row(v, 2), i8_row(v, 3), i8_row(v, 4),
+                                             i8_row(v, 5), i8_row(v, 6), i8_row(v, 7));
+      const __m256i idx = _mm256_mullo_epi32(rows, _mm256_set1_epi32(static_cast<int>(c.G)));
+      const int64_t at = n0 * c.G + g;
+      const __m256 s = _mm256_i32gather_ps(c.scale + at, idx, 4);
+      const __m256 S = _mm256_mul_ps(s, _mm256_set1_ps(c.mult));
+      const __m256 Z = _mm256_fmadd_ps(S, _mm256_set1_ps(static_cast<float>(kCentre<BITS>)),
+                                       _mm256_fmadd_ps(s, _mm256_set1_ps(c.half), _mm256_i32gather_ps(c.zero + at, idx, 4)));
+      const int r0 = i8_row(v, 0), r1 = i8_row(v, 4);
+      for (int64_t m = 0; m < c.M; ++m) {
+        float* r = res + m * kBlock;
+        const __m256 prev = _mm256_set_m128(_mm_loadu_ps(r + r1), _mm_loadu_ps(r + r0));
+        const __m256 zx = _mm256_fmadd_ps(Z, _mm256_set1_ps(c.xsum[m * c.G + g]), prev);
+        const __m256 y = _mm256_fmadd_ps(S, _mm256_load_ps(facc + (m * 8 + v) * 8), zx);
+        _mm_storeu_ps(r + r0, _mm256_castps256_ps128(y));
+        _mm_storeu_ps(r + r1, _mm256_extractf128_ps(y, 1));
+      }
+    }
+  }
+
+  // float accumulators: facc[m][v] (+)= d * isum
+  CSD_TARGET_AVX2 static inline __attribute__((always_inline)) void scale_add(const __m256i isum[8], int32_t centre,
+                                                                              float d, bool first, float* facc) {
+    const __m256 dv = _mm256_set1_ps(d);
+    const __m256i cv = _mm256_set1_epi32(centre);
+    for (int v = 0; v < 8; ++v) {
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[v], cv));
+      _mm256_store_ps(facc + v * 8, first ? _mm256_mul_ps(dv, f) : _mm256_fmadd_ps(dv, f, _mm256_load_ps(facc + v * 8)));
+    }
+  }
+
+  template <int BITS>
+  CSD_TARGET_AVX2 static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
+                                    float* res) {
+    constexpr int NV = kVecs<BITS, false>;
+    alignas(32) __m256i buf[8 * NV];
+    alignas(32) float facc[kMaxBlockedRows * 64];
+    const int64_t K = c.K, KB = K / 32;
+    for (int64_t kb = g * c.gs; kb < (g + 1) * c.gs; kb += 32) {
+      if (BITS < 8 && c.M == 1) {  // decode: codes straight from registers into the products
+        __m256i acc[8];
+        for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
+        for (int q = 0; q < 8; ++q) {
+          __m256i codes[8];
+          decode_quad<BITS, false>(hb, lb, kb + 4 * q, codes);
+          int32_t x4;
+          std::memcpy(&x4, c.xq + kb + 4 * q, 4);
+          const __m256i xv = _mm256_set1_epi32(x4);
+          for (int v = 0; v < 8; ++v) acc[v] = _mm256_add_epi16(acc[v], _mm256_maddubs_epi16(codes[v], xv));
+        }
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int v = 0; v < 8; ++v) acc[v] = _mm256_madd_epi16(acc[v], ones);
+        scale_add(acc, kCentre<BITS> * c.xqs[kb / 32], c.xd[kb / 32], kb == g * c.gs, facc);
+        continue;
+      }
+      for (int q = 0; q < 8; ++q) decode_quad<BITS, false>(hb, lb, kb + 4 * q, buf + q * NV);
+      for (int64_t m = 0; m < c.M; ++m) {
+        __m256i isum[8];
+        dot_block(buf, NV, c.xq + m * K + kb, isum);
+        if constexpr (BITS == 8) {  // 16 * (high nibbles' sum) + low nibbles' sum
+          __m256i lsum[8];
+          dot_block(buf + 8, NV, c.xq + m * K + kb, lsum);
+          for (int v = 0; v < 8; ++v) isum[v] = _mm256_add_epi32(_mm256_slli_epi32(isum[v], 4), lsum[v]);
+        }
+        const int64_t blk = m * KB + kb / 32;
+        scale_add(isum, kCentre<BITS> * c.xqs[blk], c.xd[blk], kb == g * c.gs, facc + m * 64);
+      }
+    }
+    epilogue<BITS>(c, n0, g, facc, res);
+  }
+};
+
+#define CSD_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+
+struct I8Avx512Vnni {
+  CSD_TARGET_VNNI static inline __attribute__((always_inline)) void dot_block(const __m256i* buf, const int8_t* xq,
+                                                                              __m256i out[8]) {
+    __m256i acc[8];
+    for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
+    for (int q = 0; q < 8; ++q) {
+      int32_t x4;
+      std::memcpy(&x4, xq + 4 * q, 4);
+      const __m256i xv = _mm256_set1_epi32(x4);
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_dpbusd_epi32(acc[v], buf[q * 8 + v], xv);
+    }
+    for (int v = 0; v < 8; ++v) out[v] = acc[v];
+  }
+
+  template <int BITS>
+  CSD_TARGET_VNNI static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
+                                    float* res) {
+    alignas(32) __m256i buf[8 * 8];
+    alignas(32) float facc[kMaxBlockedRows * 64];
+    const int64_t K = c.K, KB = K / 32;
+    for (int64_t kb = g * c.gs; kb < (g + 1) * c.gs; kb += 32) {
+      if (c.M == 1) {  // decode: codes straight from registers into the products
+        __m256i acc[8];
+        for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
+        for (int q = 0; q < 8; ++q) {
+          __m256i codes[8];
+          I8Avx2::decode_quad<BITS, true>(hb, lb, kb + 4 * q, codes);
+          int32_t x4;
+          std::memcpy(&x4, c.xq + kb + 4 * q, 4);
+          const __m256i xv = _mm256_set1_epi32(x4);
+          for (int v = 0; v < 8; ++v) acc[v] = _mm256_dpbusd_epi32(acc[v], codes[v], xv);
+        }
+        I8Avx2::scale_add(acc, kCentre<BITS> * c.xqs[kb / 32], c.xd[kb / 32], kb == g * c.gs, facc);
+        continue;
+      }
+      for (int q = 0; q < 8; ++q) I8Avx2::decode_quad<BITS, true>(hb, lb, kb + 4 * q, buf + q * 8);
+      for (int64_t m = 0; m < c.M; ++m) {
+        __m256i isum[8];
+        dot_block(buf, c.xq + m * K + kb, isum);
+        const int64_t blk = m * KB + kb / 32;
+        I8Avx2::scale_add(isum, kCentre<BITS> * c.xqs[blk], c.xd[blk], kb == g * c.gs, facc + m * 64);
+      }
+    }
+    I8Avx2::epilogue<BITS>(c, n0, g, facc, res);
+  }
+};
+#endif  // CSD_X86
+
+// Portable int8-activation path: integer loops (the compiler vectorizes them for the baseline).
+struct I8Scalar {
+  template <int BITS>
+  static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g, float* res) {
+    int32_t acc[kMaxBlockedRows][kBlock];
+    float facc[kMaxBlockedRows][kBlock];
+    int32_t w[kBlock];
+    const int64_t K = c.K, KB = K / 32;
+    for (int64_t kb = g * c.gs; kb < (g + 1) * c.gs; kb += 32) {
+      std::memset(acc, 0, sizeof(int32_t) * kBlock * c.M);
+      for (int64_t k = kb; k < kb + 32; ++k) {
+        const uint8_t* h = hb + k * 32;
+        const uint8_t* l = lb + k * 32;
+        for (int j = 0; j < 32; ++j) {
+          w[j] = rung_code(h[j] & 15, l[j] & 15, BITS);
+          w[j + 32] = rung_code(h[j] >> 4, l[j] >> 4, BITS);
+        }
+        for (int64_t m = 0; m < c.M; ++m) {
+          const int32_t xv = c.xq[m * K + k];
+          for (int j = 0; j < kBlock; ++j) acc[m][j] += xv * w[j];
+        }
+      }
+      for (int64_t m = 0; m < c.M; ++m) {
+        const float d = c.xd[m * KB + kb / 32];
+        const int32_t centre = kCentre<BITS> * c.xqs[m * KB + kb / 32];
+        for (int j = 0; j < kBlock; ++j) {
+          const float f = d * static_cast<float>(acc[m][j] - centre);
+          facc[m][j] = kb == g * c.gs ? f : facc[m][j] + f;
+        }
+      }
+    }
+    for (int j = 0; j < kBlock; ++j) {
+      const float s = c.scale[(n0 + j) * c.G + g], z = c.zero[(n0 + j) * c.G + g];
+      const float S = c.mult * s, Z = z + c.half * s + S * static_cast<float>(kCentre<BITS>);
+      for (int64_t m = 0; m < c.M; ++m) res[m * kBlock + j] += S * facc[m][j] + Z * c.xsum[m * c.G + g];
+    }
+  }
+};
+
 // One work unit: row block at n0 (its plane bytes at hb / lb), groups [g0, g1), every activation
 // row, Path::kRows per pass; the group's codes stay in L1 between passes.
 using UnitFn = void (*)(const Ctx&, const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, float*);
@@ -285,28 +560,34 @@ inline void rows_pass(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_
   if constexpr (MR <= Path::kRows) Path::template group<BITS, MR>(c, hb, lb, n0, g, m0, res);
 }
 
-template <class Path, int BITS>
-void run_unit(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g0, int64_t g1, float* res) {
+// Prefetches ahead of group g of the row block at n0 (codes at hb / lb).
+template <int BITS>
+__attribute__((always_inline)) inline void prefetch_group(const Ctx& c, const uint8_t* hb, const uint8_t* lb,
+                                                          int64_t n0, int64_t g) {
   // The next row block's scales and zeros are one contiguous run of 64 * G floats each (4 G cache
   // lines), but the gathers read them a column at a time: at that block's first group all its lines
   // would miss at once, which the hardware prefetcher does not foresee (a cold M = 1 product ran at
   // half the speed of a warm one). Fetch them ahead instead, 4 lines of each per group.
-  const bool ahead = n0 + 2 * kBlock <= c.N;
-  const char* next_s = reinterpret_cast<const char*>(c.scale + (n0 + kBlock) * c.G);
-  const char* next_z = reinterpret_cast<const char*>(c.zero + (n0 + kBlock) * c.G);
+  if (n0 + 2 * kBlock <= c.N) {
+    const char* next_s = reinterpret_cast<const char*>(c.scale + (n0 + kBlock) * c.G);
+    const char* next_z = reinterpret_cast<const char*>(c.zero + (n0 + kBlock) * c.G);
+    for (int i = 0; i < 4; ++i) {
+      __builtin_prefetch(next_s + (4 * g + i) * 64);
+      __builtin_prefetch(next_z + (4 * g + i) * 64);
+    }
+  }
   // The codes are one stream, but the hardware prefetcher stops at every 4 KiB page and restarts
   // late; keep kCodesAhead bytes in flight by hand (prefetches past the end never fault).
-  const int64_t group_bytes = c.gs * 32;
+  for (int64_t off = g * c.gs * 32 + kCodesAhead; off < (g + 1) * c.gs * 32 + kCodesAhead; off += 64) {
+    __builtin_prefetch(hb + off);
+    if (BITS == 8) __builtin_prefetch(lb + off);
+  }
+}
+
+template <class Path, int BITS>
+void run_unit(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g0, int64_t g1, float* res) {
   for (int64_t g = g0; g < g1; ++g) {
-    if (ahead)
-      for (int i = 0; i < 4; ++i) {
-        __builtin_prefetch(next_s + (4 * g + i) * 64);
-        __builtin_prefetch(next_z + (4 * g + i) * 64);
-      }
-    for (int64_t off = (g * c.gs * 32) + kCodesAhead; off < (g + 1) * group_bytes + kCodesAhead; off += 64) {
-      __builtin_prefetch(hb + off);
-      if (BITS == 8) __builtin_prefetch(lb + off);
-    }
+    prefetch_group<BITS>(c, hb, lb, n0, g);
     for (int64_t m0 = 0; m0 < c.M; m0 += Path::kRows) {
       switch (std::min<int64_t>(Path::kRows, c.M - m0)) {
         case 1: rows_pass<Path, BITS, 1>(c, hb, lb, n0, g, m0, res); break;
@@ -322,6 +603,16 @@ void run_unit(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, in
   }
 }
 
+// The same unit on the int8-activation paths: one call per group runs every activation row.
+template <class Path, int BITS>
+void run_unit_i8(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g0, int64_t g1,
+                 float* res) {
+  for (int64_t g = g0; g < g1; ++g) {
+    prefetch_group<BITS>(c, hb, lb, n0, g);
+    Path::template group<BITS>(c, hb, lb, n0, g, res);
+  }
+}
+
 template <class F>
 auto with_bits(int64_t b, F&& f) {
   switch (b) {
@@ -332,10 +623,17 @@ auto with_bits(int64_t b, F&& f) {
   }
 }
 
-UnitFn unit_for(int isa, int64_t bits) {
-  return with_bits(bits, [isa](auto B) -> UnitFn {
+UnitFn unit_for(int isa, int64_t bits, bool int8_act) {
+  return with_bits(bits, [isa, int8_act](auto B) -> UnitFn {
+    if (int8_act) {
 #if CSD_X86
-    if (isa == kAvx512) return &run_unit<Avx512, B.value>;
+      if (isa == kAvx512Vnni) return &run_unit_i8<I8Avx512Vnni, B.value>;
+      if (isa >= kAvx2) return &run_unit_i8<I8Avx2, B.value>;  // AVX-512 without VNNI: vpmaddubsw
+#endif
+      return &run_unit_i8<I8Scalar, B.value>;
+    }
+#if CSD_X86
+    if (isa >= kAvx512) return &run_unit<Avx512, B.value>;
     if (isa == kAvx2) return &run_unit<Avx2, B.value>;
 #endif
     return &run_unit<Scalar, B.value>;
@@ -408,6 +706,51 @@ void tail_rows(const Ctx& c, const uint8_t* ht, const uint8_t* lt, int64_t full,
   }
 }
 
+// The same with int8 activations (per 32-feature block: d * the integer dot product).
+void tail_rows_i8(const Ctx& c, const uint8_t* ht, const uint8_t* lt, int64_t full, int64_t nt, int bits,
+                  float* out, int64_t ldo) {
+  std::vector<int32_t> w(c.K);
+  const int64_t KB = c.K / 32;
+  const int32_t c0 = 1 << (bits - 1);
+  for (int64_t i = 0; i < nt; ++i) {
+    const int64_t n = full + i;
+    for (int64_t k = 0; k < c.K; ++k) w[k] = tail_code(ht, lt, nt, i, k, bits);
+    for (int64_t m = 0; m < c.M; ++m) {
+      float total = 0.f;
+      for (int64_t g = 0; g < c.G; ++g) {
+        float acc = 0.f;
+        for (int64_t kb = g * c.gs; kb < (g + 1) * c.gs; kb += 32) {
+          int32_t isum = 0;
+          for (int64_t k = kb; k < kb + 32; ++k) isum += w[k] * c.xq[m * c.K + k];
+          isum -= c0 * c.xqs[m * KB + kb / 32];
+          acc += c.xd[m * KB + kb / 32] * static_cast<float>(isum);
+        }
+        const float s = c.scale[n * c.G + g];
+        const float S = c.mult * s, Z = c.zero[n * c.G + g] + c.half * s + S * static_cast<float>(c0);
+        total += S * acc + Z * c.xsum[m * c.G + g];
+      }
+      out[m * ldo + n] = total;
+    }
+  }
+}
+
+// x ~ d * q per 32-feature block of each row: d = max|x| / 127, q = round-to-even(x * 127 / max|x|).
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* qsum) {
+  for (int64_t b = 0; b < M * K / 32; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.f;
+    for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    d[b] = amax / 127.f;
+    int32_t total = 0;
+    for (int k = 0; k < 32; ++k) {
+      q[b * 32 + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xb[k] * inv))));
+      total += q[b * 32 + k];
+    }
+    qsum[b] = total;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
@@ -448,7 +791,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::T
   const uint8_t* hi = q.data_ptr<uint8_t>();
   const uint8_t* lo = hi + N * K / 2;
   if (M > kMaxBlockedRows) {  // dequantize once (transposed), then a dense GEMM
-    const Ctx wctx{nullptr, nullptr, sc.data_ptr<float>(), ze.data_ptr<float>(), M, N, K, G, gs, mult,
+    const Ctx wctx{nullptr, nullptr, sc.data_ptr<float>(), ze.data_ptr<float>(), nullptr, nullptr, nullptr, M, N, K, G, gs, mult,
                    0.5f * (mult - 1.0f)};
     auto wt = at::empty({K, N}, scale.options());
     with_bits(b, [&](auto B) { dequant_t<B.value>(wctx, hi, lo, wt.data_ptr<float>()); });
@@ -477,10 +820,20 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::T
     for (int64_t k = 0; k < gs; ++k) acc += xbuf[i * gs + k];
     xsbuf[i] = acc;
   }
-  const Ctx ctx{xbuf.data(), xsbuf.data(), sc.data_ptr<float>(), ze.data_ptr<float>(), M, N, K, G, gs,
-                mult, 0.5f * (mult - 1.0f)};
+  const bool int8_act = g_int8_act.load(std::memory_order_relaxed);
+  thread_local std::vector<int8_t> xqbuf;
+  thread_local std::vector<float> xdbuf;
+  thread_local std::vector<int32_t> xqsbuf;
+  if (int8_act) {
+    xqbuf.resize(M * K);
+    xdbuf.resize(M * K / 32);
+    xqsbuf.resize(M * K / 32);
+    quantize_rows(xbuf.data(), M, K, xqbuf.data(), xdbuf.data(), xqsbuf.data());
+  }
+  const Ctx ctx{xbuf.data(), xsbuf.data(), sc.data_ptr<float>(), ze.data_ptr<float>(), xqbuf.data(), xdbuf.data(),
+                xqsbuf.data(), M, N, K, G, gs, mult, 0.5f * (mult - 1.0f)};
   float* op = obuf.data();
-  const UnitFn unit = unit_for(active_isa(), b);
+  const UnitFn unit = unit_for(active_isa(), b, int8_act);
 
   const int64_t units = nblocks * ks;
   const int64_t grain = N * K * M < kMinParallelWork ? std::max<int64_t>(units, 1) : 1;
@@ -495,7 +848,9 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::T
     }
   });
   const int64_t full = nblocks * kBlock;
-  if (N > full) tail_rows(ctx, hi + full * K / 2, lo + full * K / 2, full, N - full, static_cast<int>(b), op, N);
+  if (N > full)
+    (int8_act ? tail_rows_i8 : tail_rows)(ctx, hi + full * K / 2, lo + full * K / 2, full, N - full,
+                                          static_cast<int>(b), op, N);
 
   auto out = at::empty(out_shape, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "qlinear_cpu_out", [&] {
@@ -513,7 +868,7 @@ std::string isa_name() { return kIsaNames[active_isa()]; }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> names;
-  for (int i = kScalar; i <= kAvx512; ++i)
+  for (int i = kScalar; i < kNumIsas; ++i)
     if (cpu_supports(i)) names.emplace_back(kIsaNames[i]);
   return names;
 }
@@ -529,14 +884,27 @@ std::string set_isa(const std::string& name) {
     return previous;
   }
   int isa = -1;
-  for (int i = kScalar; i <= kAvx512; ++i)
+  for (int i = kScalar; i < kNumIsas; ++i)
     if (name == kIsaNames[i]) isa = i;
   TORCH_CHECK_VALUE(isa >= 0, "csd::qlinear_cpu_set_isa: unknown instruction set '", name,
-                    "'; choose one of 'auto', 'scalar', 'avx2', 'avx512'");
+                    "'; choose one of 'auto', 'scalar', 'avx2', 'avx512', 'avx512vnni'");
   TORCH_CHECK(cpu_supports(isa), "csd::qlinear_cpu_set_isa: this CPU cannot run the '", name, "' path (",
-              isa == kAvx512 ? "it needs AVX-512F/BW/VL and FMA" : "it needs AVX2 and FMA", ")");
+              isa == kAvx512Vnni ? "it needs AVX-512F/BW/VL, AVX-512 VNNI and FMA"
+              : isa == kAvx512   ? "it needs AVX-512F/BW/VL and FMA"
+                                 : "it needs AVX2 and FMA",
+              ")");
   g_forced_isa.store(isa);
   return previous;
+}
+
+std::string activations_name() { return g_int8_act.load() ? "int8" : "float"; }
+
+// "int8" (activations quantized per 32 features, byte-dot products) or "float" (exact float
+// activations, float FMA); returns the previous setting.
+std::string set_activations(const std::string& name) {
+  TORCH_CHECK_VALUE(name == "int8" || name == "float", "csd::qlinear_cpu_set_activations: unknown mode '", name,
+                    "'; choose 'int8' or 'float'");
+  return g_int8_act.exchange(name == "int8") ? "int8" : "float";
 }
 
 }  // namespace
@@ -546,6 +914,8 @@ TORCH_LIBRARY_FRAGMENT(csd, m) {
   m.def("qlinear_cpu_isa() -> str", &isa_name);
   m.def("qlinear_cpu_supported_isas() -> str[]", &supported_isas);
   m.def("qlinear_cpu_set_isa(str isa) -> str", &set_isa);
+  m.def("qlinear_cpu_activations() -> str", &activations_name);
+  m.def("qlinear_cpu_set_activations(str mode) -> str", &set_activations);
 }
 
 TORCH_LIBRARY_IMPL(csd, CPU, m) { m.impl("qlinear_cpu_native", &qlinear_cpu); }

@@ -1,0 +1,109 @@
+"""Decode-only speed against llama.cpp's own ``llama-bench``, side by side in one run.
+
+    python -m benchmarks.llama_cpp_decode --llama-bench /path/to/llama-bench [--rounds 5] [--threads 2]
+
+Both decode the embedded GGUF (SmolLM2-135M-Instruct, Q4_1 linears, Q8_0 LM head) after the same
+prompt length, with the same thread count; rounds alternate between the two so that a noisy
+machine slows both alike, and medians are reported with their ratio.
+
+- llama.cpp: ``llama-bench -m FILE -t T -p 0 -n N -d P -r 1 -o json``: N tokens generated after a
+  context of P tokens (decode only, prompt processing excluded), one repetition per round.
+- ours: ``GreedyDecoder`` with ``backend="csd"`` on a bf16 model and ``--options`` (default
+  ``bits=auto``: every weight at its file's own grid; ``bits=4,group_size=32`` is the issue's row
+  with a bf16 LM head), decode-only ms/token = (time of P-prompt + N-token call - time of the
+  P-prompt + 1-token call) / (N - 1), median over ``--inner`` call pairs per round.
+
+llama-bench is not built by this project: build llama.cpp yourself (for the CPUs of the development
+machines, see the README's kernel section for the cmake flags that run there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def _llama_round(binary: str, gguf: Path, threads: int, n: int, depth: int) -> float:
+    cmd = [binary, "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(n), "-d", str(depth), "-r", "1",
+           "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = [r for r in json.loads(out) if r.get("n_gen") == n]
+    if len(rows) != 1:
+        raise RuntimeError(f"llama-bench printed {len(rows)} generation rows; expected one:\n{out[:2000]}")
+    return float(rows[0]["avg_ts"])
+
+
+def _parse_options(text: str) -> dict:
+    opts: dict = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        opts[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return opts
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-bench", required=True, help="path of a llama-bench binary")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--inner", type=int, default=3, help="our call pairs per round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=53, help="prompt tokens before decoding")
+    ap.add_argument("--tokens", type=int, default=96, help="tokens decoded per measurement")
+    ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
+    args = ap.parse_args(argv)
+    binary = Path(args.llama_bench)
+    if not binary.is_file():
+        raise SystemExit(f"--llama-bench {binary}: no such file")
+    for name in ("rounds", "inner", "threads", "prompt", "tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
+
+    from csd_compile.models import EMBEDDED_MODELS
+    from csd_compile.models.greedy import GreedyDecoder
+    from csd_compile.models.loader import DEFAULT_MODEL, load_model
+
+    gguf = EMBEDDED_MODELS[DEFAULT_MODEL].gguf_path()
+    torch.set_num_threads(args.threads)
+    options = _parse_options(args.options)
+    model, _ = load_model(dtype="bf16")
+    dec = GreedyDecoder(model, backend="csd", options=options)
+    rng = random.Random(0)
+    ids = torch.tensor([[rng.randrange(100, 20000) for _ in range(args.prompt)]])
+    t = time.perf_counter()
+    dec.warm_up(ids, max_new_tokens=args.tokens + 1)
+    print(f"ours: options {options}, warm-up (compile) {time.perf_counter() - t:.1f} s", flush=True)
+
+    def ours() -> float:
+        per = []
+        for _ in range(args.inner):
+            t0 = time.perf_counter()
+            dec(ids, max_new_tokens=args.tokens + 1, eos_token_id=[])
+            a = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            dec(ids, max_new_tokens=1, eos_token_id=[])
+            b = time.perf_counter() - t0
+            per.append(args.tokens / (a - b))
+        return statistics.median(per)
+
+    llama, mine = [], []
+    _llama_round(str(binary), gguf, args.threads, args.tokens, args.prompt)  # warm the file cache
+    for r in range(args.rounds):
+        llama.append(_llama_round(str(binary), gguf, args.threads, args.tokens, args.prompt))
+        mine.append(ours())
+        print(f"round {r + 1}: llama.cpp {llama[-1]:.1f} tok/s, ours {mine[-1]:.1f} tok/s", flush=True)
+    lm, om = statistics.median(llama), statistics.median(mine)
+    print(f"\n{args.threads} threads, prompt {args.prompt}, {args.tokens} decoded tokens, {args.rounds} rounds")
+    print(f"llama.cpp (llama-bench tg{args.tokens} @ d{args.prompt}): median {lm:.1f} tok/s  {sorted(round(v, 1) for v in llama)}")
+    print(f"ours (GreedyDecoder, csd {args.options}): median {om:.1f} tok/s  {sorted(round(v, 1) for v in mine)}")
+    print(f"ours / llama.cpp: {om / lm:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
