@@ -191,17 +191,21 @@ def csd_q4_g32(ctx):
     return _static_compiled(ctx, "csd", _Q4_1_GRID)
 
 
-@system("csd-q4-g32-loop", "csd-q4-g32's compiled step in our own greedy loop (csd_compile.models.greedy) "
-        "instead of HF generate's", default=False, plain="csd-q4-g32", precision=Precision(bits=4, group_size=32))
-def csd_q4_g32_loop(ctx):
+def _greedy_loop(ctx, options):
     from csd_compile.models.greedy import GreedyDecoder
 
-    decoder = GreedyDecoder(ctx.load("bf16"), backend="csd", options=_Q4_1_GRID)
+    decoder = GreedyDecoder(ctx.load("bf16"), backend="csd", options=options)
 
     def run(ids):  # EOS as HF's: the model's generation config
         return {"ids": decoder(ids, max_new_tokens=ctx.max_new_tokens)}
 
     return run
+
+
+@system("csd-q4-g32-loop", "csd-q4-g32's compiled step in our own greedy loop (csd_compile.models.greedy) "
+        "instead of HF generate's", default=False, plain="csd-q4-g32", precision=Precision(bits=4, group_size=32))
+def csd_q4_g32_loop(ctx):
+    return _greedy_loop(ctx, _Q4_1_GRID)
 
 
 @system("csd-q4-g32-regions", "csd-q4-g32 with each decoder layer one nested_compile_region (compiled once, "
@@ -233,6 +237,12 @@ def csd_q4_g32_ngram(ctx):
         precision=Precision(bits="auto"))
 def csd_auto(ctx):
     return _static_compiled(ctx, "csd", {"bits": "auto"})
+
+
+@system("csd-auto-loop", "csd-auto's compiled step in our own greedy loop (what `csd-compile generate` and "
+        "`make demo` run)", default=False, plain="csd-auto", precision=Precision(bits="auto"))
+def csd_auto_loop(ctx):
+    return _greedy_loop(ctx, {"bits": "auto"})
 
 
 @system("hf-assisted-q4", "HF assisted generation, assistant = the model at 4 bits (csd QLinear), bf16",

@@ -9,26 +9,21 @@ check. The tokens are HF greedy's (``tests/models/test_greedy.py``); the bench c
 loops on the same compiled step (rows ``csd-q4-g32`` and ``csd-q4-g32-loop``) and ``csd-compile
 generate`` uses this one for plain decoding.
 
-Guards: Dynamo checks every input of the compiled step before running it, about 1200 tensors for
-the quantized model (each linear's planes, scales, zeros and bits), ~0.8 ms of a 10 ms step. Within
-one call the step's inputs are the same objects every time (the model, its cache, a [1, 1] token
-and position), so only the first decode step of a call checks them all; the others run under
-``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, which still checks the guards that tell
-the frame's compiled variants apart (cache lengths, ...). The model must therefore not be changed
-while a call runs (from a streamer's ``put``, say); between calls it may be. The stance is entered
-around the step alone, so other compiled code (a streamer's, another thread's between steps) keeps
-its guards.
+Guards: only the first decode step of a call checks all of Dynamo's guards (``csd_compile.stance``:
+1.08x decode on the embedded model). The model must therefore not be changed while a call runs
+(from a streamer's ``put``, say); between calls it may be.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..stance import GuardedOnce
 
 __all__ = ["GreedyDecoder"]
 
@@ -109,14 +104,13 @@ class GreedyDecoder:
         token = logits[:, -1].argmax(-1, keepdim=True)
         new = [token]
         position = torch.tensor([[ids.shape[1]]], device=device)
+        guards = GuardedOnce(self._compiled)
         while True:
             if streamer is not None:
                 streamer.put(token.cpu())
             if len(new) in (max_new_tokens, _stop_after) or int(token) in eos:
                 break
-            # the first step checks every guard; the stance covers the step only (not the streamer)
-            skip = self._compiled and len(new) > 1
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip else contextlib.nullcontext():
+            with guards(self._step):
                 logits = self._step(input_ids=token, position_ids=position, cache=cache, use_cache=True,
                                     logits_to_keep=1).logits
             token = logits[:, -1].argmax(-1, keepdim=True)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..stance import GuardedOnce
 from .cache import RowCache
 from .drafts import ModelDraft, NgramDraft, NoDraft, make_self_draft, vocab_size
 from .csd_accept import DEFAULT_LAMBDA, DEFAULT_TAU
@@ -236,6 +237,7 @@ def generate(
     if eng.decode_step is not None:  # host-side proposals: each row's real tokens, kept as lists
         prompts = [row[int(p) - 1:] for row, p in zip(args.input_ids.tolist(), pad.tolist())]
     steps = accepted = row_steps = 0
+    guards = GuardedOnce(args.backend is not None)  # guards checked at each step's first call only
     while True:
         for b in finished:
             done[b] = True
@@ -250,7 +252,8 @@ def generate(
                 eng.draft.buffer.copy_(torch.tensor([r + [-1] * (K - len(r)) for r in proposals]))
             else:
                 step = eng.decode_step
-        out, n = step(tokens, length, pad, active, k)
+        with guards(step):
+            out, n = step(tokens, length, pad, active, k)
         out_l, n_l = out.tolist(), n.tolist()  # the one host read per step
         steps += 1
         finished = []
