@@ -304,8 +304,9 @@ struct Avx2 {
 // k's 64 rows in 32 consecutive bytes, while the byte-dot instructions want one row's 4
 // consecutive k in a 32-bit lane, so each 4-k quad (128 bytes) is transposed in registers (8
 // unpacks) and its nibbles split into 8 vectors: vector 2i + h, lane 4L + e, holds row
-// 32h + 16L + 4i + e. A 32-feature block of codes is decoded once into a small buffer (2 or 4 KiB)
-// and then multiplied by every activation row of the pass.
+// 32h + 16L + 4i + e. With several activation rows a 32-feature block of codes is decoded once into
+// a small buffer (2 or 4 KiB) and multiplied by every row; with one (decode) the codes go from
+// registers straight into the products (8-bit codes on vpmaddubsw excepted: 16 vectors).
 
 // Codes are unsigned (0 .. 2^b - 1); the products are taken against c - 2^(b-1), centred, so that
 // the activations' rounding error is not multiplied by the codes' large mean: sum_k q[k] * c[k] -
