@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from csd_compile.kernels import native
 from csd_compile.kernels.qlinear import qlinear_ref, qlinear_ref_int8
+from csd_compile.quant.nested import dequantize, nested_codes
 
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "fma"}
@@ -165,6 +166,8 @@ def test_embedded_model_shapes(isa, n, k):
     scale_x=st.sampled_from([1e-3, 1.0, 30.0]),
     seed=st.integers(0, 2**31 - 1),
 )
+# two outputs that nearly cancel: a relative-error bound failed here, the rounding bound holds
+@example(n=2, group=128, k_groups=7, m=1, dtype=torch.float32, bits=2, threads=1, scale_x=1e-3, seed=1)
 def test_int8_activations_match_their_reference(isa, n, group, k_groups, m, dtype, bits, threads, scale_x, seed):
     """Every path with int8 activations against ``qlinear_ref_int8``: the integer sums are exact, so
     only float rounding separates them. Some 32-feature blocks are all zero (scale 0)."""
@@ -187,8 +190,17 @@ def test_int8_activations_match_their_reference(isa, n, group, k_groups, m, dtyp
     r = qlinear_ref_int8(x, *nw, b)
     assert y.shape == r.shape == (m, n) and y.dtype == dtype
     assert _rel_err(y, r) < _tol(dtype), (isa, n, k, group, m, dtype, bits)
-    # and what it approximates: the float product, within the activations' rounding (about 0.5%)
-    assert _rel_err(y, qlinear_ref(x, *nw, b)) < 0.03
+    # and what it approximates: the float product, within the activations' rounding, which moves
+    # each x[k] by at most half a step d = max|x| / 127 of its block, times the centred code's weight
+    qdata, scale, _ = nw
+    xf = x.float()
+    half_step = (xf.reshape(m, k // 32, 32).abs().amax(-1) / 254).repeat_interleave(32, dim=1)
+    weight = (scale * 2.0 ** (8 - bits)).repeat_interleave(group, dim=1) * (nested_codes(qdata, bits) - 2 ** (bits - 1))
+    bound = half_step @ weight.abs().T
+    r = qlinear_ref(x, *nw, b).float()
+    rounding = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    slack = rounding * (r.abs() + y.float().abs()) + 1e-5 * (xf.abs() @ dequantize(*nw, bits).abs().T)
+    assert ((y.float() - r).abs() <= bound * 1.001 + slack).all()
 
 
 @pytest.mark.parametrize("isa", ISAS)
