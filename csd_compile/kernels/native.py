@@ -15,9 +15,10 @@ x86-64 machine; other CPUs build the plain C++ path only. :func:`isa` names the 
 Activations: the kernel multiplies exact float activations by default. :func:`set_activations`
 ("int8") / :func:`use_activations` switch decode and verify passes (up to 16 rows) to activations
 quantized to int8 per 32 features and integer byte-dot products (AVX-512 VNNI ``vpdpbusd``, AVX2
-``vpmaddubsw``), as llama.cpp does: faster where decoding codes is compute-bound (the AVX2 path:
-x1.2-1.5 on the larger shapes), at a likelihood cost (-0.45% mean log-likelihood on shipped text
-for SmolLM2 at its GGUF grid); see the README's kernel section for the measurements.
+``vpmaddubsw``), as llama.cpp does: meant for CPUs where decoding codes, not memory, bounds the
+kernel (on the development machine the AVX2 path gains up to 1.2x on the larger shapes and the
+decode step nothing), at a likelihood cost (mean NLL +0.45% on shipped text for SmolLM2 at its
+GGUF grid); see the README's kernel section for the measurements.
 """
 
 from __future__ import annotations
