@@ -128,13 +128,20 @@ def set_isa(name: str) -> str:
 
 
 @contextlib.contextmanager
+def _restoring(setter, value) -> Iterator[None]:
+    """Run the block with ``setter(value)`` in force, then put back what ``setter`` returned."""
+    before = setter(value)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
+@contextlib.contextmanager
 def use_isa(name: str) -> Iterator[str]:
     """``with use_isa("avx2"):`` runs the block on that path, then restores the one active before."""
-    before = set_isa(name)
-    try:
+    with _restoring(set_isa, name):
         yield isa()
-    finally:
-        set_isa(before)
 
 
 def activations() -> str | None:
@@ -158,11 +165,8 @@ def set_activations(mode: str) -> str:
 @contextlib.contextmanager
 def use_activations(mode: str) -> Iterator[str]:
     """``with use_activations("int8"):`` runs the block in that mode, then restores the previous one."""
-    before = set_activations(mode)
-    try:
+    with _restoring(set_activations, mode):
         yield mode
-    finally:
-        set_activations(before)
 
 
 def _ops():

@@ -98,18 +98,35 @@ def test_unknown_path_name():
         native.set_isa("sse9")
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@settings(max_examples=60, deadline=None)
-@given(
+# weight shapes and call settings both hypothesis tests draw from
+_WEIGHT = dict(
     n=st.one_of(st.sampled_from([64, 128, 192, 576]), st.integers(1, 288).map(lambda v: 2 * v)),
     group=st.sampled_from([32, 64, 128]),
     k_groups=st.integers(1, 12),
-    m=st.one_of(st.integers(1, 16), st.sampled_from([17, 33])),  # > 16: the dequantize + GEMM path
-    lead=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     bits=st.sampled_from([2, 3, 4, 8]),
     threads=st.sampled_from([1, 2, 4]),
     seed=st.integers(0, 2**31 - 1),
+)
+
+
+def _forced(x, nw, b, *, isa, threads, activations="float"):
+    """The C++ op on one path, activation mode and thread count (the K split depends on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with native.use_isa(isa), native.use_activations(activations):
+            return torch.ops.csd.qlinear_cpu_native(x, *nw, b)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.one_of(st.integers(1, 16), st.sampled_from([17, 33])),  # > 16: the dequantize + GEMM path
+    lead=st.booleans(),
+    **_WEIGHT,
 )
 def test_every_path_matches_reference(isa, n, group, k_groups, m, lead, dtype, bits, threads, seed):
     if isa not in _runnable():
@@ -121,13 +138,7 @@ def test_every_path_matches_reference(isa, n, group, k_groups, m, lead, dtype, b
     nw = _random_nested(n, k, group, gen)
     x = (torch.randn(*((2,) if lead else ()), m, k, generator=gen) + 0.1).to(dtype)
     b = torch.tensor(bits, dtype=torch.int32)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the K split across threads depends on the thread count
-    try:
-        with native.use_isa(isa):
-            y = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
-    finally:
-        torch.set_num_threads(before)
+    y = _forced(x, nw, b, isa=isa, threads=threads)
     r = qlinear_ref(x, *nw, b)
     assert y.shape == r.shape == (*x.shape[:-1], n) and y.dtype == dtype
     assert _rel_err(y, r) < _tol(dtype), (isa, n, k, group, m, dtype, bits)
@@ -155,17 +166,7 @@ def test_embedded_model_shapes(isa, n, k):
 
 @pytest.mark.parametrize("isa", ISAS)
 @settings(max_examples=60, deadline=None)
-@given(
-    n=st.one_of(st.sampled_from([64, 128, 192, 576]), st.integers(1, 288).map(lambda v: 2 * v)),
-    group=st.sampled_from([32, 64, 128]),
-    k_groups=st.integers(1, 12),
-    m=st.integers(1, 16),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-    bits=st.sampled_from([2, 3, 4, 8]),
-    threads=st.sampled_from([1, 2, 4]),
-    scale_x=st.sampled_from([1e-3, 1.0, 30.0]),
-    seed=st.integers(0, 2**31 - 1),
-)
+@given(m=st.integers(1, 16), scale_x=st.sampled_from([1e-3, 1.0, 30.0]), **_WEIGHT)
 # two outputs that nearly cancel: a relative-error bound failed here, the rounding bound holds
 @example(n=2, group=128, k_groups=7, m=1, dtype=torch.float32, bits=2, threads=1, scale_x=1e-3, seed=1)
 def test_int8_activations_match_their_reference(isa, n, group, k_groups, m, dtype, bits, threads, scale_x, seed):
@@ -180,13 +181,7 @@ def test_int8_activations_match_their_reference(isa, n, group, k_groups, m, dtyp
     x[:, : 32 * int(torch.randint(0, k // 32, (), generator=gen))] *= torch.rand(m, 1, generator=gen) < 0.3
     x = x.to(dtype)
     b = torch.tensor(bits, dtype=torch.int32)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with native.use_isa(isa), native.use_activations("int8"):
-            y = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
-    finally:
-        torch.set_num_threads(before)
+    y = _forced(x, nw, b, isa=isa, threads=threads, activations="int8")
     r = qlinear_ref_int8(x, *nw, b)
     assert y.shape == r.shape == (m, n) and y.dtype == dtype
     assert _rel_err(y, r) < _tol(dtype), (isa, n, k, group, m, dtype, bits)

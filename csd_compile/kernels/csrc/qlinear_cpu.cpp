@@ -369,15 +369,20 @@ struct I8Avx2 {
     }
   }
 
+  // The 4 activation bytes at x in every 32-bit lane (the byte-dot instructions' second operand).
+  CSD_TARGET_AVX2 static inline __attribute__((always_inline)) __m256i broadcast4(const int8_t* x) {
+    int32_t x4;
+    std::memcpy(&x4, x, 4);
+    return _mm256_set1_epi32(x4);
+  }
+
   // 32 features of one activation row (xq) against 8 code vectors per quad: int32 row sums.
   CSD_TARGET_AVX2 static inline __attribute__((always_inline)) void dot_block(const __m256i* buf, int stride,
                                                                               const int8_t* xq, __m256i out[8]) {
     __m256i acc[8];
     for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
     for (int q = 0; q < 8; ++q) {
-      int32_t x4;
-      std::memcpy(&x4, xq + 4 * q, 4);
-      const __m256i xv = _mm256_set1_epi32(x4);
+      const __m256i xv = broadcast4(xq + 4 * q);
       for (int v = 0; v < 8; ++v) acc[v] = _mm256_add_epi16(acc[v], _mm256_maddubs_epi16(buf[q * stride + v], xv));
     }
     const __m256i ones = _mm256_set1_epi16(1);
@@ -434,9 +439,7 @@ struct I8Avx2 {
         for (int q = 0; q < 8; ++q) {
           __m256i codes[8];
           decode_quad<BITS, false>(hb, lb, kb + 4 * q, codes);
-          int32_t x4;
-          std::memcpy(&x4, c.xq + kb + 4 * q, 4);
-          const __m256i xv = _mm256_set1_epi32(x4);
+          const __m256i xv = broadcast4(c.xq + kb + 4 * q);
           for (int v = 0; v < 8; ++v) acc[v] = _mm256_add_epi16(acc[v], _mm256_maddubs_epi16(codes[v], xv));
         }
         const __m256i ones = _mm256_set1_epi16(1);
@@ -469,9 +472,7 @@ struct I8Avx512Vnni {
     __m256i acc[8];
     for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
     for (int q = 0; q < 8; ++q) {
-      int32_t x4;
-      std::memcpy(&x4, xq + 4 * q, 4);
-      const __m256i xv = _mm256_set1_epi32(x4);
+      const __m256i xv = I8Avx2::broadcast4(xq + 4 * q);
       for (int v = 0; v < 8; ++v) acc[v] = _mm256_dpbusd_epi32(acc[v], buf[q * 8 + v], xv);
     }
     for (int v = 0; v < 8; ++v) out[v] = acc[v];
@@ -490,9 +491,7 @@ struct I8Avx512Vnni {
         for (int q = 0; q < 8; ++q) {
           __m256i codes[8];
           I8Avx2::decode_quad<BITS, true>(hb, lb, kb + 4 * q, codes);
-          int32_t x4;
-          std::memcpy(&x4, c.xq + kb + 4 * q, 4);
-          const __m256i xv = _mm256_set1_epi32(x4);
+          const __m256i xv = I8Avx2::broadcast4(c.xq + kb + 4 * q);
           for (int v = 0; v < 8; ++v) acc[v] = _mm256_dpbusd_epi32(acc[v], codes[v], xv);
         }
         I8Avx2::scale_add(acc, kCentre<BITS> * c.xqs[kb / 32], c.xd[kb / 32], kb == g * c.gs, facc);
