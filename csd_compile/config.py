@@ -47,9 +47,14 @@ class CSDConfig:
             is an error.
         group_size: quantization group size along the input features, one of
             ``SUPPORTED_GROUP_SIZES``; default 64, and 32 (the only choice) with ``bits="auto"``.
-        quantize_lm_head: also quantize the output projection. Default: off (it hurts quality
-            most and is shared with the embedding in many models), and with ``bits="auto"`` on
-            when the file stores the head quantized (``False`` keeps it dense then too).
+        quantize_lm_head: the output projection. ``True``: quantized like the other linears
+            (at ``bits``; with ``bits="auto"`` at its file's grid); ``False``: dense. ``None``
+            (the default) reads it as the checkpoint stores it: with static ``bits`` or ``"auto"``,
+            a head a GGUF file stores in a type the nested format holds exactly (Q8_0 at 8 bits,
+            Q4_0/Q4_1/Q4_K at 4, group 32) runs on that grid, bit for bit the file's weights and
+            fewer bytes than a dense copy; ``"auto"`` also takes other quantized types (at 8 bits,
+            like its linears); every other head stays dense (a 4-bit head hurts quality most, and
+            the dynamic policy keeps it out of its plan).
         avg_bits: bit budget of the dynamic policy, between the lowest and highest rung of the
             table (default 6.0, clipped to its ladder).
         calibration: path of the precision-requirement table made by ``csd-compile calibrate``.
@@ -105,9 +110,14 @@ class CSDConfig:
                               f"GGUF file's blocks of {AUTO_GROUP_SIZE} weights; leave group_size out or set it to "
                               f"{AUTO_GROUP_SIZE}")
         if self.quantize_lm_head is None:
-            object.__setattr__(self, "quantize_lm_head", bits == "auto")
+            # static bits keep None: "the file's grid if exact, else dense" is decided per weight
+            if bits == "auto":
+                object.__setattr__(self, "quantize_lm_head", True)
+            elif not isinstance(bits, int):
+                object.__setattr__(self, "quantize_lm_head", False)
         _check_choice("group_size", self.group_size, SUPPORTED_GROUP_SIZES, int)
-        _check_type("quantize_lm_head", self.quantize_lm_head, bool)
+        if self.quantize_lm_head is not None:
+            _check_type("quantize_lm_head", self.quantize_lm_head, bool)
         if self.avg_bits is not None:
             _check_type("avg_bits", self.avg_bits, (int, float))
             lo, hi = min(SUPPORTED_BITS), 16

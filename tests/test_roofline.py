@@ -140,3 +140,27 @@ def test_auto_counts_each_weight_at_its_gguf_type_head_included(tmp_path):
         step_bytes(model.config, bits="auto")
     row = SYSTEMS["csd-auto"]
     assert row.precision == Precision(bits="auto") and not row.default
+
+
+def test_static_bits_count_the_head_as_its_file_stores_it(tmp_path):
+    """bits=4 (quantize_lm_head=None): a Q8_0 head at 1 byte + 8 per 32, as the quantize pass runs
+    it; a Q5_1 head (no exact grid), an opted-out head and a config's head at the dtype."""
+    from csd_compile import load_model
+    from csd_compile.bench.roofline import Precision, nested_format, step_bytes
+    from tests.gguf_files import T, write_tiny_llama
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, {"token_embd": T.Q8_0})
+    model, _ = load_model(path, dtype="bf16", cache_dir=tmp_path / "cache")
+    q8 = nested_format(8, 32)
+    assert step_bytes(model, bits=4, group_size=32)["lm_head"] == q8.nbytes(258, 64)
+    assert step_bytes(model, bits=4, group_size=32, quantize_lm_head=False)["lm_head"] == 258 * 64 * 2
+    assert step_bytes(model.config, bits=4, group_size=32)["lm_head"] == 258 * 64 * 2
+    assert step_bytes(model, bits=None)["lm_head"] == 258 * 64 * 2
+    assert Precision(bits=4, group_size=32).label(model) == "nested-int4-g32 (head nested-int8-g32)"
+    assert Precision(bits=4, group_size=32, quantize_lm_head=False).label(model) == "nested-int4-g32 (head bf16)"
+    path = tmp_path / "q51.gguf"
+    write_tiny_llama(path, {"output": T.Q5_1}, tied=False)
+    model, _ = load_model(path, dtype="fp32", cache_dir=tmp_path / "cache2")
+    assert step_bytes(model, bits=4, group_size=32, dtype="fp32")["lm_head"] == 258 * 64 * 4
+    assert Precision(bits=4, dtype="fp32").label(model) == "nested-int4-g64 (head fp32)"

@@ -11,7 +11,10 @@ machine allows for that weight format: the roofline. What is counted, per step:
   both planes at 8 bits (1 byte), plus 8 bytes (fp32 scale + zero) per group of ``group_size``;
   a linear the quantize pass leaves alone (odd out_features, in_features not a multiple of the
   group) is counted at ``dtype``, as are biases.
-* ``lm_head``: the output projection at ``dtype`` unless ``quantize_lm_head`` (then like a linear).
+* ``lm_head``: the output projection at ``dtype``, like a linear when ``quantize_lm_head``; by
+  default (``None``) with static ``bits``, on the model's GGUF grid when the file stores it in a
+  type the nested format holds exactly (:func:`csd_compile.quant.gguf.exact_bits`: what the
+  quantize pass does with it; needs the loaded model, not its config).
 * ``bits="auto"`` (a model loaded from a GGUF file; the model itself, not its config): each linear,
   the LM head included, in the nested format at group 32 at the rung ``bits="auto"`` gives it
   (:func:`csd_compile.quant.gguf.auto_bits`: a Q4 type at 4 bits, 0.5 byte + 8 per 32; a Q8_0 or
@@ -111,6 +114,15 @@ def auto_formats(model: torch.nn.Module, dense: WeightFormat, given=None) -> dic
     return out
 
 
+def _stored_format(head: torch.nn.Module, dense: WeightFormat) -> WeightFormat:
+    """The format an LM head keeps by default under static bits: its GGUF grid when exact, else dense."""
+    from csd_compile.config import AUTO_GROUP_SIZE
+    from csd_compile.quant.gguf import exact_bits
+
+    b = exact_bits(head.weight)
+    return dense if b is None else nested_format(b, AUTO_GROUP_SIZE)
+
+
 def _kv_geometry(config) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -124,7 +136,7 @@ def step_bytes(
     bits: int | str | None = None,
     group_size: int = 64,
     dtype: str = "bf16",
-    quantize_lm_head: bool = False,
+    quantize_lm_head: bool | None = None,
     context_len: float = 0.0,
     weight_format: WeightFormat | None = None,
     head_format: WeightFormat | None = None,
@@ -139,7 +151,8 @@ def step_bytes(
             ``"auto"``: each weight's own (see the module doc; ``group_size`` is then 32).
         group_size: the nested format's group size.
         dtype: the dtype of everything unquantized (and of the KV cache unless ``kv_dtype``).
-        quantize_lm_head: the LM head is quantized like the other linears.
+        quantize_lm_head: the LM head is quantized like the other linears (``True``), dense
+            (``False``), or with static ``bits`` as its GGUF file stores it when exact (``None``).
         context_len: positions the attention reads from the KV cache (>= 0).
         weight_format / head_format: another format for the linears / the LM head (e.g.
             :data:`GGUF_Q4_1` / :data:`GGUF_Q8_0` for llama.cpp); they override ``bits``.
@@ -153,8 +166,10 @@ def step_bytes(
     model = _as_model(model_config)
     auto = auto_formats(model, dense, model_config) if bits == "auto" and weight_format is None else None
     quant = weight_format or (nested_format(bits, group_size) if bits not in (None, "auto") else dense)
-    head_fmt = head_format or (quant if quantize_lm_head else dense)
     head = model.get_output_embeddings()
+    head_fmt = head_format or (quant if quantize_lm_head else dense)
+    if head_format is None and quantize_lm_head is None and isinstance(bits, int) and head is not None:
+        head_fmt = _stored_format(head, dense)
     embed = model.get_input_embeddings()
     counted = {id(p) for p in embed.parameters()}
     linears = lm_head = 0.0
@@ -194,7 +209,7 @@ class Precision:
     bits: int | None = None
     group_size: int = 64
     dtype: str = "bf16"
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool | None = None
     weight_format: WeightFormat | None = None
     head_format: WeightFormat | None = None
     kv_dtype: str | None = None
@@ -218,6 +233,10 @@ class Precision:
             return f"auto: {lin} (head {fmts[head].name if head in fmts else self.dtype})"
         lin = self.weight_format or (nested_format(self.bits, self.group_size) if self.bits is not None else None)
         head = self.head_format or (lin if self.quantize_lm_head else None)
+        if head is None and self.quantize_lm_head is None and isinstance(self.bits, int) and self.weight_format is None:
+            out = model.get_output_embeddings() if model is not None else None  # a config: dense
+            dense = dense_format(self.dtype)
+            return f"{lin.name} (head {(_stored_format(out, dense) if out is not None else dense).name})"
         return f"{lin.name if lin else self.dtype} (head {head.name if head else self.dtype})"
 
     def step_bytes(self, model_config, context_len: float) -> dict[str, float]:

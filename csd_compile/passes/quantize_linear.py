@@ -12,8 +12,11 @@ After::
 The nested weight and the 0-d ``bits`` tensor are the buffers of the weight's one ``QLinear``
 (``quant.registry``: the module owns the quantized copy, the graph is a view of it), keyed by the weight
 Parameter, so all graphs of one model share one quantized copy and ``set_bits(model, ...)``
-reaches them (0 recompiles). The LM head stays full precision unless ``cfg.quantize_lm_head``:
-it is a linear whose weight is an embedding table of the graph (tied), or a linear whose output
+reaches them (0 recompiles). The LM head is quantized like the others when
+``cfg.quantize_lm_head``; by default (``None``, static ``bits``) it runs on its GGUF file's own grid
+when the file stores it in a type the format holds exactly (SmolLM2's Q8_0 head at 8 bits, bit for
+bit; ``set_bits`` and plans leave it at that width), else it stays full precision. The head
+is a linear whose weight is an embedding table of the graph (tied), or a linear whose output
 reaches no other weight linear and whose out_features equals an embedding's vocabulary (any such
 terminal linear when the graph has no embedding). Idempotent: a second run finds nothing to replace.
 
@@ -199,7 +202,13 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
     values = dict(zip(placeholders, example_inputs))
     linears = _weight_linears(gm, values)
     skip = set() if cfg.quantize_lm_head else _lm_heads(gm, linears, values)
-    dense = [n for n in linears if n not in skip and _unfit(values[n.args[1]].shape, group)]
+    stored = {}  # quantize_lm_head=None: a head its GGUF file stores exactly runs on that grid
+    if cfg.quantize_lm_head is None:
+        from ..quant.gguf import stored_exactly
+
+        stored = {n: c for n in skip if (c := stored_exactly(values[n.args[1]])) is not None}
+        skip -= stored.keys()
+    dense = [n for n in linears if n not in skip and n not in stored and _unfit(values[n.args[1]].shape, group)]
     todo = [n for n in linears if n not in skip and n not in dense]
     region = _other_region_with_linears(gm)
     if region is not None:
@@ -218,7 +227,7 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
         raise UnsupportedGraph("weights that require grad under autograd: csd.qlinear has no backward "
                                "(compile under torch.no_grad() or torch.inference_mode() to quantize)")
     _warn_dense([n if n.op == "placeholder" else n.args[1] for n in dense], values, group)
-    auto = {}
+    auto = dict(stored)
     if cfg.bits == "auto":
         from ..quant import gguf
 
@@ -246,8 +255,9 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
         """get_attr nodes (before ``before``) of the four buffers of ``weight``'s one quantized copy
         (``choice``: its ``bits="auto"`` grid)."""
         nonlocal count, changed_bits
-        if choice is not None:
-            qlin, was_changed = quantized_copy(weight, group, choice.bits, nested=choice.nested)
+        if choice is not None:  # a stored head is not one of the plan's linears (set_bits leaves it)
+            qlin, was_changed = quantized_copy(weight, group, choice.bits, nested=choice.nested,
+                                               in_graph=cfg.bits == "auto")
         else:
             qlin, was_changed = quantized_copy(weight, group, init_bits, static=isinstance(cfg.bits, int))
         changed_bits |= was_changed

@@ -44,8 +44,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .nested import NestedWeight, pack_codes, quantize
 
 __all__ = [
-    "AutoBitsWarning", "AutoChoice", "DENSE_TYPES", "auto_bits", "EXACT_BITS", "GGUFSource", "choose", "grid_from_blocks",
-    "register_source", "report", "require_gguf", "source_of", "warn_if_approximated",
+    "AutoBitsWarning", "AutoChoice", "DENSE_TYPES", "auto_bits", "EXACT_BITS", "GGUFSource", "choose", "exact_bits",
+    "grid_from_blocks", "register_source", "report", "require_gguf", "source_of", "stored_exactly", "warn_if_approximated",
 ]
 
 GROUP = 32  # every GGUF block type holds 32 (or 256 = 8 x 32) weights of a row
@@ -243,6 +243,24 @@ def require_gguf(choices: list[tuple[str, AutoChoice]]) -> None:
                          f"but none of the {len(choices)} weight linears was loaded from one (e.g. {choices[0][0]}); "
                          "load the model with csd_compile.load_model('file.gguf') (or an embedded model), or "
                          "choose bits=4 or 8")
+
+
+def stored_exactly(weight: torch.Tensor) -> AutoChoice | None:
+    """``weight``'s :func:`choose` when it is the file's own grid bit for bit (a type in
+    :data:`EXACT_BITS`, unchanged since loading), else ``None``; reads the file only for such types.
+    What a static ``bits`` width does with an LM head by default (``quantize_lm_head=None``)."""
+    src = source_of(weight)
+    if src is None or src.type not in EXACT_BITS:
+        return None
+    choice = choose(weight)
+    return choice if choice.kind == "exact" else None
+
+
+def exact_bits(weight: torch.Tensor) -> int | None:
+    """The rung of ``weight``'s GGUF type when the nested format holds that type exactly (from the
+    type alone, no file read: for byte counts), else ``None``."""
+    src = source_of(weight)
+    return None if src is None else EXACT_BITS.get(src.type)
 
 
 def auto_bits(weight: torch.Tensor) -> int | None:

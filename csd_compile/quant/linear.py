@@ -27,7 +27,9 @@ class QLinear(nn.Module):
     (change it in place, e.g. with :func:`set_bits`; compiled code never recompiles for it), and
     ``fingerprint_minima`` (not saved): :func:`~csd_compile.quant.nested.group_minima` of the
     original weight, which calibration tables use to recognise the model.
-    ``bias`` is the original layer's Parameter (shared, not copied).
+    ``bias`` is the original layer's Parameter (shared, not copied). ``in_plan``: whether
+    :func:`set_bits` and bit plans drive this layer (``False`` for an LM head ``quantize_`` kept
+    at the precision its checkpoint stores; it stays at its own ``bits``).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int, group_size: int = 64,
@@ -46,6 +48,7 @@ class QLinear(nn.Module):
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.int32, device=weight.device))
         self.register_buffer("fingerprint_minima", group_minima(weight, group_size), persistent=False)
         self.bias = bias
+        self.in_plan = True
 
     def view(self, bits: int, bias: torch.Tensor | None = None) -> "QLinear":
         """A ``QLinear`` on the same quantized weight (buffers shared, nothing copied) with its own
@@ -61,6 +64,7 @@ class QLinear(nn.Module):
             new.register_buffer("bits", torch.tensor(bits, dtype=torch.int32, device=self.bits.device))
         new.register_buffer("fingerprint_minima", self.fingerprint_minima, persistent=False)
         new.bias = bias
+        new.in_plan = True
         return new
 
     @classmethod
@@ -109,8 +113,11 @@ def quantize_(model: nn.Module, bits: int | str = 4, group_size: int | None = No
               quantize_lm_head: bool | None = None) -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` for a :class:`QLinear` in place (torchao style).
 
-    ``group_size`` defaults to 64. The LM head (see :func:`lm_head_of`) stays full precision
-    unless ``quantize_lm_head``. Layers the format cannot hold (odd out_features, in_features not
+    ``group_size`` defaults to 64. The LM head (see :func:`lm_head_of`): ``quantize_lm_head=True``
+    quantizes it like the others, ``False`` keeps it full precision, and ``None`` (the default)
+    keeps it as the checkpoint stores it: on its GGUF file's own grid when the nested format holds
+    that type exactly (:func:`~csd_compile.quant.gguf.stored_exactly`: SmolLM2's Q8_0 head at 8
+    bits, group 32), else full precision. Layers the format cannot hold (odd out_features, in_features not
     divisible by ``group_size``) stay full precision, with one warning naming them.
 
     ``bits="auto"`` (a model loaded from a GGUF file by ``load_model``): each weight at the rung and
@@ -126,15 +133,22 @@ def quantize_(model: nn.Module, bits: int | str = 4, group_size: int | None = No
     group_size = 64 if group_size is None else group_size
     if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size={group_size!r} is not supported; choose one of {list(SUPPORTED_GROUP_SIZES)}")
-    quantize_lm_head = False if quantize_lm_head is None else quantize_lm_head
-    if not isinstance(quantize_lm_head, bool):
-        raise TypeError(f"quantize_lm_head must be a bool, got {type(quantize_lm_head).__name__}")
+    if quantize_lm_head is not None and not isinstance(quantize_lm_head, bool):
+        raise TypeError(f"quantize_lm_head must be a bool or None, got {type(quantize_lm_head).__name__}")
     from ..parallel import AllReduced, RowParallelLinear
+    from .gguf import stored_exactly
 
     head = None if quantize_lm_head else lm_head_of(model)
+    stored = stored_exactly(head.weight) if quantize_lm_head is None and type(head) is nn.Linear else None
     skipped = []
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
+            if child is head and stored is not None:
+                with torch.no_grad():
+                    q = QLinear(child.weight, child.bias, bits=stored.bits, nested=stored.nested)
+                q.in_plan = False  # the file's precision, not a rung of the plan
+                setattr(parent, child_name, q)
+                continue
             if type(child) not in (nn.Linear, RowParallelLinear) or child is head:
                 continue
             n, k = child.weight.shape
@@ -174,12 +188,14 @@ def quantized_linears(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
     Covers ``QLinear`` modules and the one quantized copy of each ``nn.Linear`` layer quantized by
     the csd compile pass (``quant.registry``; one entry per group size compiled). This order is the
-    order of a per-layer plan given to :func:`set_bits`.
+    order of a per-layer plan given to :func:`set_bits`. An LM head kept at the precision its
+    checkpoint stores (``quantize_lm_head=None``) is not one of them: no plan moves it.
     """
     out = []
     for name, mod in model.named_modules():
         if isinstance(mod, QLinear):
-            out.append((name, mod.bits))
+            if mod.in_plan:
+                out.append((name, mod.bits))
         elif isinstance(mod, nn.Linear):
             out.extend((name, q.bits) for q in lookup_quantized(mod.weight))
     return out

@@ -316,7 +316,7 @@ def enable_dynamic_precision(model: nn.Module, table: PrecisionTable | str | os.
     table.check_model(model)
     policy = DynamicPrecisionPolicy.from_table(table, avg_bits, num_buckets=num_buckets, spread=spread)
     if not any(isinstance(m, QLinear) for m in model.modules()):
-        quantize_(model, bits=table.ladder[-1], group_size=table.group_size)
+        quantize_(model, bits=table.ladder[-1], group_size=table.group_size, quantize_lm_head=False)
     policy.attach(model)
 
     def hook(_mod, _args, out):

@@ -50,8 +50,9 @@ def quantized_copy(weight: torch.nn.Parameter, group_size: int, bits: int, *, st
     previous static caller asked for sets the shared width to ``bits`` (new options take effect),
     while asking again with the same value leaves a width chosen since by ``set_bits`` alone.
     ``static=False`` (the dynamic policy or a draft's view drives the width) never writes it.
-    ``in_graph``: the caller runs the weight at this copy's own ``bits`` (the compile pass); only
-    such copies are the model's quantized linears for ``set_bits`` (a draft's views have their own).
+    ``in_graph``: the caller runs the weight at this copy's own ``bits`` as one of the model's
+    quantized linears (the compile pass); only such copies are reached by ``set_bits`` (a draft's
+    views have their own widths; an LM head kept at its file's precision keeps its own).
     ``nested``: a ready quantized copy (``bits="auto"``'s :class:`~csd_compile.quant.nested.NestedWeight`),
     kept under the key ``"auto"`` and used when that key has no copy yet.
     """

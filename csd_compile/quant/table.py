@@ -69,7 +69,8 @@ def quantizable_linears(model: nn.Module, group_size: int = 64) -> list[tuple[st
     out = []
     for name, mod in model.named_modules():
         if isinstance(mod, QLinear):
-            out.append((name, mod))
+            if mod.in_plan:
+                out.append((name, mod))
         elif type(mod) is nn.Linear and mod is not head:
             n, k = mod.weight.shape
             if n % 2 == 0 and k % group_size == 0:

@@ -273,7 +273,7 @@ def make_self_draft(target: nn.Module, *, bits: int = 4, group_size: int = 64, q
 
     def swap(mod: nn.Module) -> nn.Module:
         if isinstance(mod, QLinear):
-            return mod.view(bits, mod.bias)
+            return mod if mod is head and not quantize_lm_head else mod.view(bits, mod.bias)
         if isinstance(mod, nn.Linear) and (quantize_lm_head or mod is not head):
             n, k = mod.weight.shape
             if n % 2 or k % group_size:  # a shape the format cannot hold stays as it is

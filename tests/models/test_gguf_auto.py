@@ -133,7 +133,8 @@ def test_auto_option_checks():
 
     cfg = CSDConfig.from_options({"bits": "auto"})
     assert (cfg.group_size, cfg.quantize_lm_head) == (32, True)
-    assert CSDConfig.from_options({"bits": 4}).quantize_lm_head is False
+    assert CSDConfig.from_options({"bits": 4}).quantize_lm_head is None  # the head as its file stores it
+    assert CSDConfig.from_options({}).quantize_lm_head is False
     with pytest.raises(OptionError, match=r"'group_size'=64 does not go with bits='auto'.*blocks of 32"):
         CSDConfig.from_options({"bits": "auto", "group_size": 64})
     with pytest.raises(OptionError, match=r"'bits'='autox' is not supported; use None, 'dynamic', 'auto'"):
