@@ -1,6 +1,6 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
-    python -m benchmarks.fixed_cost_ab --lever size_asserts|guards [--options bits=auto] [--rounds 7]
+    python -m benchmarks.fixed_cost_ab --lever size_asserts|guards|direct_qlinear [--options bits=auto] [--rounds 7]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
 it undone, in alternating rounds of one process (the machine's drift hits both alike):
@@ -8,7 +8,10 @@ it undone, in alternating rounds of one process (the machine's drift hits both a
 - ``size_asserts``: the backend's ``WRAPPER_CONFIG`` (Inductor's ``size_asserts`` off) against a
   backend compiled with it on (a second registered backend, so each decoder has its own graph);
 - ``guards``: ``csd_compile.stance.GuardedOnce`` (guards checked at a call's first step only)
-  against checking them at every step (one decoder, the stance disabled in alternate rounds).
+  against checking them at every step (one decoder, the stance disabled in alternate rounds);
+- ``direct_qlinear``: the Python wrapper calling the C++ kernel as a plain function
+  (``csd_compile.kernels.native.direct_qlinear``) against calling ``torch.ops.csd.qlinear_cpu_native``
+  through the dispatcher (a second backend compiling without that codegen, Inductor's caches off).
 
 Decode-only ms/token = (time of a 97-token call - time of a 1-token call) / 96; medians, the ratio
 and whether both produced the same tokens.
@@ -36,7 +39,7 @@ def _ms_per_token(dec, ids, tokens: int) -> tuple[float, torch.Tensor]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lever", required=True, choices=["size_asserts", "guards"])
+    ap.add_argument("--lever", required=True, choices=["size_asserts", "guards", "direct_qlinear"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
@@ -55,19 +58,36 @@ def main(argv=None) -> None:
     shipped = f"{args.lever} as shipped"
     undone = f"{args.lever} undone"
 
-    if args.lever == "size_asserts":
+    if args.lever in ("size_asserts", "direct_qlinear"):
         from torch._dynamo import register_backend
 
-        @register_backend
-        def csd_size_asserts_on(gm, example_inputs, **kw):
-            backend.WRAPPER_CONFIG["size_asserts"] = True
-            try:
-                return backend.csd_backend(gm, example_inputs, **kw)
+        @contextlib.contextmanager
+        def lever_undone():
+            if args.lever == "size_asserts":
+                backend.WRAPPER_CONFIG["size_asserts"] = True
+                try:
+                    yield
+                finally:
+                    backend.WRAPPER_CONFIG["size_asserts"] = False
+                return
+            from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN
+
+            key = "torch.ops.csd.qlinear_cpu_native.default"
+            entry = CUSTOM_EXTERN_KERNEL_CODEGEN.pop(key)
+            try:  # the caches' keys do not see the codegen: compile afresh
+                with torch._inductor.config.patch(fx_graph_cache=False), \
+                        torch._functorch.config.patch(enable_autograd_cache=False):
+                    yield
             finally:
-                backend.WRAPPER_CONFIG["size_asserts"] = False
+                CUSTOM_EXTERN_KERNEL_CODEGEN[key] = entry
+
+        @register_backend
+        def csd_lever_undone(gm, example_inputs, **kw):
+            with lever_undone():
+                return backend.csd_backend(gm, example_inputs, **kw)
 
         decoders = {shipped: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=options),
-                    undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd_size_asserts_on",
+                    undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd_lever_undone",
                                                  options=options)}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
     else:

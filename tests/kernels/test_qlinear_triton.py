@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import csd_compile.kernels.qlinear as qmod
-from csd_compile.quant.nested import quantize
+from csd_compile.quant.nested import dequantize, quantize
 
 
 @pytest.fixture
@@ -34,15 +34,21 @@ def _case(n, k, group, m, dtype, seed):
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     seed=st.integers(0, 2**16),
 )
+@example(n=16, group=64, groups=1, m=1, dtype=torch.bfloat16, seed=6664)  # 0.61% in norm
 def test_triton_kernel_matches_reference(interpreted, n, group, groups, m, dtype, seed):
     x, nw = _case(n, group * groups, group, m, dtype, seed)
     for bits in (2, 3, 4, 8):
         b = torch.tensor(bits, dtype=torch.int32)
         y = qmod.qlinear_triton(x, *nw, b, block_m=16, block_n=32, block_k=32)
         r = qmod.qlinear_ref(x, *nw, b)
-        err = ((y.float() - r.float()).norm() / r.float().norm()).item()
         assert y.dtype == dtype and y.shape == r.shape
-        assert err < (1e-5 if dtype == torch.float32 else 6e-3), (bits, err)
+        if dtype == torch.float32:
+            err = ((y - r).norm() / r.norm()).item()
+            assert err < 1e-5, (bits, err)
+        else:  # tf32 products (10-bit mantissas) and the output's own rounding, per output
+            mags = x.float().abs() @ dequantize(*nw, bits).abs().T
+            slack = torch.finfo(dtype).eps * r.float().abs() + 2.0**-9 * mags
+            assert ((y.float() - r.float()).abs() <= slack).all(), bits
 
 
 def test_triton_reads_bits_from_a_plan_view(interpreted):

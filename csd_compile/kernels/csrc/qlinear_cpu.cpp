@@ -46,6 +46,7 @@
 #else
 #define CSD_X86 0  // other CPUs (ARM, ...) build the scalar path only
 #endif
+#include <torch/extension.h>  // pybind11 and its at::Tensor casters: the direct entry at the end
 #include <torch/library.h>
 
 #include <algorithm>
@@ -753,6 +754,16 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, in
 
 // ---------------------------------------------------------------------------------------------
 
+// The bit-width from its one-element integer tensor; the usual dtypes read in place (item() is a
+// dispatched op, a measurable share of a decode-sized call).
+int64_t read_bits(const at::Tensor& bits) {
+  switch (bits.scalar_type()) {
+    case at::kInt: return *bits.const_data_ptr<int32_t>();
+    case at::kLong: return *bits.const_data_ptr<int64_t>();
+    default: return bits.item<int64_t>();
+  }
+}
+
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                        const at::Tensor& zero, const at::Tensor& bits) {
   TORCH_CHECK_VALUE(x.device().is_cpu() && qdata.device().is_cpu() && scale.device().is_cpu() &&
@@ -773,16 +784,17 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::T
   TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128, "csd::qlinear_cpu: group size ", gs, " is not one of 32, 64, 128");
   TORCH_CHECK_VALUE(bits.numel() == 1 && bits.dim() <= 1 && !bits.is_floating_point() && !bits.is_complex(),
               "csd::qlinear_cpu: bits must be a 0-d integer tensor, got ", bits.scalar_type(), " ", bits.sizes());
-  const int64_t b = bits.reshape({}).item<int64_t>();  // a CPU tensor: no device sync
+  const int64_t b = read_bits(bits);
   TORCH_CHECK_VALUE(b == 2 || b == 3 || b == 4 || b == 8, "csd::qlinear_cpu: bits=", b,
               " is not supported; choose one of [2, 3, 4, 8]");
 
-  // contiguous() and reshape() are free on the contiguous tensors a compiled graph passes in
+  // contiguous() is free on the contiguous tensors a compiled graph passes in; x is read as
+  // [M, K] in place (a reshape would make a view, with its autograd metadata, at every call)
   auto q = qdata.contiguous();
   auto sc = scale.contiguous();
   auto ze = zero.contiguous();
-  auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
+  const at::Tensor x2 = x.contiguous();
+  const int64_t M = x2.numel() / K;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   if (M == 0) return at::empty(out_shape, x.options());
@@ -919,3 +931,21 @@ TORCH_LIBRARY_FRAGMENT(csd, m) {
 }
 
 TORCH_LIBRARY_IMPL(csd, CPU, m) { m.impl("qlinear_cpu_native", &qlinear_cpu); }
+
+// The same kernel as a plain Python function, for the code Inductor's Python wrapper runs at every
+// step (kernels/native.py registers the codegen): calling an op from Python goes through the
+// dispatcher's boxed path (schema matching, an IValue stack), about 2-3 us per call, as much as a
+// k/v projection's product at M = 1 and 200 calls per SmolLM2 token. Same checks, same kernel; it
+// still shows as csd::qlinear_cpu_native in torch.profiler. The GIL is released while it runs.
+namespace {
+at::Tensor qlinear_direct(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                          const at::Tensor& zero, const at::Tensor& bits) {
+  RECORD_FUNCTION("csd::qlinear_cpu_native", c10::ArrayRef<const c10::IValue>{});
+  return qlinear_cpu(x, qdata, scale, zero, bits);
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("qlinear", &qlinear_direct, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "csd::qlinear_cpu_native(x, qdata, scale, zero, bits) without the dispatcher");
+}
