@@ -126,7 +126,9 @@ def _register_direct_codegen() -> None:
         if node.codegen_kwargs() or inductor_config.generate_intermediate_hooks:
             writeline(ExternKernelAllocLine(wrapper, node))
             return
-        wrapper.add_import_once(f"from csd_compile.kernels.native import direct_qlinear as {_DIRECT_NAME}")
+        # the module's imports are the root graph's (a nested region's wrapper writes none of its own)
+        root = wrapper.get_root_graph() if hasattr(wrapper, "get_root_graph") else wrapper
+        root.add_import_once(f"from csd_compile.kernels.native import direct_qlinear as {_DIRECT_NAME}")
         writeline(f"{node.get_name()} = {_DIRECT_NAME}({', '.join(node.codegen_args())})")
 
     CUSTOM_EXTERN_KERNEL_CODEGEN["torch.ops.csd.qlinear_cpu_native.default"] = CustomCodegen(python=codegen)

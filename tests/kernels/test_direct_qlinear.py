@@ -89,3 +89,30 @@ def test_compiled_code_calls_the_direct_function_and_matches_eager():
     assert code.count(f"{native._DIRECT_NAME}(") == 2
     assert "torch.ops.csd.qlinear_cpu_native.default(" not in code
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_call_inside_a_nested_region_finds_the_direct_function():
+    """Only the region holds quantized linears: the import must reach the module all the same."""
+    from torch._inductor.utils import run_and_get_code
+
+    from csd_compile.quant import quantize_
+
+    torch.manual_seed(1)
+    inner = quantize_(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU()), bits=8, group_size=32)
+
+    @torch.compiler.nested_compile_region
+    def block(x):
+        return inner(x)
+
+    def f(x):
+        return block(block(x) * 2.0)
+
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = f(x)
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            out, codes = run_and_get_code(torch.compile(f, backend="inductor", fullgraph=True), x)
+    code = "\n".join(codes)
+    assert f"direct_qlinear as {native._DIRECT_NAME}" in code and f"{native._DIRECT_NAME}(" in code
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
