@@ -65,11 +65,12 @@ def test_direct_rejects_what_the_op_rejects():
         native.direct_qlinearx  # noqa: B018
 
 
-def test_the_profiler_sees_the_direct_call():
+def test_the_profiler_sees_the_direct_call_and_its_shapes():
     nw = _weight(64, 64, 32, 1)
-    with torch.profiler.profile() as prof:
-        native.direct_qlinear(torch.randn(1, 64), *nw, torch.tensor(4))
-    assert "csd::qlinear_cpu_native" in [e.name for e in prof.events()]
+    with torch.profiler.profile(record_shapes=True) as prof:
+        native.direct_qlinear(torch.randn(3, 64), *nw, torch.tensor(4))
+    (event,) = [e for e in prof.events() if e.name == "csd::qlinear_cpu_native"]
+    assert event.input_shapes == [[3, 64], [2, 64, 32], [64, 2], [64, 2], []]
 
 
 def test_compiled_code_calls_the_direct_function_and_matches_eager():

@@ -936,11 +936,13 @@ TORCH_LIBRARY_IMPL(csd, CPU, m) { m.impl("qlinear_cpu_native", &qlinear_cpu); }
 // step (kernels/native.py registers the codegen): calling an op from Python goes through the
 // dispatcher's boxed path (schema matching, an IValue stack), about 2-3 us per call, as much as a
 // k/v projection's product at M = 1 and 200 calls per SmolLM2 token. Same checks, same kernel; it
-// still shows as csd::qlinear_cpu_native in torch.profiler. The GIL is released while it runs.
+// still shows as csd::qlinear_cpu_native in torch.profiler, with its input shapes (csd-compile
+// profile finds the LM head by them). The GIL is released while it runs.
 namespace {
 at::Tensor qlinear_direct(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                           const at::Tensor& zero, const at::Tensor& bits) {
-  RECORD_FUNCTION("csd::qlinear_cpu_native", c10::ArrayRef<const c10::IValue>{});
+  // the inputs (their shapes) are built only when a profiler records them
+  RECORD_FUNCTION("csd::qlinear_cpu_native", std::vector<c10::IValue>({x, qdata, scale, zero, bits}));
   return qlinear_cpu(x, qdata, scale, zero, bits);
 }
 }  // namespace
