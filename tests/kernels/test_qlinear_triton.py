@@ -34,7 +34,7 @@ def _case(n, k, group, m, dtype, seed):
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     seed=st.integers(0, 2**16),
 )
-@example(n=16, group=64, groups=1, m=1, dtype=torch.bfloat16, seed=6664)  # 0.61% in norm
+@example(n=16, group=64, groups=1, m=1, dtype=torch.bfloat16, seed=6664)  # 0.61% in norm: two roundings
 def test_triton_kernel_matches_reference(interpreted, n, group, groups, m, dtype, seed):
     x, nw = _case(n, group * groups, group, m, dtype, seed)
     for bits in (2, 3, 4, 8):
@@ -45,10 +45,12 @@ def test_triton_kernel_matches_reference(interpreted, n, group, groups, m, dtype
         if dtype == torch.float32:
             err = ((y - r).norm() / r.norm()).item()
             assert err < 1e-5, (bits, err)
-        else:  # tf32 products (10-bit mantissas) and the output's own rounding, per output
+        else:  # per output: both results rounded to the dtype (half an ulp each), plus tf32 products
+            # (both factors rounded to 10-bit mantissas: at most 2^-10 of sum |x||w|)
+            yf, rf = y.float(), r.float()
             mags = x.float().abs() @ dequantize(*nw, bits).abs().T
-            slack = torch.finfo(dtype).eps * r.float().abs() + 2.0**-9 * mags
-            assert ((y.float() - r.float()).abs() <= slack).all(), bits
+            slack = torch.finfo(dtype).eps / 2 * (yf.abs() + rf.abs()) + 2.0**-10 * mags
+            assert ((yf - rf).abs() <= slack).all(), bits
 
 
 def test_triton_reads_bits_from_a_plan_view(interpreted):
