@@ -112,16 +112,17 @@ def _register_direct_codegen() -> None:
     dispatcher's boxed call from Python (about 2-3 us of a 10-30 us product at decode sizes; two
     hundred calls per SmolLM2 token). The C++ wrapper keeps calling the op through the dispatcher.
     Skipped (the op call stays) where this PyTorch has no such hook."""
-    try:
+    try:  # a light module; the codegen's own imports wait for a compile (they cost ~1.3 s)
         from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen
-        from torch._inductor.codegen.wrapper import ExternKernelAllocLine
-        from torch._inductor import config as inductor_config
-        from torch._inductor.virtualized import V
     except ImportError:
         log.info("csd-compile: this PyTorch has no custom extern-kernel codegen; qlinear is called as an op")
         return
 
     def codegen(node, writeline) -> None:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.codegen.wrapper import ExternKernelAllocLine
+        from torch._inductor.virtualized import V
+
         wrapper = V.graph.wrapper_code
         if node.codegen_kwargs() or inductor_config.generate_intermediate_hooks:
             writeline(ExternKernelAllocLine(wrapper, node))
