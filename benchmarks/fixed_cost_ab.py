@@ -62,14 +62,15 @@ def main(argv=None) -> None:
         from torch._dynamo import register_backend
 
         @contextlib.contextmanager
-        def lever_undone():
-            if args.lever == "size_asserts":
-                backend.WRAPPER_CONFIG["size_asserts"] = True
-                try:
-                    yield
-                finally:
-                    backend.WRAPPER_CONFIG["size_asserts"] = False
-                return
+        def size_asserts_on():
+            backend.WRAPPER_CONFIG["size_asserts"] = True
+            try:
+                yield
+            finally:
+                backend.WRAPPER_CONFIG["size_asserts"] = False
+
+        @contextlib.contextmanager
+        def qlinear_as_op():
             from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN
 
             key = "torch.ops.csd.qlinear_cpu_native.default"
@@ -80,6 +81,8 @@ def main(argv=None) -> None:
                     yield
             finally:
                 CUSTOM_EXTERN_KERNEL_CODEGEN[key] = entry
+
+        lever_undone = {"size_asserts": size_asserts_on, "direct_qlinear": qlinear_as_op}[args.lever]
 
         @register_backend
         def csd_lever_undone(gm, example_inputs, **kw):
