@@ -114,12 +114,19 @@ def auto_formats(model: torch.nn.Module, dense: WeightFormat, given=None) -> dic
     return out
 
 
-def _stored_format(head: torch.nn.Module, dense: WeightFormat) -> WeightFormat:
-    """The format an LM head keeps by default under static bits: its GGUF grid when exact, else dense."""
+def _head_format(head: torch.nn.Module | None, quant: WeightFormat, dense: WeightFormat, *, bits,
+                 quantize_lm_head: bool | None, head_format: WeightFormat | None) -> WeightFormat:
+    """The LM head's format: ``head_format`` when given, the linears' ``quant`` when
+    ``quantize_lm_head``, and by default (``None``) with static ``bits`` its GGUF grid when the file
+    stores it exactly (what the quantize pass does; ``head=None``, a config's, is dense); else ``dense``."""
     from csd_compile.config import AUTO_GROUP_SIZE
     from csd_compile.quant.gguf import exact_bits
 
-    b = exact_bits(head.weight)
+    if head_format is not None:
+        return head_format
+    if quantize_lm_head:
+        return quant
+    b = exact_bits(head.weight) if quantize_lm_head is None and isinstance(bits, int) and head is not None else None
     return dense if b is None else nested_format(b, AUTO_GROUP_SIZE)
 
 
@@ -167,9 +174,7 @@ def step_bytes(
     auto = auto_formats(model, dense, model_config) if bits == "auto" and weight_format is None else None
     quant = weight_format or (nested_format(bits, group_size) if bits not in (None, "auto") else dense)
     head = model.get_output_embeddings()
-    head_fmt = head_format or (quant if quantize_lm_head else dense)
-    if head_format is None and quantize_lm_head is None and isinstance(bits, int) and head is not None:
-        head_fmt = _stored_format(head, dense)
+    head_fmt = _head_format(head, quant, dense, bits=bits, quantize_lm_head=quantize_lm_head, head_format=head_format)
     embed = model.get_input_embeddings()
     counted = {id(p) for p in embed.parameters()}
     linears = lm_head = 0.0
@@ -232,12 +237,10 @@ class Precision:
             lin = ", ".join(f"{name} x{n}" for name, n in counts.most_common())
             return f"auto: {lin} (head {fmts[head].name if head in fmts else self.dtype})"
         lin = self.weight_format or (nested_format(self.bits, self.group_size) if self.bits is not None else None)
-        head = self.head_format or (lin if self.quantize_lm_head else None)
-        if head is None and self.quantize_lm_head is None and isinstance(self.bits, int) and self.weight_format is None:
-            out = model.get_output_embeddings() if model is not None else None  # a config: dense
-            dense = dense_format(self.dtype)
-            return f"{lin.name} (head {(_stored_format(out, dense) if out is not None else dense).name})"
-        return f"{lin.name if lin else self.dtype} (head {head.name if head else self.dtype})"
+        dense = dense_format(self.dtype)
+        head = _head_format(model.get_output_embeddings() if model is not None else None, lin or dense, dense,
+                            bits=self.bits, quantize_lm_head=self.quantize_lm_head, head_format=self.head_format)
+        return f"{lin.name if lin else self.dtype} (head {head.name})"
 
     def step_bytes(self, model_config, context_len: float) -> dict[str, float]:
         """:func:`step_bytes` with this row's precision."""
