@@ -1,6 +1,7 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
-    python -m benchmarks.fixed_cost_ab --lever size_asserts|guards|direct_qlinear [--options bits=auto] [--rounds 7]
+    python -m benchmarks.fixed_cost_ab --lever size_asserts|guards|direct_qlinear|decode_attention
+        [--options bits=auto] [--rounds 7] [--cache-slots N]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
 it undone, in alternating rounds of one process (the machine's drift hits both alike):
@@ -11,7 +12,12 @@ it undone, in alternating rounds of one process (the machine's drift hits both a
   against checking them at every step (one decoder, the stance disabled in alternate rounds);
 - ``direct_qlinear``: the Python wrapper calling the C++ kernel as a plain function
   (``csd_compile.kernels.native.direct_qlinear``) against calling ``torch.ops.csd.qlinear_cpu_native``
-  through the dispatcher (a second backend compiling without that codegen, Inductor's caches off).
+  through the dispatcher (a second backend compiling without that codegen, Inductor's caches off);
+- ``decode_attention``: the pass's ``csd::decode_attention`` op (reads only the open cache slots)
+  against the same math as tensor ops that Inductor fuses (a second backend, caches off).
+
+``--cache-slots N`` sizes the static KV cache at N slots (a call asks for N - 53 new tokens and is
+stopped after 97), as a longer request would; by default the cache holds 256.
 
 Decode-only ms/token = (time of a 97-token call - time of a 1-token call) / 96; medians, the ratio
 and whether both produced the same tokens.
@@ -28,24 +34,30 @@ import time
 import torch
 
 
-def _ms_per_token(dec, ids, tokens: int) -> tuple[float, torch.Tensor]:
+def _ms_per_token(dec, ids, tokens: int, budget: int) -> tuple[float, torch.Tensor]:
+    # budget: max_new_tokens of every call (it sizes the cache); the calls stop after tokens + 1 and 1
     t0 = time.perf_counter()
-    out = dec(ids, max_new_tokens=tokens + 1, eos_token_id=[])
+    out = dec(ids, max_new_tokens=budget, eos_token_id=[], _stop_after=tokens + 1)
     a = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dec(ids, max_new_tokens=1, eos_token_id=[])
+    dec(ids, max_new_tokens=budget, eos_token_id=[], _stop_after=1)
     return (a - (time.perf_counter() - t0)) / tokens * 1e3, out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lever", required=True, choices=["size_asserts", "guards", "direct_qlinear"])
+    ap.add_argument("--lever", required=True, choices=["size_asserts", "guards", "direct_qlinear", "decode_attention"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-slots", type=int, default=None, help="static KV cache size (default 256)")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.threads < 1:
         raise SystemExit("--rounds and --threads must be >= 1")
+    prompt, tokens = 53, 96
+    if args.cache_slots is not None and args.cache_slots < prompt + tokens + 1:
+        raise SystemExit(f"--cache-slots must be >= {prompt + tokens + 1} (prompt {prompt} + {tokens + 1} tokens)")
+    budget = tokens + 1 if args.cache_slots is None else args.cache_slots - prompt
 
     import csd_compile.backend as backend
     import csd_compile.models.greedy as greedy
@@ -54,11 +66,11 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     options = _parse_options(args.options)
-    ids = torch.tensor([[random.Random(0).randrange(100, 20000) for _ in range(53)]])
+    ids = torch.tensor([[random.Random(0).randrange(100, 20000) for _ in range(prompt)]])
     shipped = f"{args.lever} as shipped"
     undone = f"{args.lever} undone"
 
-    if args.lever in ("size_asserts", "direct_qlinear"):
+    if args.lever in ("size_asserts", "direct_qlinear", "decode_attention"):
         from torch._dynamo import register_backend
 
         @contextlib.contextmanager
@@ -82,7 +94,21 @@ def main(argv=None) -> None:
             finally:
                 CUSTOM_EXTERN_KERNEL_CODEGEN[key] = entry
 
-        lever_undone = {"size_asserts": size_asserts_on, "direct_qlinear": qlinear_as_op}[args.lever]
+        @contextlib.contextmanager
+        def attention_as_tensor_ops():
+            import csd_compile.passes.decode_attention as pass_module
+
+            real = pass_module._emit_op
+            pass_module._emit_op = lambda graph, bound: None  # the pass then writes the tensor-op math
+            try:
+                with torch._inductor.config.patch(fx_graph_cache=False), \
+                        torch._functorch.config.patch(enable_autograd_cache=False):
+                    yield
+            finally:
+                pass_module._emit_op = real
+
+        lever_undone = {"size_asserts": size_asserts_on, "direct_qlinear": qlinear_as_op,
+                        "decode_attention": attention_as_tensor_ops}[args.lever]
 
         @register_backend
         def csd_lever_undone(gm, example_inputs, **kw):
@@ -110,14 +136,14 @@ def main(argv=None) -> None:
 
     for name, dec in decoders.items():
         t = time.perf_counter()
-        dec.warm_up(ids, max_new_tokens=97)
+        dec.warm_up(ids, max_new_tokens=budget)
         print(f"{name}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
     res: dict[str, list[float]] = {name: [] for name in decoders}
     outs = {}
     for _ in range(args.rounds):
         for name, dec in decoders.items():
             with settings[name]():
-                ms, outs[name] = _ms_per_token(dec, ids, 96)
+                ms, outs[name] = _ms_per_token(dec, ids, tokens, budget)
             res[name].append(ms)
     for name, v in res.items():
         print(f"{name}: median {statistics.median(v):.2f} ms/token  {[round(x, 2) for x in v]}")

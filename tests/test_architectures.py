@@ -132,6 +132,7 @@ def _passes_only(options, seen):
         for _, fn in pre_aot_passes(cfg):
             gm = fn(gm, example_inputs, cfg)
         seen["sdpa_after"] = sum(n.target in _SDPA_TARGETS for n in gm.graph.nodes)
+        seen["ops_after"] = sum(n.target is torch.ops.csd.decode_attention.default for n in gm.graph.nodes)
         return gm.forward
 
     return backend
@@ -157,9 +158,9 @@ def test_decode_attention_rewrites_each_family_exactly_or_leaves_it(family):
         compiled = torch.compile(model, backend=_passes_only({}, seen), fullgraph=True)
         got = compiled(ids[:, -1:], cache=twin, use_cache=True, position_ids=torch.tensor([[12]])).logits
     if family in SDPA_FAMILIES:
-        assert seen == {"sdpa_before": 2, "sdpa_after": 0}  # rewritten in both layers
+        assert seen == {"sdpa_before": 2, "sdpa_after": 0, "ops_after": 2}  # rewritten in both layers
     else:
-        assert seen == {"sdpa_before": 0, "sdpa_after": 0}  # nothing of ours to rewrite: left as HF wrote it
+        assert seen == {"sdpa_before": 0, "sdpa_after": 0, "ops_after": 0}  # nothing of ours: left as HF wrote it
     assert _rel(got, ref) < 1e-5, _rel(got, ref)
 
 

@@ -42,7 +42,7 @@ ACTIVATIONS = ("float", "int8")
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("csrc") / "qlinear_cpu.cpp"]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("qlinear_cpu.cpp", "attention_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -85,54 +85,66 @@ def _build() -> bool:
             stacklevel=3,
         )
         return False
-    from .qlinear import register_native_fake
+    from . import attention, qlinear
 
     _state["direct_qlinear"] = module.qlinear
-    register_native_fake()
+    _state["direct_attention"] = module.decode_attention
+    qlinear.register_native_fake()
+    attention.register_native_fake()
     _register_direct_codegen()
     return True
 
 
-_DIRECT_NAME = "csd_qlinear_direct"
+# the C++ ops Inductor's Python wrapper calls as plain functions: op -> (attribute here, name in the wrapper)
+_DIRECT = {
+    "torch.ops.csd.qlinear_cpu_native.default": ("direct_qlinear", "csd_qlinear_direct"),
+    "torch.ops.csd.decode_attention_cpu_native.default": ("direct_attention", "csd_attention_direct"),
+}
 
 
 def __getattr__(name: str):
-    # ``direct_qlinear``: ``csd::qlinear_cpu_native`` as a plain Python function (no dispatcher),
-    # loading the kernels first (a compiled graph read back from Inductor's cache imports it)
-    if name == "direct_qlinear":
+    # ``direct_qlinear`` / ``direct_attention``: the C++ ops as plain Python functions (no
+    # dispatcher), loading the kernels first (a compiled graph read back from Inductor's cache
+    # imports them)
+    if name in ("direct_qlinear", "direct_attention"):
         if not load():
-            raise AttributeError("csd-compile: the C++ CPU kernels are not available (direct_qlinear)")
-        return _state["direct_qlinear"]
+            raise AttributeError(f"csd-compile: the C++ CPU kernels are not available ({name})")
+        return _state[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _register_direct_codegen() -> None:
     """Have Inductor's Python wrapper call :data:`direct_qlinear` where it would call
-    ``torch.ops.csd.qlinear_cpu_native.default``: same kernel, same checks, without the
-    dispatcher's boxed call from Python (about 2-3 us of a 10-30 us product at decode sizes; two
-    hundred calls per SmolLM2 token). The C++ wrapper keeps calling the op through the dispatcher.
-    Skipped (the op call stays) where this PyTorch has no such hook."""
+    ``torch.ops.csd.qlinear_cpu_native.default`` (and :data:`direct_attention` for
+    ``csd::decode_attention_cpu_native``): same kernel, same checks, without the dispatcher's boxed
+    call from Python (about 2-3 us of a 10-30 us product at decode sizes; two hundred calls per
+    SmolLM2 token). The C++ wrapper keeps calling the ops through the dispatcher. Skipped (the op
+    calls stay) where this PyTorch has no such hook."""
     try:  # a light module; the codegen's own imports wait for a compile (they cost ~1.3 s)
         from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen
     except ImportError:
-        log.info("csd-compile: this PyTorch has no custom extern-kernel codegen; qlinear is called as an op")
+        log.info("csd-compile: this PyTorch has no custom extern-kernel codegen; the C++ kernels are called as ops")
         return
 
-    def codegen(node, writeline) -> None:
-        from torch._inductor import config as inductor_config
-        from torch._inductor.codegen.wrapper import ExternKernelAllocLine
-        from torch._inductor.virtualized import V
+    def codegen_for(attribute: str, alias: str):
+        def codegen(node, writeline) -> None:
+            from torch._inductor import config as inductor_config
+            from torch._inductor.codegen.wrapper import ExternKernelAllocLine
+            from torch._inductor.virtualized import V
 
-        wrapper = V.graph.wrapper_code
-        if node.codegen_kwargs() or inductor_config.generate_intermediate_hooks:
-            writeline(ExternKernelAllocLine(wrapper, node))
-            return
-        # the module's imports are the root graph's (a nested region's wrapper writes none of its own)
-        root = wrapper.get_root_graph() if hasattr(wrapper, "get_root_graph") else wrapper
-        root.add_import_once(f"from csd_compile.kernels.native import direct_qlinear as {_DIRECT_NAME}")
-        writeline(f"{node.get_name()} = {_DIRECT_NAME}({', '.join(node.codegen_args())})")
+            wrapper = V.graph.wrapper_code
+            if node.codegen_kwargs() or inductor_config.generate_intermediate_hooks:
+                writeline(ExternKernelAllocLine(wrapper, node))
+                return
+            # the module's imports are the root graph's (a nested region's wrapper writes none of its own)
+            root = wrapper.get_root_graph() if hasattr(wrapper, "get_root_graph") else wrapper
+            root.add_import_once(f"from csd_compile.kernels.native import {attribute} as {alias}")
+            writeline(f"{node.get_name()} = {alias}({', '.join(node.codegen_args())})")
 
-    CUSTOM_EXTERN_KERNEL_CODEGEN["torch.ops.csd.qlinear_cpu_native.default"] = CustomCodegen(python=codegen)
+        return codegen
+
+    for key, (attribute, alias) in _DIRECT.items():
+        CUSTOM_EXTERN_KERNEL_CODEGEN[key] = CustomCodegen(python=codegen_for(attribute, alias))
 
 
 def load() -> bool:

@@ -1,10 +1,11 @@
-"""On a CUDA device, not interpreted: the Triton qlinear and gate kernels against their references on
+"""On a CUDA device, not interpreted: the Triton qlinear, gate and attention kernels against their references on
 many shapes, and the backend end to end on the embedded model. Run by ``make gpu-check``."""
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from csd_compile.kernels.attention import attention_ref
 from csd_compile.kernels.gate import gate_ref, gate_triton
 from csd_compile.kernels.qlinear import qlinear_ref, qlinear_triton
 from csd_compile.quant.nested import quantize
@@ -27,6 +28,21 @@ def test_qlinear_triton_on_cuda_matches_reference(n, group, groups, m, dtype, se
         y = qlinear_triton(x.to(DEV), *q, b.to(DEV)).float().cpu()
         tol = 1e-4 if dtype == torch.float32 else 1e-2
         assert ((y - r).norm() / r.norm()).item() < tol
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), hkv=st.sampled_from([1, 3, 8]), group=st.sampled_from([1, 3, 4]), t=st.integers(1, 16),
+       s=st.sampled_from([1, 37, 256, 2048]), d=st.sampled_from([64, 80, 128]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+def test_attention_op_on_cuda_matches_reference(b, hkv, group, t, s, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * group, t, d, generator=g).to(dtype)
+    k, v = (torch.randn(b, hkv, s, d, generator=g).to(dtype) for _ in range(2))
+    mask = torch.arange(s).view(1, 1, 1, s) < torch.randint(1, s + 1, (b, 1, t, 1), generator=g)
+    ref = attention_ref(q.float(), k.float(), v.float(), mask, 0.1)
+    out = torch.ops.csd.decode_attention(q.to(DEV), k.to(DEV), v.to(DEV), mask.to(DEV), 0.1).float().cpu()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
 @settings(max_examples=30, deadline=None)

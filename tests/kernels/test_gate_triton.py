@@ -1,18 +1,16 @@
 """The Triton csd::gate kernel against the reference, on CPU through Triton's interpreter.
 
-Triton picks interpreter or compiler when a kernel is decorated (at import), so the comparison
-runs in a child Python with ``TRITON_INTERPRET=1`` set before anything imports triton, unless
-this process already imported the kernel interpreted.
+The comparison runs in a child Python with ``TRITON_INTERPRET=1`` set before anything imports
+triton, unless this process already imported the kernel interpreted (``tests/interpreted.py``).
 """
 
 import math
-import os
-import subprocess
-import sys
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from tests.interpreted import run_interpreted
 
 LOG_TAU = math.log(0.01)
 
@@ -55,27 +53,5 @@ def _check_triton_matches_reference(case):
     assert torch.equal(k1, k2) and torch.equal(c1, c2)
 
 
-def _kernel_is_interpreted() -> bool:
-    if "csd_compile.kernels.gate" not in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from csd_compile.kernels import gate
-
-    return isinstance(gate._gate_kernel, InterpretedFunction)
-
-
 def test_triton_kernel_matches_reference_interpreted():
-    if _kernel_is_interpreted():
-        _check_triton_matches_reference()
-        return
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = (
-        "import importlib.util, sys;"
-        f"spec = importlib.util.spec_from_file_location('gate_triton_check', {__file__!r});"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m);"
-        "assert m._kernel_is_interpreted(), 'kernel not interpreted';"
-        "m._check_triton_matches_reference(); print('ok')"
-    )
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-4000:] + r.stderr[-4000:]
+    run_interpreted(__file__, "csd_compile.kernels.gate", "_gate_kernel", [_check_triton_matches_reference])

@@ -55,6 +55,10 @@ nw = quantize(torch.randn(64, 64), 32)
 x = torch.randn(2, 64)
 torch.testing.assert_close(torch.ops.csd.qlinear(x, *nw, torch.tensor(4)), qlinear_ref(x, *nw, torch.tensor(4)),
                            rtol=1e-5, atol=1e-5)
+from csd_compile.kernels.attention import attention_ref
+q, k, v = torch.randn(1, 4, 2, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+mask = torch.arange(9).view(1, 1, 1, 9) < 5
+torch.testing.assert_close(torch.ops.csd.decode_attention(q, k, v, mask, 0.25), attention_ref(q, k, v, mask, 0.25))
 assert not native.available() and native.isa() is None
 print("ok")
 """

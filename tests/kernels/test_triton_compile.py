@@ -7,6 +7,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from csd_compile import pair_table
+from csd_compile.kernels.attention import _attention_kernel
 from csd_compile.kernels.gate import _gate_kernel
 from csd_compile.kernels.qlinear import _qlinear_kernel
 
@@ -42,3 +43,15 @@ def test_gate_kernel_compiles_for_cuda(cc, dtype, update):
     _compile(_gate_kernel, sig, {"W": 8, "BLOCK_V": 1024, "UPDATE": update, "COUNT_CAP": pair_table.COUNT_MAX,
                                  "KEY_STRIDE": pair_table.KEY_STRIDE, "H1": pair_table.H1, "H2": pair_table.H2,
                                  "EMPTY": pair_table.EMPTY}, cc)
+
+
+@pytest.mark.parametrize("cc", ARCHS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("mask", [None, "*i1", "*fp32", "*bf16"])
+def test_attention_kernel_compiles_for_cuda(cc, dtype, mask):
+    strides = ["sqb", "sqh", "sqt", "skb", "skh", "sks", "svb", "svh", "svs", "smb", "smh", "smt", "sms"]
+    sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "mask_ptr": mask or f"*{dtype}",
+           "out_ptr": f"*{dtype}", "Hq": "i32", "T": "i32", "S": "i32", "D": "i32", "GROUP": "i32", "scale": "fp32",
+           **{name: "i32" for name in strides}}
+    _compile(_attention_kernel, sig, {"HAS_MASK": mask is not None, "MASK_BOOL": mask == "*i1", "BLOCK_S": 64,
+                                      "BLOCK_D": 64}, cc)

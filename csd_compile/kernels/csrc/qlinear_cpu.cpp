@@ -40,12 +40,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#if (defined(__x86_64__) || defined(__i386__)) && !defined(CSD_NO_X86)
-#define CSD_X86 1
-#include <immintrin.h>
-#else
-#define CSD_X86 0  // other CPUs (ARM, ...) build the scalar path only
-#endif
+#include "cpu_isa.h"
 #include <torch/extension.h>  // pybind11 and its at::Tensor casters: the direct entry at the end
 #include <torch/library.h>
 
@@ -58,9 +53,7 @@
 #include <type_traits>
 #include <vector>
 
-#define CSD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-#define CSD_TARGET_AVX2 __attribute__((target("avx2,fma")))
-
+namespace csd_cpu {
 namespace {
 
 constexpr int64_t kBlock = 64;
@@ -74,8 +67,6 @@ constexpr int64_t kCodesAhead = 2048;
 // ---------------------------------------------------------------------------------------------
 // Run-time choice of the instruction set.
 
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
-constexpr int kNumIsas = 4;
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512vnni"};
 
 bool cpu_supports(int isa) {
@@ -105,10 +96,14 @@ int best_isa() {
 std::atomic<int> g_forced_isa{-1};  // -1: the best the CPU has
 std::atomic<bool> g_int8_act{false};  // true: activations quantized to int8 per 32 features
 
+}  // namespace
+
 int active_isa() {
   const int f = g_forced_isa.load(std::memory_order_relaxed);
   return f < 0 ? best_isa() : f;
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // What every kernel reads. res is [M][64] (row block of the output, fp32), accumulated into.
@@ -920,17 +915,18 @@ std::string set_activations(const std::string& name) {
 }
 
 }  // namespace
+}  // namespace csd_cpu
 
 TORCH_LIBRARY_FRAGMENT(csd, m) {
   m.def("qlinear_cpu_native(Tensor x, Tensor qdata, Tensor scale, Tensor zero, Tensor bits) -> Tensor");
-  m.def("qlinear_cpu_isa() -> str", &isa_name);
-  m.def("qlinear_cpu_supported_isas() -> str[]", &supported_isas);
-  m.def("qlinear_cpu_set_isa(str isa) -> str", &set_isa);
-  m.def("qlinear_cpu_activations() -> str", &activations_name);
-  m.def("qlinear_cpu_set_activations(str mode) -> str", &set_activations);
+  m.def("qlinear_cpu_isa() -> str", &csd_cpu::isa_name);
+  m.def("qlinear_cpu_supported_isas() -> str[]", &csd_cpu::supported_isas);
+  m.def("qlinear_cpu_set_isa(str isa) -> str", &csd_cpu::set_isa);
+  m.def("qlinear_cpu_activations() -> str", &csd_cpu::activations_name);
+  m.def("qlinear_cpu_set_activations(str mode) -> str", &csd_cpu::set_activations);
 }
 
-TORCH_LIBRARY_IMPL(csd, CPU, m) { m.impl("qlinear_cpu_native", &qlinear_cpu); }
+TORCH_LIBRARY_IMPL(csd, CPU, m) { m.impl("qlinear_cpu_native", &csd_cpu::qlinear_cpu); }
 
 // The same kernel as a plain Python function, for the code Inductor's Python wrapper runs at every
 // step (kernels/native.py registers the codegen): calling an op from Python goes through the
@@ -938,16 +934,23 @@ TORCH_LIBRARY_IMPL(csd, CPU, m) { m.impl("qlinear_cpu_native", &qlinear_cpu); }
 // k/v projection's product at M = 1 and 200 calls per SmolLM2 token. Same checks, same kernel; it
 // still shows as csd::qlinear_cpu_native in torch.profiler, with its input shapes (csd-compile
 // profile finds the LM head by them). The GIL is released while it runs.
+namespace csd_cpu {
+at::Tensor decode_attention_direct(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                   const c10::optional<at::Tensor>& attn_mask, double scale);  // attention_cpu.cpp
+}  // namespace csd_cpu
+
 namespace {
 at::Tensor qlinear_direct(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
                           const at::Tensor& zero, const at::Tensor& bits) {
   // the inputs (their shapes) are built only when a profiler records them
   RECORD_FUNCTION("csd::qlinear_cpu_native", std::vector<c10::IValue>({x, qdata, scale, zero, bits}));
-  return qlinear_cpu(x, qdata, scale, zero, bits);
+  return csd_cpu::qlinear_cpu(x, qdata, scale, zero, bits);
 }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear_direct, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "csd::qlinear_cpu_native(x, qdata, scale, zero, bits) without the dispatcher");
+  m.def("decode_attention", &csd_cpu::decode_attention_direct, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "csd::decode_attention_cpu_native(query, key, value, attn_mask, scale) without the dispatcher");
 }
