@@ -13,7 +13,7 @@ install:
 
 # the demo runs every weight at the file's own precision (bits=auto): the Q4_1 linears at 4 bits and
 # the Q8_0 LM head at 8 bits, each on the file's own grid, i.e. the model's own weights
-# (-o bits=4 -o group_size=32 still runs the linears alone on that grid, the head in bf16)
+# (-o bits=4 -o group_size=32 runs the linears at 4 bits on that grid, the head as the file stores it)
 demo: install
 	$(PY) -m csd_compile generate --chat --max-new-tokens 96 -o bits=auto --prompt "$(PROMPT)"
 

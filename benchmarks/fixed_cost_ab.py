@@ -17,7 +17,10 @@ it undone, in alternating rounds of one process (the machine's drift hits both a
   against the same math as tensor ops that Inductor fuses (a second backend, caches off).
 
 ``--cache-slots N`` sizes the static KV cache at N slots (a call asks for N - 53 new tokens and is
-stopped after 97), as a longer request would; by default the cache holds 256.
+stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
+(levers with two graphs) then scores quality: each side's step, compiled the same way but returning
+logits, reads N tokens of shipped text (Britannica, HumanEval) one at a time over a static cache
+(teacher forcing), and the mean negative log-likelihood per token is printed for both.
 
 Decode-only ms/token = (time of a 97-token call - time of a 1-token call) / 96; medians, the ratio
 and whether both produced the same tokens.
@@ -44,6 +47,31 @@ def _ms_per_token(dec, ids, tokens: int, budget: int) -> tuple[float, torch.Tens
     return (a - (time.perf_counter() - t0)) / tokens * 1e3, out
 
 
+@torch.inference_mode()
+def _step_nll(model, backend_name: str, options, tokenizer, tokens: int) -> dict[str, float]:
+    """Mean NLL per token of the compiled decode step (logits out), teacher-forced over shipped text."""
+    import torch.nn.functional as F
+    from transformers import StaticCache
+
+    from csd_compile.quant.eval import britannica_text, humaneval_text
+
+    def step(**kw):
+        return model(**kw).logits[:, -1].float()
+
+    compiled = torch.compile(step, backend=backend_name, fullgraph=True, options=options)
+    out = {}
+    for name, text in (("britannica", britannica_text()), ("humaneval", humaneval_text())):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
+        cache = StaticCache(config=model.config, max_cache_len=256 * -(-ids.shape[1] // 256))
+        nll = 0.0
+        for i in range(ids.shape[1] - 1):
+            logits = compiled(input_ids=ids[:, i:i + 1], position_ids=torch.tensor([[i]]), cache=cache,
+                              use_cache=True, logits_to_keep=1)
+            nll += F.cross_entropy(logits, ids[0, i + 1:i + 2]).item()
+        out[name] = nll / (ids.shape[1] - 1)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lever", required=True, choices=["size_asserts", "guards", "direct_qlinear", "decode_attention"])
@@ -51,9 +79,12 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-slots", type=int, default=None, help="static KV cache size (default 256)")
+    ap.add_argument("--nll-tokens", type=int, default=0, help="score each side's quality on N tokens of text")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.threads < 1:
         raise SystemExit("--rounds and --threads must be >= 1")
+    if args.nll_tokens and (args.nll_tokens < 2 or args.lever == "guards"):
+        raise SystemExit("--nll-tokens must be >= 2, for a lever with two graphs (not guards)")
     prompt, tokens = 53, 96
     if args.cache_slots is not None and args.cache_slots < prompt + tokens + 1:
         raise SystemExit(f"--cache-slots must be >= {prompt + tokens + 1} (prompt {prompt} + {tokens + 1} tokens)")
@@ -118,6 +149,7 @@ def main(argv=None) -> None:
         decoders = {shipped: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=options),
                     undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd_lever_undone",
                                                  options=options)}
+        backend_names = {shipped: "csd", undone: "csd_lever_undone"}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
     else:
         dec = greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=options)
@@ -149,6 +181,11 @@ def main(argv=None) -> None:
         print(f"{name}: median {statistics.median(v):.2f} ms/token  {[round(x, 2) for x in v]}")
     ratio = statistics.median(res[undone]) / statistics.median(res[shipped])
     print(f"speed-up of the lever: {ratio:.3f}x; same tokens: {torch.equal(outs[shipped], outs[undone])}")
+    if args.nll_tokens:
+        tokenizer = load_model(dtype="bf16")[1]
+        for name, dec in decoders.items():
+            nll = _step_nll(dec.model, backend_names[name], options, tokenizer, args.nll_tokens)
+            print(f"{name}: mean NLL per token " + ", ".join(f"{k} {v:.5f}" for k, v in nll.items()), flush=True)
 
 
 if __name__ == "__main__":

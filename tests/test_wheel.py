@@ -22,7 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_FILES = ["csd_compile/bench/__init__.py", "csd_compile/bench/harness.py",
                "csd_compile/bench/systems.py", "csd_compile/bench/prompts.py",
-               "csd_compile/kernels/csrc/qlinear_cpu.cpp"]
+               "csd_compile/kernels/csrc/qlinear_cpu.cpp", "csd_compile/kernels/csrc/attention_cpu.cpp",
+               "csd_compile/kernels/csrc/cpu_isa.h"]
 
 
 def _run(cmd, timeout, **kw):
@@ -89,6 +90,12 @@ def test_installed_bench_runs_outside_the_source_tree(installed, tmp_path):
     assert Path(pkg_file).resolve().is_relative_to(venv.resolve()), f"csd_compile came from {pkg_file}, not the venv"
     assert not benchmarks_origin or not Path(benchmarks_origin).resolve().is_relative_to(ROOT), (
         f"the source tree's benchmarks/ is importable from the venv: {benchmarks_origin}")
+
+    # the C++ kernels build from the wheel's own sources (every .cpp and the header they share)
+    build_env = dict(env, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    _run([venv / "bin" / "python", "-c",
+          "from csd_compile.kernels import native; assert native.load(); print(native.isa())"],
+         timeout=600, cwd=cwd, env=build_env)
 
     cli = venv / "bin" / "csd-compile"
     help_ = _run([cli, "bench", "--help"], timeout=300, cwd=cwd, env=env)

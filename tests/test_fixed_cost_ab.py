@@ -1,0 +1,22 @@
+"""benchmarks.fixed_cost_ab refuses bad arguments before loading anything."""
+
+import pytest
+
+from benchmarks import fixed_cost_ab
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--lever", "decode_attention", "--rounds", "0"], "--rounds and --threads must be >= 1"),
+    (["--lever", "decode_attention", "--cache-slots", "100"], "--cache-slots must be >= 150"),
+    (["--lever", "guards", "--nll-tokens", "50"], "--nll-tokens must be >= 2, for a lever with two graphs"),
+    (["--lever", "decode_attention", "--nll-tokens", "1"], "--nll-tokens must be >= 2"),
+])
+def test_bad_arguments_exit_with_a_message(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        fixed_cost_ab.main(argv)
+
+
+def test_unknown_lever_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        fixed_cost_ab.main(["--lever", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
