@@ -94,7 +94,9 @@ CSD_INLINE V load(const float* p) {
   return v;
 }
 
-// Sum of the lanes as a tree (halves added until one lane is left), in registers.
+// Sum of the lanes as a tree (halves added until one lane is left), in registers where the compiler
+// has __builtin_shufflevector (Clang, GCC 12+), else through memory in the same order (same result).
+#if !defined(CSD_NO_SHUFFLEVECTOR) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12))
 CSD_INLINE float hsum(v4f v) {
   const v4f c = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
   return c[0] + c[1];
@@ -106,6 +108,17 @@ CSD_INLINE float hsum(v16f v) {
   return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
 }
+#else
+template <typename V>
+CSD_INLINE float hsum(V v) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  float l[W];
+  std::memcpy(l, &v, sizeof(V));
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) l[j] += l[j + w];
+  return l[0];
+}
+#endif
 
 template <typename V>
 CSD_INLINE float dot(const float* a, const float* b, int64_t n) {
