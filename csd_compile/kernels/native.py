@@ -106,7 +106,7 @@ def __getattr__(name: str):
     # ``direct_qlinear`` / ``direct_attention``: the C++ ops as plain Python functions (no
     # dispatcher), loading the kernels first (a compiled graph read back from Inductor's cache
     # imports them)
-    if name in ("direct_qlinear", "direct_attention"):
+    if name in {attribute for attribute, _ in _DIRECT.values()}:
         if not load():
             raise AttributeError(f"csd-compile: the C++ CPU kernels are not available ({name})")
         return _state[name]
