@@ -268,8 +268,8 @@ import sys, torch
 from torch.utils.cpp_extension import load
 from csd_compile.kernels.qlinear import qlinear_ref, qlinear_ref_int8
 from csd_compile.quant.nested import quantize
-src, build = sys.argv[1], sys.argv[2]
-load(name="csd_scalar_only", sources=[src], extra_cflags=["-O3", "-fopenmp", "-DCSD_NO_X86"],
+srcs, build = sys.argv[1].split(","), sys.argv[2]
+load(name="csd_scalar_only", sources=srcs, extra_cflags=["-O3", "-fopenmp", "-DCSD_NO_X86"],
      extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=build)
 assert list(torch.ops.csd.qlinear_cpu_supported_isas()) == ["scalar"]
 assert torch.ops.csd.qlinear_cpu_isa() == "scalar"
@@ -295,15 +295,24 @@ for m in (1, 5):
         r = qlinear_ref_int8(x, *nw, b)
         y = torch.ops.csd.qlinear_cpu_native(x, *nw, b)
         assert ((y - r).norm() / r.norm()).item() < 1e-5, ("int8", m, bits)
+from csd_compile.kernels.attention import attention_ref
+for dtype in (torch.float32, torch.bfloat16):
+    q = torch.randn(1, 6, 3, 40, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, 70, 40, generator=g).to(dtype) for _ in range(2))
+    mask = torch.arange(70).view(1, 1, 1, 70) < torch.tensor([30, 50, 70]).view(1, 1, 3, 1)
+    y = torch.ops.csd.decode_attention_cpu_native(q, k, v, mask, 0.2).float()
+    r = attention_ref(q.float(), k.float(), v.float(), mask, 0.2)
+    assert (y - r).abs().max().item() < (1e-5 if dtype == torch.float32 else 1e-2), dtype
 print("ok")
 """
 
 
 def test_scalar_only_build_for_other_cpus(tmp_path):
-    """On non-x86 CPUs (ARM, ...) the source builds its scalar path only; ``-DCSD_NO_X86`` makes this
-    machine build that variant, which must offer, and compute with, the scalar path alone."""
-    src = Path(native.__file__).with_name("csrc") / "qlinear_cpu.cpp"
+    """On non-x86 CPUs (ARM, ...) the sources build their scalar paths only; ``-DCSD_NO_X86`` makes this
+    machine build that variant, which must offer, and compute with, the scalar paths alone (the
+    quantized kernel and the attention kernel)."""
+    srcs = ",".join(str(p) for p in native._SOURCES)
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    proc = subprocess.run([sys.executable, "-c", _NO_X86, str(src), str(tmp_path)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _NO_X86, srcs, str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
