@@ -112,15 +112,21 @@ def main(argv=None) -> None:
             finally:
                 backend.WRAPPER_CONFIG["size_asserts"] = False
 
+        def compiled_afresh():
+            # Inductor's and AOT autograd's cache keys do not see a patched codegen or pass
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+            stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+            return stack
+
         @contextlib.contextmanager
         def qlinear_as_op():
             from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN
 
             key = "torch.ops.csd.qlinear_cpu_native.default"
             entry = CUSTOM_EXTERN_KERNEL_CODEGEN.pop(key)
-            try:  # the caches' keys do not see the codegen: compile afresh
-                with torch._inductor.config.patch(fx_graph_cache=False), \
-                        torch._functorch.config.patch(enable_autograd_cache=False):
+            try:
+                with compiled_afresh():
                     yield
             finally:
                 CUSTOM_EXTERN_KERNEL_CODEGEN[key] = entry
@@ -132,8 +138,7 @@ def main(argv=None) -> None:
             real = pass_module._emit_op
             pass_module._emit_op = lambda graph, bound: None  # the pass then writes the tensor-op math
             try:
-                with torch._inductor.config.patch(fx_graph_cache=False), \
-                        torch._functorch.config.patch(enable_autograd_cache=False):
+                with compiled_afresh():
                     yield
             finally:
                 pass_module._emit_op = real
@@ -146,13 +151,15 @@ def main(argv=None) -> None:
             with lever_undone():
                 return backend.csd_backend(gm, example_inputs, **kw)
 
-        decoders = {shipped: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=options),
+        model, tokenizer = load_model(dtype="bf16")
+        decoders = {shipped: greedy.GreedyDecoder(model, backend="csd", options=options),
                     undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd_lever_undone",
                                                  options=options)}
         backend_names = {shipped: "csd", undone: "csd_lever_undone"}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
     else:
-        dec = greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=options)
+        model, tokenizer = load_model(dtype="bf16")
+        dec = greedy.GreedyDecoder(model, backend="csd", options=options)
         decoders = {shipped: dec, undone: dec}
 
         @contextlib.contextmanager
@@ -182,7 +189,6 @@ def main(argv=None) -> None:
     ratio = statistics.median(res[undone]) / statistics.median(res[shipped])
     print(f"speed-up of the lever: {ratio:.3f}x; same tokens: {torch.equal(outs[shipped], outs[undone])}")
     if args.nll_tokens:
-        tokenizer = load_model(dtype="bf16")[1]
         for name, dec in decoders.items():
             nll = _step_nll(dec.model, backend_names[name], options, tokenizer, args.nll_tokens)
             print(f"{name}: mean NLL per token " + ", ".join(f"{k} {v:.5f}" for k, v in nll.items()), flush=True)
