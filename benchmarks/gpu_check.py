@@ -1,9 +1,10 @@
 """One GPU check, for a session lent a CUDA device: ``make gpu-check`` (or ``python -m benchmarks.gpu_check``).
 
 Runs the CUDA tests (``tests/cuda``: the Triton kernels against their references on many shapes,
-not interpreted, and the backend end to end on the embedded model), then times greedy decoding on
-the device (Inductor bf16 against ``backend="csd"`` unquantized, 8 and 4 bits, HF static cache),
-and writes everything to one folder (``--out``). It is sized for one H200 in well under
+not interpreted, the backend end to end on the embedded model, and its decode step replayed as a
+CUDA graph), then times greedy decoding on the device (Inductor bf16 against ``backend="csd"``
+unquantized, 8 and 4 bits, HF static cache; and the 4-bit step in our own loop, ``GreedyDecoder``,
+with and without ``mode="reduce-overhead"``), and writes everything to one folder (``--out``). It is sized for one H200 in well under
 8 minutes. ``--dry-run`` (what CI runs on CPU) checks that every piece imports and prints the plan
 without a device.
 """
@@ -54,7 +55,40 @@ def time_decode(new_tokens: int = 128, repeats: int = 3) -> dict:
                 model.generate(ids, **kw)
             torch.cuda.synchronize()
             times[name].append(new_tokens / (time.perf_counter() - t0))
-    return {name: statistics.median(v) for name, v in times.items()}
+    result = {name: statistics.median(v) for name, v in times.items()}
+    result.update(time_loop(new_tokens, repeats))
+    return result
+
+
+def time_loop(new_tokens: int, repeats: int) -> dict:
+    """tok/s of our greedy loop (``GreedyDecoder``) over the 4-bit step on the device, with and
+    without CUDA graphs (``mode="reduce-overhead"``), interleaved; the rows' tokens must agree."""
+    import statistics
+
+    import torch
+
+    from csd_compile import load_model
+    from csd_compile.models.greedy import GreedyDecoder
+    from csd_compile.models.hf_generate import encode_prompt
+
+    model, tok = load_model("smollm2-135m-instruct", dtype="bf16")
+    model = model.to("cuda")
+    ids = encode_prompt(tok, "Write a Python function that returns the n-th Fibonacci number.", chat=True).to("cuda")
+    base = {"bits": 4, "group_size": 32}
+    loops = {"csd-int4-loop": GreedyDecoder(model, backend="csd", options=base),
+             "csd-int4-loop-cudagraphs": GreedyDecoder(model, backend="csd", options={**base, "mode": "reduce-overhead"})}
+    outs = {name: loop(ids, max_new_tokens=new_tokens, eos_token_id=[]) for name, loop in loops.items()}  # compile
+    times = {name: [] for name in loops}
+    for _ in range(repeats):
+        for name, loop in loops.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loop(ids, max_new_tokens=new_tokens, eos_token_id=[])
+            torch.cuda.synchronize()
+            times[name].append(new_tokens / (time.perf_counter() - t0))
+    result = {name: statistics.median(v) for name, v in times.items()}
+    result["cudagraphs_same_tokens"] = torch.equal(*outs.values())
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

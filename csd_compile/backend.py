@@ -6,6 +6,7 @@ Registered under the entry-point group ``torch_dynamo_backends``, so
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from torch import fx
 
 from . import progress
-from .config import CSDConfig, OptionError
+from .config import MODES, CSDConfig, OptionError
 from .passes import clone_graph_module, pre_aot_passes
 
 __all__ = ["csd_backend", "CSDFallbackWarning"]
@@ -51,16 +52,19 @@ def csd_backend(
         gm: the torch-level FX graph captured by Dynamo.
         example_inputs: real tensors for the graph's placeholders (parameters included).
         options: the ``options=`` dict of ``torch.compile``; see :class:`CSDConfig`.
-        mode: must be ``None``; torch.compile modes are Inductor's, set through Inductor itself.
+        mode: ``torch.compile``'s ``mode=`` (which it passes instead of ``options``): the same as
+            the ``mode`` option, Inductor's settings for that mode.
     """
     try:
         cfg = CSDConfig.from_options(options)
+        if mode is not None:
+            if mode not in MODES:
+                raise OptionError(f"torch.compile mode={mode!r} is not supported; choose one of {list(MODES)}")
+            if cfg.mode is not None and cfg.mode != mode:
+                raise OptionError(f"torch.compile mode={mode!r} and option 'mode'={cfg.mode!r} disagree; give one")
+            cfg = dataclasses.replace(cfg, mode=mode)
     except OptionError as e:
         raise _OptionErrorForDynamo(str(e)) from None
-    if mode is not None:
-        raise _OptionErrorForDynamo(
-            f"torch.compile mode={mode!r} is not supported by the csd backend; use options= instead"
-        )
 
     table = None
     if cfg.bits == "dynamic":
@@ -102,6 +106,10 @@ def csd_backend(
     from .passes.cache_key import CacheKeyPass
 
     patches: dict[str, Any] = {"post_grad_custom_post_pass": CacheKeyPass(), **WRAPPER_CONFIG}
+    if cfg.mode not in (None, "default"):
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(cfg.mode))  # e.g. triton.cudagraphs for "reduce-overhead"
     if _all_cpu(example_inputs):
         # Inductor inlines cheap pointwise producers into their consumers; in a decode step that
         # puts the rotary embedding of the query (cos, sin) inside the attention's loop over every

@@ -13,11 +13,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["CSDConfig", "OptionError", "SUPPORTED_BITS", "SUPPORTED_GROUP_SIZES"]
+__all__ = ["CSDConfig", "OptionError", "SUPPORTED_BITS", "SUPPORTED_GROUP_SIZES", "MODES"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 AUTO_GROUP_SIZE = 32  # bits="auto": every GGUF block type holds 32 (or 8 x 32) weights of a row
+# torch.compile's modes, which are Inductor's settings (torch._inductor.list_mode_options)
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class OptionError(ValueError):
@@ -62,6 +64,13 @@ class CSDConfig:
             read-only rescue test) into one fused ``csd.gate`` op (off by default). The rule itself
             (exact or CSD, its ``tau`` and ``lambda``) is the caller's code, e.g. the step that
             ``csd_compile.generate`` builds; the backend only fuses what it finds.
+        mode: Inductor's compile mode for the graphs the backend compiles, one of ``MODES``
+            (default ``"default"``), as ``torch.compile(mode=...)`` sets it for Inductor:
+            ``"reduce-overhead"`` replays a CUDA graph of each compiled step (a decode step of a
+            small model on a GPU is bound by kernel launches, not by the GPU), ``"max-autotune"``
+            adds Inductor's autotuning. An option because ``torch.compile`` takes ``mode=`` or
+            ``options=``, never both; ``torch.compile(model, backend="csd", mode=...)`` works too.
+            On CPU, CUDA graphs do not apply and Inductor runs the step as usual.
     """
 
     bits: int | str | None = None
@@ -70,6 +79,7 @@ class CSDConfig:
     avg_bits: float | None = None
     calibration: str | None = None
     fuse_gating: bool = False
+    mode: str | None = None
 
     @classmethod
     def option_keys(cls) -> list[str]:
@@ -137,6 +147,8 @@ class CSDConfig:
                 raise OptionError(f"option 'calibration'={self.calibration!r}: no such file; make one with "
                                   "`csd-compile calibrate --model MODEL --data britannica --out table.json`")
         _check_type("fuse_gating", self.fuse_gating, bool)
+        if self.mode is not None:
+            _check_choice("mode", self.mode, MODES, str)
 
 def _check_type(key: str, value: Any, types: type | tuple[type, ...]) -> None:
     names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)

@@ -45,10 +45,65 @@ def test_unknown_option_raises_value_error_before_compiling(monkeypatch):
     assert not called
 
 
-def test_mode_is_rejected():
-    fn = torch.compile(lambda x: x + 1, backend="csd", mode="max-autotune")
-    with pytest.raises(ValueError, match="mode='max-autotune' is not supported"):
+def _patches_seen(monkeypatch) -> list[dict]:
+    """The config patches the backend hands Inductor, recorded, Inductor then compiling as usual."""
+    import torch._inductor.compile_fx as cfx
+
+    seen, real = [], cfx.compile_fx
+
+    def spy(gm, example_inputs, config_patches=None, **kw):
+        if config_patches:  # (Inductor calls itself again once they are applied, with none)
+            seen.append(dict(config_patches))
+        return real(gm, example_inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    return seen
+
+
+@pytest.mark.parametrize("how", ["torch.compile mode", "option"])
+def test_reduce_overhead_asks_inductor_for_cuda_graphs(monkeypatch, how):
+    seen = _patches_seen(monkeypatch)
+    kw = {"mode": "reduce-overhead"} if how == "torch.compile mode" else {"options": {"mode": "reduce-overhead"}}
+    fn = torch.compile(lambda x: x * 2 + 1, backend="csd", **kw)
+    x = torch.randn(5)
+    torch.testing.assert_close(fn(x), x * 2 + 1)  # on CPU the step runs as usual
+    assert len(seen) == 1 and seen[0].get("triton.cudagraphs") is True
+    assert "post_grad_custom_post_pass" in seen[0]  # the backend's own settings stay
+
+
+def test_modes_keep_the_quantized_step_and_its_values(monkeypatch):
+    seen = _patches_seen(monkeypatch)
+    model = make_tiny_llama(seed=5)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain = torch.compile(model, backend="csd", options={"bits": 4})(ids).logits
+        torch._dynamo.reset()
+        graphs = torch.compile(model, backend="csd", options={"bits": 4, "mode": "max-autotune-no-cudagraphs"})(ids).logits
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(graphs, plain, rtol=1e-4, atol=1e-4)
+    assert seen[-1].get("max_autotune") is True and not seen[-1].get("triton.cudagraphs")
+    assert not seen[0].get("max_autotune") and not seen[0].get("triton.cudagraphs")
+
+
+def test_a_mode_inductor_does_not_have_is_refused_before_compiling(monkeypatch):
+    called = []
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", lambda *a, **k: called.append(1))
+    fn = torch.compile(lambda x: x + 1, backend="csd", mode="fastest")
+    with pytest.raises(ValueError, match=r"torch.compile mode='fastest' is not supported; choose one of \['default'"):
         fn(torch.randn(3))
+    fn = torch.compile(lambda x: x + 1, backend="csd", options={"mode": "reduce_overhead"})
+    with pytest.raises(ValueError, match=r"option 'mode'='reduce_overhead' is not supported; choose one of"):
+        fn(torch.randn(3))
+    fn = torch.compile(lambda x: x + 1, backend="csd", options={"mode": 1})
+    with pytest.raises(ValueError, match=r"option 'mode'=1 has type int; expected str"):
+        fn(torch.randn(3))
+    assert not called
+
+
+def test_mode_given_twice_must_agree():
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    with pytest.raises(ValueError, match="mode='max-autotune' and option 'mode'='reduce-overhead' disagree"):
+        backend_mod.csd_backend(gm, [torch.randn(3)], options={"mode": "reduce-overhead"}, mode="max-autotune")
 
 
 def test_failing_pass_falls_back_to_inductor_with_one_warning(monkeypatch):

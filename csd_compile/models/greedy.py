@@ -13,6 +13,11 @@ generate`` uses this one for plain decoding.
 Guards: only the first decode step of a call checks all of Dynamo's guards (``csd_compile.stance``:
 1.08x decode on the embedded model). The model must therefore not be changed while a call runs
 (from a streamer's ``put``, say); between calls it may be.
+
+CUDA graphs (``options={"mode": "reduce-overhead"}``): on a CUDA model every compiled step starts a
+new graph replay (``torch.compiler.cudagraph_mark_step_begin``) and each token is copied out of the
+graph's output memory, which the next replay overwrites. (HF's static cache marks its tensors as
+static addresses, so the step's cache writes do not stop Inductor from capturing it.)
 """
 
 from __future__ import annotations
@@ -110,14 +115,19 @@ class GreedyDecoder:
         new = [token]
         position = torch.tensor([[ids.shape[1]]], device=device)
         guards = GuardedOnce(self._compiled)
+        graphs = self._compiled and device.type == "cuda"  # replays of a CUDA graph, if the mode made one
         while True:
             if streamer is not None:
                 streamer.put(token.cpu())
             if len(new) in (max_new_tokens, _stop_after) or int(token) in eos:
                 break
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with guards(self._step):
                 token = self._step(input_ids=token, position_ids=position, cache=cache, use_cache=True,
                                    logits_to_keep=1)
+            if graphs:
+                token = token.clone()
             new.append(token)
             position += 1
         if streamer is not None:

@@ -9,7 +9,8 @@ tokens once per step. Compiled steps and caches live in an :class:`Engine`, kept
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +35,17 @@ class _EngineStore(dict):
         return _EngineStore()
 
 
+def warn_if_graphs_requested(options, device: torch.device) -> None:
+    """One warning when ``options`` ask for CUDA graphs (``mode`` "reduce-overhead" or "max-autotune")
+    on a CUDA device: the draft-verify step updates its token, length and cache buffers in place, which
+    are not static addresses, so Inductor runs it without a graph. (Plain decoding, ``GreedyDecoder``,
+    is captured.)"""
+    mode = options.get("mode") if isinstance(options, Mapping) else None
+    if device.type == "cuda" and mode in ("reduce-overhead", "max-autotune"):
+        warnings.warn(f"csd_compile.generate: mode={mode!r} asks for CUDA graphs, which the draft-verify step "
+                      "does not use yet (it updates its buffers in place); it runs without them", stacklevel=3)
+
+
 class Engine:
     """A compiled draft-verify step with its static caches, for one (model, draft, K, batch, cache length),
     plus a one-token decode step for drafts that propose on the host (n-gram lookup)."""
@@ -47,6 +59,8 @@ class Engine:
         step = build_step(target, self.cache, draft, temperature=args.temperature, top_p=args.top_p,
                           acceptance=rule)
         extra = {"options": args.options} if args.options else {}
+        if args.backend is not None:
+            warn_if_graphs_requested(args.options, p.device)
 
         def compiled(fn):
             return fn if args.backend is None else torch.compile(fn, backend=args.backend, fullgraph=True, **extra)

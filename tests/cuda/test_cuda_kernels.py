@@ -73,3 +73,25 @@ def test_backend_end_to_end_on_cuda_equals_eager_at_the_same_bits():
         eager = quantize_(load_model("smollm2-135m-instruct", dtype="bf16")[0], bits=8, group_size=32).to(DEV)
         ref = eager(ids).logits
     assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
+
+
+def test_reduce_overhead_decode_is_captured_and_gives_the_same_tokens():
+    """``mode="reduce-overhead"``: the quantized decode step is replayed as a CUDA graph (Inductor
+    skips none) and greedy decoding gives the tokens of the same step without graphs."""
+    from torch._dynamo.utils import counters
+
+    from csd_compile import load_model
+    from csd_compile.models.greedy import GreedyDecoder
+
+    model, _ = load_model("smollm2-135m-instruct", dtype="bf16")
+    model = model.to(DEV)
+    ids = torch.randint(100, 20000, (1, 30), generator=torch.Generator().manual_seed(1)).to(DEV)
+    options = {"bits": 4, "group_size": 32}
+    plain = GreedyDecoder(model, backend="csd", options=options)(ids, max_new_tokens=48, eos_token_id=[])
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = GreedyDecoder(model, backend="csd", options={**options, "mode": "reduce-overhead"})
+    got = [graphs(ids, max_new_tokens=48, eos_token_id=[]) for _ in range(2)]  # replays, cache reused
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    for out in got:
+        assert torch.equal(out, plain)

@@ -47,6 +47,18 @@ def test_compiled_loop_is_hf_compiled_greedy_with_one_graph_per_cache_length():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_reduce_overhead_mode_on_cpu_decodes_the_same_tokens():
+    """``mode="reduce-overhead"`` (CUDA graphs) reaches Inductor through the options; on CPU it has
+    nothing to capture and the loop gives the tokens of the same step without it."""
+    model = make_tiny_llama(seed=16)
+    ids = _prompt(8, 6)
+    plain = GreedyDecoder(model, backend="csd", options={"bits": 4})(ids, max_new_tokens=12, eos_token_id=[])
+    torch._dynamo.reset()
+    dec = GreedyDecoder(model, backend="csd", options={"bits": 4, "mode": "reduce-overhead"})
+    for _ in range(2):
+        assert dec(ids, max_new_tokens=12, eos_token_id=[]).tolist() == plain.tolist()
+
+
 def test_warm_up_compiles_the_cache_bucket_of_the_real_call():
     model = make_tiny_llama(seed=15)
     dec = GreedyDecoder(model, backend="csd")

@@ -278,3 +278,19 @@ def test_temperature_must_be_finite(temperature):
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         generate(make_tiny_llama(), torch.tensor([[1, 2, 3]]), draft="ngram", max_new_tokens=4,
                  temperature=temperature, compile_backend=None)
+
+
+def test_cuda_graph_modes_warn_that_the_draft_verify_step_runs_without_them():
+    import warnings
+
+    from csd_compile.speculative.generate import warn_if_graphs_requested
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.warns(UserWarning, match=rf"mode='{mode}' asks for CUDA graphs, which the draft-verify step"):
+            warn_if_graphs_requested({"bits": 4, "mode": mode}, cuda)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_graphs_requested({"mode": "reduce-overhead"}, cpu)  # nothing to capture on CPU
+        warn_if_graphs_requested({"mode": "max-autotune-no-cudagraphs"}, cuda)
+        warn_if_graphs_requested(None, cuda)
