@@ -4,9 +4,9 @@ Runs the CUDA tests (``tests/cuda``: the Triton kernels against their references
 not interpreted, the backend end to end on the embedded model, and its decode step replayed as a
 CUDA graph), then times greedy decoding on the device (Inductor bf16 against ``backend="csd"``
 unquantized, 8 and 4 bits, HF static cache; and the 4-bit step in our own loop, ``GreedyDecoder``,
-with and without ``mode="reduce-overhead"``), and writes everything to one folder (``--out``). It is sized for one H200 in well under
-8 minutes. ``--dry-run`` (what CI runs on CPU) checks that every piece imports and prints the plan
-without a device.
+with and without ``mode="reduce-overhead"``), and writes everything to one folder (``--out``). It
+is sized for one H200 in well under 8 minutes. ``--dry-run`` (what CI runs on CPU) checks that
+every piece imports and prints the plan without a device.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def time_decode(new_tokens: int = 128, repeats: int = 3) -> dict:
 
 def time_loop(new_tokens: int, repeats: int) -> dict:
     """tok/s of our greedy loop (``GreedyDecoder``) over the 4-bit step on the device, with and
-    without CUDA graphs (``mode="reduce-overhead"``), interleaved; the rows' tokens must agree."""
+    without CUDA graphs (``mode="reduce-overhead"``), interleaved, and whether their tokens agree."""
     import statistics
 
     import torch
@@ -71,12 +71,12 @@ def time_loop(new_tokens: int, repeats: int) -> dict:
     from csd_compile.models.greedy import GreedyDecoder
     from csd_compile.models.hf_generate import encode_prompt
 
-    model, tok = load_model("smollm2-135m-instruct", dtype="bf16")
-    model = model.to("cuda")
-    ids = encode_prompt(tok, "Write a Python function that returns the n-th Fibonacci number.", chat=True).to("cuda")
     base = {"bits": 4, "group_size": 32}
-    loops = {"csd-int4-loop": GreedyDecoder(model, backend="csd", options=base),
-             "csd-int4-loop-cudagraphs": GreedyDecoder(model, backend="csd", options={**base, "mode": "reduce-overhead"})}
+    loops = {}
+    for name, options in (("csd-int4-loop", base), ("csd-int4-loop-cudagraphs", {**base, "mode": "reduce-overhead"})):
+        model, tok = load_model("smollm2-135m-instruct", dtype="bf16")  # a model each: one step graph per loop
+        loops[name] = GreedyDecoder(model.to("cuda"), backend="csd", options=options)
+    ids = encode_prompt(tok, "Write a Python function that returns the n-th Fibonacci number.", chat=True).to("cuda")
     outs = {name: loop(ids, max_new_tokens=new_tokens, eos_token_id=[]) for name, loop in loops.items()}  # compile
     times = {name: [] for name in loops}
     for _ in range(repeats):
