@@ -55,14 +55,13 @@ def main(argv=None) -> dict:
     reference = greedy(target)
 
     def agreement(skip: set[int]) -> dict[str, float]:
-        forwards = [layer.forward for layer in layers]
         try:
-            for i in skip:  # the residual stream passes the layer unchanged
+            for i in skip:  # the residual stream passes the layer unchanged (an instance attribute)
                 layers[i].forward = lambda hidden_states, *args, **kwargs: hidden_states
             out = greedy(draft)
         finally:
-            for layer, forward in zip(layers, forwards):
-                layer.forward = forward
+            for i in skip:  # the class's forward again
+                layers[i].__dict__.pop("forward", None)
         return {name: (out[name] == reference[name]).float().mean().item() for name in out}
 
     def mean(row: dict[str, float]) -> float:

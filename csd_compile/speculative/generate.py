@@ -40,8 +40,12 @@ def warn_if_graphs_requested(options, device: torch.device) -> None:
     on a CUDA device: the draft-verify step updates its token, length and cache buffers in place, which
     are not static addresses, so Inductor runs it without a graph. (Plain decoding, ``GreedyDecoder``,
     is captured.)"""
+    from torch._inductor import list_mode_options
+
+    from ..config import MODES
+
     mode = options.get("mode") if isinstance(options, Mapping) else None
-    if device.type == "cuda" and mode in ("reduce-overhead", "max-autotune"):
+    if device.type == "cuda" and mode in MODES and list_mode_options(mode).get("triton.cudagraphs"):
         warnings.warn(f"csd_compile.generate: mode={mode!r} asks for CUDA graphs, which the draft-verify step "
                       "does not use yet (it updates its buffers in place); it runs without them", stacklevel=3)
 
