@@ -126,7 +126,9 @@ def csd_backend(
             driver = compiled_policy.policy_for_graph(compiled_gm, example_inputs, table, avg_bits, cfg.group_size)
         except ValueError as e:
             raise _OptionErrorForDynamo(str(e)) from None
-    qlinears = sum(1 for g in _graphs(compiled_gm) for n in g.nodes if str(n.target) == "csd.qlinear.default")
+    qlinears = sum(1 if str(n.target) == "csd.qlinear.default" else len(n.args[1])
+                   for g in _graphs(compiled_gm) for n in g.nodes
+                   if str(n.target) in ("csd.qlinear.default", "csd.qlinear_multi.default"))
     progress.note(f"{ops} ops ({qlinears} quantized linears), Inductor: lowering, C++ code and its build")
     compiled = compile_fx(compiled_gm, example_inputs, config_patches=patches)
     return compiled if driver is None else compiled_policy.wrap(compiled, *driver)
@@ -143,7 +145,8 @@ def _graphs(gm: fx.GraphModule) -> list[fx.Graph]:
 
 
 def _has_cpu_qlinear(gm: fx.GraphModule) -> bool:
-    nodes = [n for g in _graphs(gm) for n in g.find_nodes(op="call_function", target=torch.ops.csd.qlinear.default)]
+    nodes = [n for g in _graphs(gm) for target in (torch.ops.csd.qlinear.default, torch.ops.csd.qlinear_multi.default)
+             for n in g.find_nodes(op="call_function", target=target)]
     for node in nodes:
         val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
         if isinstance(val, torch.Tensor) and val.device.type == "cpu":

@@ -64,6 +64,9 @@ class CSDConfig:
             read-only rescue test) into one fused ``csd.gate`` op (off by default). The rule itself
             (exact or CSD, its ``tau`` and ``lambda``) is the caller's code, e.g. the step that
             ``csd_compile.generate`` builds; the backend only fuses what it finds.
+        group_linears: quantized linears that read the same input (a layer's q/k/v projections,
+            gate and up) run as one ``csd.qlinear_multi`` call, each on its own weight copy at its
+            own bit-width (default ``True``; fewer calls per decode step, same values).
         mode: Inductor's compile mode for the graphs the backend compiles, one of ``MODES``
             (default ``"default"``), as ``torch.compile(mode=...)`` sets it for Inductor:
             ``"reduce-overhead"`` replays a CUDA graph of each compiled step (a decode step of a
@@ -79,6 +82,7 @@ class CSDConfig:
     avg_bits: float | None = None
     calibration: str | None = None
     fuse_gating: bool = False
+    group_linears: bool = True
     mode: str | None = None
 
     @classmethod
@@ -147,6 +151,7 @@ class CSDConfig:
                 raise OptionError(f"option 'calibration'={self.calibration!r}: no such file; make one with "
                                   "`csd-compile calibrate --model MODEL --data britannica --out table.json`")
         _check_type("fuse_gating", self.fuse_gating, bool)
+        _check_type("group_linears", self.group_linears, bool)
         if self.mode is not None:
             _check_choice("mode", self.mode, MODES, str)
 

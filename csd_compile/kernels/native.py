@@ -88,6 +88,7 @@ def _build() -> bool:
     from . import attention, qlinear
 
     _state["direct_qlinear"] = module.qlinear
+    _state["direct_qlinear_multi"] = module.qlinear_multi
     _state["direct_attention"] = module.decode_attention
     qlinear.register_native_fake()
     attention.register_native_fake()
@@ -98,6 +99,7 @@ def _build() -> bool:
 # the C++ ops Inductor's Python wrapper calls as plain functions: op -> (attribute here, name in the wrapper)
 _DIRECT = {
     "torch.ops.csd.qlinear_cpu_native.default": ("direct_qlinear", "csd_qlinear_direct"),
+    "torch.ops.csd.qlinear_cpu_multi_native.default": ("direct_qlinear_multi", "csd_qlinear_multi_direct"),
     "torch.ops.csd.decode_attention_cpu_native.default": ("direct_attention", "csd_attention_direct"),
 }
 

@@ -36,7 +36,8 @@ from ..quant.nested import check_bits, dequantize, unpack_nibbles
 from . import native
 from ._triton import jit, op, require_triton, tl, triton
 
-__all__ = ["qlinear", "qlinear_ref", "qlinear_ref_int8", "qlinear_triton", "check_qlinear_args"]
+__all__ = ["qlinear", "qlinear_multi", "qlinear_ref", "qlinear_ref_int8", "qlinear_triton", "check_qlinear_args",
+           "check_qlinear_multi_args"]
 
 # bf16 decode/verify rows served by the int4 CPU kernel; past this, one dequantize + GEMM wins
 # (the int4 kernel reuses no weights across rows).
@@ -268,6 +269,52 @@ def qlinear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: tor
 qlinear.register_fake(_fake)
 
 
+def check_qlinear_multi_args(x, qdata, scale, zero, bits) -> list[int]:
+    """Validate ``csd::qlinear_multi``'s arguments (every weight as :func:`check_qlinear_args`, one
+    group size for all); return each weight's out_features."""
+    lists = {"qdata": qdata, "scale": scale, "zero": zero, "bits": bits}
+    for name, value in lists.items():
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"qlinear_multi: {name} must be a list of tensors, got {type(value).__name__}")
+    lengths = {name: len(value) for name, value in lists.items()}
+    if len(set(lengths.values())) != 1 or not qdata:
+        raise ValueError(f"qlinear_multi: qdata, scale, zero and bits must be lists of one length >= 1, got {lengths}")
+    outs, groups = [], set()
+    for parts in zip(qdata, scale, zero, bits):
+        n, _, group = check_qlinear_args(x, *parts)
+        outs.append(n)
+        groups.add(group)
+    if len(groups) != 1:
+        raise ValueError(f"qlinear_multi: every weight must have one group size, got {sorted(groups)}")
+    return outs
+
+
+def _multi_fake(x, qdata, scale, zero, bits):
+    return [x.new_empty((*x.shape[:-1], n)) for n in check_qlinear_multi_args(x, qdata, scale, zero, bits)]
+
+
+@op("csd::qlinear_multi", mutates_args=())
+def qlinear_multi(x: torch.Tensor, qdata: list[torch.Tensor], scale: list[torch.Tensor], zero: list[torch.Tensor],
+                  bits: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[x @ W_i.T for each weight i]``: several nested weights that read the same input (a layer's
+    q/k/v projections, or gate and up), each at its own ``bits[i]``, in one call.
+
+    Same values as one :func:`qlinear` per weight. Every weight has the in_features of ``x`` and one
+    group size. On CPU the C++ kernel runs them as one parallel loop (one call, one pass over ``x``,
+    the threads balanced over all of them); elsewhere it is one :func:`qlinear` per weight.
+    """
+    if x.device.type == "cpu":
+        check_qlinear_multi_args(x, qdata, scale, zero, bits)
+        if native.load():
+            return torch.ops.csd.qlinear_cpu_multi_native(x, qdata, scale, zero, bits)
+        return [torch.ops.csd.qlinear_cpu(x, *parts) for parts in zip(qdata, scale, zero, bits)]
+    return [qlinear_triton(x, *parts) for parts in zip(qdata, scale, zero, bits)]
+
+
+qlinear_multi.register_fake(_multi_fake)
+
+
 def register_native_fake() -> None:
-    """Shape rule of the C++ op (called by ``native.load`` once the op exists)."""
+    """Shape rules of the C++ ops (called by ``native.load`` once the ops exist)."""
     torch.library.register_fake("csd::qlinear_cpu_native")(_fake)
+    torch.library.register_fake("csd::qlinear_cpu_multi_native")(_multi_fake)

@@ -53,4 +53,8 @@ def pre_aot_passes(cfg: CSDConfig) -> list[tuple[str, PassFn]]:
         from .quantize_linear import quantize_linear
 
         passes.append(("quantize_linear", quantize_linear))
+    if cfg.group_linears:  # also the linears of a model quantized before compiling (quantize_)
+        from .group_qlinear import group_qlinear
+
+        passes.append(("group_qlinear", group_qlinear))
     return passes

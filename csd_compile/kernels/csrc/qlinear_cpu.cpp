@@ -759,55 +759,134 @@ int64_t read_bits(const at::Tensor& bits) {
   }
 }
 
-at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
-                       const at::Tensor& zero, const at::Tensor& bits) {
+// The checks of one weight against x (its dims, dtypes, group size, bits); returns its bit-width.
+int64_t check_weight(const char* who, const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                     const at::Tensor& zero, const at::Tensor& bits) {
   TORCH_CHECK_VALUE(x.device().is_cpu() && qdata.device().is_cpu() && scale.device().is_cpu() &&
                   zero.device().is_cpu() && bits.device().is_cpu(),
-              "csd::qlinear_cpu: every argument must be a CPU tensor");
-  TORCH_CHECK_TYPE(x.is_floating_point(), "csd::qlinear_cpu: x must be floating point, got ", x.scalar_type());
+              who, ": every argument must be a CPU tensor");
+  TORCH_CHECK_TYPE(x.is_floating_point(), who, ": x must be floating point, got ", x.scalar_type());
   TORCH_CHECK_VALUE(qdata.scalar_type() == at::kByte && qdata.dim() == 3 && qdata.size(0) == 2,
-              "csd::qlinear_cpu: qdata must be uint8 [2, N, K/2], got ", qdata.scalar_type(), " ", qdata.sizes());
+              who, ": qdata must be uint8 [2, N, K/2], got ", qdata.scalar_type(), " ", qdata.sizes());
   const int64_t N = qdata.size(1), K = 2 * qdata.size(2);
-  TORCH_CHECK_VALUE(N % 2 == 0, "csd::qlinear_cpu: N must be even, got ", N);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "csd::qlinear_cpu: x has shape ", x.sizes(),
+  TORCH_CHECK_VALUE(N % 2 == 0, who, ": N must be even, got ", N);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, who, ": x has shape ", x.sizes(),
               "; its last dim must be in_features=", K);
   TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kFloat && scale.dim() == 2 &&
                   scale.size(0) == N && scale.sizes() == zero.sizes() && scale.size(1) > 0 && K % scale.size(1) == 0,
-              "csd::qlinear_cpu: scale ", scale.sizes(), " / zero ", zero.sizes(), " must be float32 [N=", N,
+              who, ": scale ", scale.sizes(), " / zero ", zero.sizes(), " must be float32 [N=", N,
               ", K/group]");
-  const int64_t G = scale.size(1), gs = K / G;
-  TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128, "csd::qlinear_cpu: group size ", gs, " is not one of 32, 64, 128");
+  const int64_t gs = K / scale.size(1);
+  TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128, who, ": group size ", gs, " is not one of 32, 64, 128");
   TORCH_CHECK_VALUE(bits.numel() == 1 && bits.dim() <= 1 && !bits.is_floating_point() && !bits.is_complex(),
-              "csd::qlinear_cpu: bits must be a 0-d integer tensor, got ", bits.scalar_type(), " ", bits.sizes());
+              who, ": bits must be a 0-d integer tensor, got ", bits.scalar_type(), " ", bits.sizes());
   const int64_t b = read_bits(bits);
-  TORCH_CHECK_VALUE(b == 2 || b == 3 || b == 4 || b == 8, "csd::qlinear_cpu: bits=", b,
+  TORCH_CHECK_VALUE(b == 2 || b == 3 || b == 4 || b == 8, who, ": bits=", b,
               " is not supported; choose one of [2, 3, 4, 8]");
+  return b;
+}
 
-  // contiguous() is free on the contiguous tensors a compiled graph passes in; x is read as
-  // [M, K] in place (a reshape would make a view, with its autograd metadata, at every call)
-  auto q = qdata.contiguous();
-  auto sc = scale.contiguous();
-  auto ze = zero.contiguous();
+// One weight of a call: its tensors (contiguous), its share of the work and of the partial sums.
+struct Part {
+  at::Tensor q, sc, ze;
+  int64_t N = 0, b = 0, nblocks = 0, first_unit = 0;
+  const uint8_t* hi = nullptr;
+  const uint8_t* lo = nullptr;
+  float* op = nullptr;  // [ks][M][N] partial sums (columns past the last full block: part 0 only)
+  UnitFn unit = nullptr;
+  Ctx ctx{};
+};
+
+// float -> bf16, round to nearest even (NaN stays a quiet NaN), as c10::BFloat16 does; branch-free so
+// that the output loop vectorizes (a scalar conversion per element cost 1 ns: 50 us for an LM head).
+inline uint16_t to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
+
+// The output [M, N] of one weight: its ks partial sums added (the first full-block columns) and
+// converted to x's dtype.
+void write_output(const Part& p, int64_t ks, int64_t M, at::Tensor& out) {
+  const int64_t N = p.N, full = p.nblocks * kBlock;
+  float* op = p.op;
+  for (int64_t part = 1; part < ks; ++part)
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = op + m * N;
+      const float* add = op + (part * M + m) * N;
+      for (int64_t n = 0; n < full; ++n) row[n] += add[n];
+    }
+  const int64_t count = M * N;
+  if (out.scalar_type() == at::kBFloat16) {
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < count; ++i) dst[i] = to_bf16_bits(op[i]);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kHalf, out.scalar_type(), "qlinear_cpu_out", [&] {
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(op[i]);
+  });
+}
+
+// y_i = x @ W_i^T for every weight i (same in_features and group size, each at its own bit-width):
+// one pass over x, one parallel loop over every weight's work units (a layer's q/k/v projections,
+// or gate and up, as one call: one fork/join, one conversion of x, and the units balanced over
+// the threads together).
+std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::TensorList qdata,
+                                      at::TensorList scale, at::TensorList zero, at::TensorList bits) {
+  const size_t nparts = qdata.size();
+  TORCH_CHECK_VALUE(nparts > 0 && scale.size() == nparts && zero.size() == nparts && bits.size() == nparts, who,
+                    ": qdata, scale, zero and bits must be lists of one length >= 1, got ", qdata.size(), ", ",
+                    scale.size(), ", ", zero.size(), ", ", bits.size());
+  std::vector<Part> parts(nparts);
+  int64_t K = 0, G = 0;
+  for (size_t i = 0; i < nparts; ++i) {
+    Part& p = parts[i];
+    p.b = check_weight(who, x, qdata[i], scale[i], zero[i], bits[i]);
+    TORCH_CHECK_VALUE(i == 0 || scale[i].size(1) == G, who, ": every weight must have the group size of the first (",
+                      K / G, "), weight ", i, " has ", K / std::max<int64_t>(scale[i].size(1), 1));
+    K = 2 * qdata[i].size(2);
+    G = scale[i].size(1);
+    // contiguous() is free on the contiguous tensors a compiled graph passes in
+    p.q = qdata[i].contiguous();
+    p.sc = scale[i].contiguous();
+    p.ze = zero[i].contiguous();
+    p.N = p.q.size(1);
+    p.nblocks = p.N / kBlock;
+    p.hi = p.q.data_ptr<uint8_t>();
+    p.lo = p.hi + p.N * K / 2;
+  }
+  const int64_t gs = K / G;
+  // x is read as [M, K] in place (a reshape would make a view, with its autograd metadata, at every call)
   const at::Tensor x2 = x.contiguous();
   const int64_t M = x2.numel() / K;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  if (M == 0) return at::empty(out_shape, x.options());
+  std::vector<at::Tensor> outs;
+  outs.reserve(nparts);
+  for (const Part& p : parts) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = p.N;
+    outs.push_back(at::empty(shape, x.options()));
+  }
+  if (M == 0) return outs;
 
-  const float mult = static_cast<float>(1 << (8 - b));
-  const uint8_t* hi = q.data_ptr<uint8_t>();
-  const uint8_t* lo = hi + N * K / 2;
   if (M > kMaxBlockedRows) {  // dequantize once (transposed), then a dense GEMM
-    const Ctx wctx{nullptr, nullptr, sc.data_ptr<float>(), ze.data_ptr<float>(), nullptr, nullptr, nullptr, M, N, K, G, gs, mult,
-                   0.5f * (mult - 1.0f)};
-    auto wt = at::empty({K, N}, scale.options());
-    with_bits(b, [&](auto B) { dequant_t<B.value>(wctx, hi, lo, wt.data_ptr<float>()); });
-    return at::linear(x2, wt.to(x.scalar_type()).t()).reshape(out_shape);
+    for (size_t i = 0; i < nparts; ++i) {
+      const Part& p = parts[i];
+      const float mult = static_cast<float>(1 << (8 - p.b));
+      const Ctx wctx{nullptr, nullptr, p.sc.data_ptr<float>(), p.ze.data_ptr<float>(), nullptr, nullptr, nullptr,
+                     M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f)};
+      auto wt = at::empty({K, p.N}, p.sc.options());
+      with_bits(p.b, [&](auto B) { dequant_t<B.value>(wctx, p.hi, p.lo, wt.data_ptr<float>()); });
+      outs[i] = at::linear(x2, wt.to(x.scalar_type()).t()).reshape(outs[i].sizes());
+    }
+    return outs;
   }
 
   // Split K (at group boundaries) into ks parts when there are few row blocks, so that every thread
   // gets the same number of units (N = 192 is 3 blocks); the parts' partial sums are added below.
-  const int64_t nblocks = N / kBlock;
+  int64_t nblocks = 0, total_n = 0;
+  for (const Part& p : parts) nblocks += p.nblocks, total_n += p.N;
   const int64_t threads = at::get_num_threads();
   int64_t ks = 1;
   while (nblocks > 0 && threads > 1 && ks < G && (nblocks * ks) % threads != 0 && nblocks * ks < 8 * threads) ++ks;
@@ -817,7 +896,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::T
   thread_local std::vector<float> xbuf, xsbuf, obuf;
   xbuf.resize(M * K);
   xsbuf.resize(M * G);
-  obuf.assign(ks * M * N, 0.f);
+  obuf.resize(ks * M * total_n);  // every element is written before it is read
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(), "qlinear_cpu_in", [&] {
     const scalar_t* src = x2.const_data_ptr<scalar_t>();
     for (int64_t i = 0; i < M * K; ++i) xbuf[i] = static_cast<float>(src[i]);
@@ -837,38 +916,52 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::T
     xqsbuf.resize(M * K / 32);
     quantize_rows(xbuf.data(), M, K, xqbuf.data(), xdbuf.data(), xqsbuf.data());
   }
-  const Ctx ctx{xbuf.data(), xsbuf.data(), sc.data_ptr<float>(), ze.data_ptr<float>(), xqbuf.data(), xdbuf.data(),
-                xqsbuf.data(), M, N, K, G, gs, mult, 0.5f * (mult - 1.0f)};
-  float* op = obuf.data();
-  const UnitFn unit = unit_for(active_isa(), b, int8_act);
+  const int isa = active_isa();
+  int64_t units = 0, offset = 0;
+  for (Part& p : parts) {
+    const float mult = static_cast<float>(1 << (8 - p.b));
+    p.ctx = Ctx{xbuf.data(), xsbuf.data(), p.sc.data_ptr<float>(), p.ze.data_ptr<float>(), xqbuf.data(), xdbuf.data(),
+                xqsbuf.data(), M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f)};
+    p.unit = unit_for(isa, p.b, int8_act);
+    p.op = obuf.data() + offset;
+    offset += ks * M * p.N;
+    p.first_unit = units;
+    units += p.nblocks * ks;
+  }
 
-  const int64_t units = nblocks * ks;
-  const int64_t grain = N * K * M < kMinParallelWork ? std::max<int64_t>(units, 1) : 1;
+  const int64_t grain = total_n * K * M < kMinParallelWork ? std::max<int64_t>(units, 1) : 1;
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     alignas(64) float res[kMaxBlockedRows * kBlock];
+    size_t i = 0;
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t blk = u / ks, part = u % ks;
+      while (u >= parts[i].first_unit + parts[i].nblocks * ks) ++i;
+      const Part& p = parts[i];
+      const int64_t local = u - p.first_unit, blk = local / ks, part = local % ks;
       std::memset(res, 0, sizeof(float) * M * kBlock);
-      unit(ctx, hi + blk * K * 32, lo + blk * K * 32, blk * kBlock, G * part / ks, G * (part + 1) / ks, res);
+      p.unit(p.ctx, p.hi + blk * K * 32, p.lo + blk * K * 32, blk * kBlock, G * part / ks, G * (part + 1) / ks, res);
       for (int64_t m = 0; m < M; ++m)
-        std::memcpy(op + (part * M + m) * N + blk * kBlock, res + m * kBlock, sizeof(float) * kBlock);
+        std::memcpy(p.op + (part * M + m) * p.N + blk * kBlock, res + m * kBlock, sizeof(float) * kBlock);
     }
   });
-  const int64_t full = nblocks * kBlock;
-  if (N > full)
-    (int8_act ? tail_rows_i8 : tail_rows)(ctx, hi + full * K / 2, lo + full * K / 2, full, N - full,
-                                          static_cast<int>(b), op, N);
+  for (size_t i = 0; i < nparts; ++i) {
+    const Part& p = parts[i];
+    const int64_t full = p.nblocks * kBlock;
+    if (p.N > full)
+      (int8_act ? tail_rows_i8 : tail_rows)(p.ctx, p.hi + full * K / 2, p.lo + full * K / 2, full, p.N - full,
+                                            static_cast<int>(p.b), p.op, p.N);
+    write_output(p, ks, M, outs[i]);
+  }
+  return outs;
+}
 
-  auto out = at::empty(out_shape, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "qlinear_cpu_out", [&] {
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < M * N; ++i) {
-      float v = op[i];
-      for (int64_t p = 1; p < ks; ++p) v += op[p * M * N + i];
-      dst[i] = static_cast<scalar_t>(v);
-    }
-  });
-  return out;
+at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                       const at::Tensor& zero, const at::Tensor& bits) {
+  return qlinear_parts("csd::qlinear_cpu", x, {qdata}, {scale}, {zero}, {bits})[0];
+}
+
+std::vector<at::Tensor> qlinear_cpu_multi(const at::Tensor& x, at::TensorList qdata, at::TensorList scale,
+                                          at::TensorList zero, at::TensorList bits) {
+  return qlinear_parts("csd::qlinear_cpu_multi", x, qdata, scale, zero, bits);
 }
 
 std::string isa_name() { return kIsaNames[active_isa()]; }
@@ -919,6 +1012,7 @@ std::string set_activations(const std::string& name) {
 
 TORCH_LIBRARY_FRAGMENT(csd, m) {
   m.def("qlinear_cpu_native(Tensor x, Tensor qdata, Tensor scale, Tensor zero, Tensor bits) -> Tensor");
+  m.def("qlinear_cpu_multi_native(Tensor x, Tensor[] qdata, Tensor[] scale, Tensor[] zero, Tensor[] bits) -> Tensor[]");
   m.def("qlinear_cpu_isa() -> str", &csd_cpu::isa_name);
   m.def("qlinear_cpu_supported_isas() -> str[]", &csd_cpu::supported_isas);
   m.def("qlinear_cpu_set_isa(str isa) -> str", &csd_cpu::set_isa);
@@ -926,7 +1020,10 @@ TORCH_LIBRARY_FRAGMENT(csd, m) {
   m.def("qlinear_cpu_set_activations(str mode) -> str", &csd_cpu::set_activations);
 }
 
-TORCH_LIBRARY_IMPL(csd, CPU, m) { m.impl("qlinear_cpu_native", &csd_cpu::qlinear_cpu); }
+TORCH_LIBRARY_IMPL(csd, CPU, m) {
+  m.impl("qlinear_cpu_native", &csd_cpu::qlinear_cpu);
+  m.impl("qlinear_cpu_multi_native", &csd_cpu::qlinear_cpu_multi);
+}
 
 // The same kernel as a plain Python function, for the code Inductor's Python wrapper runs at every
 // step (kernels/native.py registers the codegen): calling an op from Python goes through the
@@ -946,11 +1043,20 @@ at::Tensor qlinear_direct(const at::Tensor& x, const at::Tensor& qdata, const at
   RECORD_FUNCTION("csd::qlinear_cpu_native", std::vector<c10::IValue>({x, qdata, scale, zero, bits}));
   return csd_cpu::qlinear_cpu(x, qdata, scale, zero, bits);
 }
+
+std::vector<at::Tensor> qlinear_multi_direct(const at::Tensor& x, const std::vector<at::Tensor>& qdata,
+                                             const std::vector<at::Tensor>& scale, const std::vector<at::Tensor>& zero,
+                                             const std::vector<at::Tensor>& bits) {
+  RECORD_FUNCTION("csd::qlinear_cpu_multi_native", std::vector<c10::IValue>({x, qdata, scale, zero, bits}));
+  return csd_cpu::qlinear_cpu_multi(x, qdata, scale, zero, bits);
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear_direct, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "csd::qlinear_cpu_native(x, qdata, scale, zero, bits) without the dispatcher");
+  m.def("qlinear_multi", &qlinear_multi_direct, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "csd::qlinear_cpu_multi_native(x, qdata, scale, zero, bits) without the dispatcher");
   m.def("decode_attention", &csd_cpu::decode_attention_direct, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "csd::decode_attention_cpu_native(query, key, value, attn_mask, scale) without the dispatcher");
 }
