@@ -1,10 +1,11 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
-    python -m benchmarks.fixed_cost_ab --lever size_asserts|guards|direct_qlinear|decode_attention
+    python -m benchmarks.fixed_cost_ab --lever size_asserts|guards|direct_qlinear|decode_attention|group_linears
         [--options bits=auto] [--rounds 7] [--cache-slots N]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
-it undone, in alternating rounds of one process (the machine's drift hits both alike):
+it undone, in alternating rounds of one process (the machine's drift hits both alike; which side
+runs first alternates too, as the first of a pair measured up to 3% slower in one session):
 
 - ``size_asserts``: the backend's ``WRAPPER_CONFIG`` (Inductor's ``size_asserts`` off) against a
   backend compiled with it on (a second registered backend, so each decoder has its own graph);
@@ -14,7 +15,9 @@ it undone, in alternating rounds of one process (the machine's drift hits both a
   (``csd_compile.kernels.native.direct_qlinear``) against calling ``torch.ops.csd.qlinear_cpu_native``
   through the dispatcher (a second backend compiling without that codegen, Inductor's caches off);
 - ``decode_attention``: the pass's ``csd::decode_attention`` op (reads only the open cache slots)
-  against the same math as tensor ops that Inductor fuses (a second backend, caches off).
+  against the same math as tensor ops that Inductor fuses (a second backend, caches off);
+- ``group_linears``: linears that read one input as one ``csd.qlinear_multi`` call (the option's
+  default) against one ``csd.qlinear`` per linear (``group_linears=False``).
 
 ``--cache-slots N`` sizes the static KV cache at N slots (a call asks for N - 53 new tokens and is
 stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
@@ -74,7 +77,8 @@ def _step_nll(model, backend_name: str, options, tokenizer, tokens: int) -> dict
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lever", required=True, choices=["size_asserts", "guards", "direct_qlinear", "decode_attention"])
+    ap.add_argument("--lever", required=True, choices=["size_asserts", "guards", "direct_qlinear", "decode_attention",
+                                                         "group_linears"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
@@ -101,7 +105,15 @@ def main(argv=None) -> None:
     shipped = f"{args.lever} as shipped"
     undone = f"{args.lever} undone"
 
-    if args.lever in ("size_asserts", "direct_qlinear", "decode_attention"):
+    if args.lever == "group_linears":
+        model, tokenizer = load_model(dtype="bf16")
+        separate = {**options, "group_linears": False}
+        decoders = {shipped: greedy.GreedyDecoder(model, backend="csd", options=options),
+                    undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=separate)}
+        backend_names = {shipped: "csd", undone: "csd"}
+        lever_options = {shipped: options, undone: separate}
+        settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
+    elif args.lever in ("size_asserts", "direct_qlinear", "decode_attention"):
         from torch._dynamo import register_backend
 
         @contextlib.contextmanager
@@ -156,11 +168,14 @@ def main(argv=None) -> None:
                     undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd_lever_undone",
                                                  options=options)}
         backend_names = {shipped: "csd", undone: "csd_lever_undone"}
+        lever_options = {shipped: options, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
     else:
         model, tokenizer = load_model(dtype="bf16")
         dec = greedy.GreedyDecoder(model, backend="csd", options=options)
         decoders = {shipped: dec, undone: dec}
+        backend_names = {shipped: "csd", undone: "csd"}
+        lever_options = {shipped: options, undone: options}
 
         @contextlib.contextmanager
         def every_step_guarded():
@@ -179,8 +194,9 @@ def main(argv=None) -> None:
         print(f"{name}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
     res: dict[str, list[float]] = {name: [] for name in decoders}
     outs = {}
-    for _ in range(args.rounds):
-        for name, dec in decoders.items():
+    for r in range(args.rounds):
+        for name in list(decoders)[:: -1 if r % 2 else 1]:
+            dec = decoders[name]
             with settings[name]():
                 ms, outs[name] = _ms_per_token(dec, ids, tokens, budget)
             res[name].append(ms)
@@ -190,7 +206,7 @@ def main(argv=None) -> None:
     print(f"speed-up of the lever: {ratio:.3f}x; same tokens: {torch.equal(outs[shipped], outs[undone])}")
     if args.nll_tokens:
         for name, dec in decoders.items():
-            nll = _step_nll(dec.model, backend_names[name], options, tokenizer, args.nll_tokens)
+            nll = _step_nll(dec.model, backend_names[name], lever_options[name], tokenizer, args.nll_tokens)
             print(f"{name}: mean NLL per token " + ", ".join(f"{k} {v:.5f}" for k, v in nll.items()), flush=True)
 
 

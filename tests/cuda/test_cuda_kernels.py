@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from csd_compile.kernels.attention import attention_ref
 from csd_compile.kernels.gate import gate_ref, gate_triton
-from csd_compile.kernels.qlinear import qlinear_ref, qlinear_triton
+from csd_compile.kernels.qlinear import qlinear_multi, qlinear_ref, qlinear_triton
 from csd_compile.quant.nested import quantize
 
 DEV = "cuda"
@@ -28,6 +28,20 @@ def test_qlinear_triton_on_cuda_matches_reference(n, group, groups, m, dtype, se
         y = qlinear_triton(x.to(DEV), *q, b.to(DEV)).float().cpu()
         tol = 1e-4 if dtype == torch.float32 else 1e-2
         assert ((y - r).norm() / r.norm()).item() < tol
+
+
+@settings(max_examples=20, deadline=None)
+@given(ns=st.lists(st.sampled_from([16, 64, 130, 576]), min_size=1, max_size=3), m=st.sampled_from([1, 5, 17]),
+       bits=st.lists(st.sampled_from([2, 3, 4, 8]), min_size=3, max_size=3), seed=st.integers(0, 2**16))
+def test_qlinear_multi_on_cuda_is_each_weights_product(ns, m, bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    weights = [quantize(torch.randn(n, 192, generator=g) * 0.1, 32) for n in ns]
+    x = torch.randn(m, 192, generator=g).to(torch.bfloat16)
+    bs = [torch.tensor(b, dtype=torch.int32) for b in bits[: len(ns)]]
+    ys = qlinear_multi(x.to(DEV), *[[t.to(DEV) for t in part] for part in zip(*weights)], [b.to(DEV) for b in bs])
+    for y, nw, b in zip(ys, weights, bs):
+        r = qlinear_ref(x, *nw, b).float()
+        assert ((y.float().cpu() - r).norm() / r.norm()).item() < 1e-2
 
 
 @settings(max_examples=40, deadline=None)
