@@ -66,7 +66,8 @@ class CSDConfig:
             ``csd_compile.generate`` builds; the backend only fuses what it finds.
         group_linears: quantized linears that read the same input (a layer's q/k/v projections,
             gate and up) run as one ``csd.qlinear_multi`` call, each on its own weight copy at its
-            own bit-width (default ``True``; fewer calls per decode step, same values).
+            own bit-width (default ``True``; fewer calls per decode step; the same values up to
+            the order of float additions).
         mode: Inductor's compile mode for the graphs the backend compiles, one of ``MODES``
             (default ``"default"``), as ``torch.compile(mode=...)`` sets it for Inductor:
             ``"reduce-overhead"`` replays a CUDA graph of each compiled step (a decode step of a

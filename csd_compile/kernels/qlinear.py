@@ -20,6 +20,10 @@ per-layer plan) *inside* the op: changing it never recompiles and never syncs th
   instruction set), anything else dequantizes and calls ``F.linear``.
   ``native.set_activations("int8")`` switches its decode / verify passes to activations quantized
   to int8 per 32 features and integer byte-dot products (off by default; see ``native``).
+- ``csd::qlinear_multi(x, [qdata...], [scale...], [zero...], [bits...])``: several weights on one
+  input (a layer's q/k/v, gate/up; the ``group_qlinear`` pass writes it), one output each at its
+  own bits; on CPU one C++ call (``csd::qlinear_cpu_multi_native``), elsewhere one ``qlinear`` per
+  weight.
 - ``qlinear_ref``: the pure-torch reference every path is tested against; ``qlinear_ref_int8`` that
   of the int8-activation mode.
 """

@@ -33,6 +33,8 @@
 // cold weight ran at half the speed of a cached one.
 // Work is split over threads in units of (64-row block, range of groups); K is split only when there
 // are few blocks (N = 192 is 3 of them), and those partial sums are added at the end.
+// csd::qlinear_cpu_multi_native runs several weights on one x (a layer's q/k/v, gate/up) as one such
+// loop: x converted once, every weight's units in one parallel loop, each weight at its own bits.
 // csd::qlinear_cpu_set_isa forces a path (tests, benchmarks); csd::qlinear_cpu_isa names the active
 // one, csd::qlinear_cpu_supported_isas those this CPU can run.
 // Activations: float by default (the loops above); csd::qlinear_cpu_set_activations("int8") switches
