@@ -16,7 +16,7 @@ from torch import fx
 
 from . import progress
 from .config import MODES, CSDConfig, OptionError
-from .passes import clone_graph_module, pre_aot_passes
+from .passes import clone_graph_module, node_value, pre_aot_passes
 
 __all__ = ["csd_backend", "CSDFallbackWarning"]
 
@@ -148,7 +148,7 @@ def _has_cpu_qlinear(gm: fx.GraphModule) -> bool:
     nodes = [n for g in _graphs(gm) for target in (torch.ops.csd.qlinear.default, torch.ops.csd.qlinear_multi.default)
              for n in g.find_nodes(op="call_function", target=target)]
     for node in nodes:
-        val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
-        if isinstance(val, torch.Tensor) and val.device.type == "cpu":
+        val = node_value(node.args[0])
+        if val is not None and val.device.type == "cpu":
             return True
     return False

@@ -18,13 +18,22 @@ from torch import fx
 
 from ..config import CSDConfig
 
-__all__ = ["PassFn", "UnsupportedGraph", "clone_graph_module", "pre_aot_passes"]
+__all__ = ["PassFn", "UnsupportedGraph", "clone_graph_module", "node_value", "pre_aot_passes"]
 
 PassFn = Callable[[fx.GraphModule, Sequence[torch.Tensor], CSDConfig], fx.GraphModule]
 
 
 class UnsupportedGraph(RuntimeError):
     """Raised by a pass for a graph it cannot rewrite; the backend falls back to plain Inductor."""
+
+
+def node_value(node: object) -> torch.Tensor | None:
+    """The (fake) tensor a traced node stands for: Dynamo keeps it under ``example_value``, an FX or
+    AOT graph under ``val``; ``None`` for a non-node or a node whose value is not a tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return val if isinstance(val, torch.Tensor) else None
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

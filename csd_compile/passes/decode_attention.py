@@ -33,6 +33,7 @@ from torch import fx
 
 from ..config import CSDConfig
 from ..kernels import attention as _attention  # registers torch.ops.csd.decode_attention
+from . import node_value
 
 __all__ = ["MAX_QUERIES", "decode_attention"]
 
@@ -41,14 +42,9 @@ MAX_QUERIES = 16
 _SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
-def _val(node) -> torch.Tensor | None:
-    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
-
-
 def _cpu_query_len(node: fx.Node) -> int | None:
     """The query length of an SDPA node whose query is a CPU tensor of static shape, else None."""
-    val = _val(node.args[0] if node.args else node.kwargs.get("query"))
+    val = node_value(node.args[0] if node.args else node.kwargs.get("query"))
     if val is None or val.dim() < 2 or val.device.type != "cpu":
         return None
     t = val.shape[-2]
@@ -64,8 +60,8 @@ def _emit_attention(graph: fx.Graph, bound: dict) -> fx.Node | None:
     ``None`` when those are unknown. Plain calls (no Python function of ours in the graph) keep the
     graph cacheable by AOT autograd's cache: a warm compile then skips re-tracing the step."""
     q, k, v, mask = bound["query"], bound["key"], bound["value"], bound.get("attn_mask")
-    qv, kv = _val(q), _val(k)
-    mv = _val(mask) if mask is not None else None
+    qv, kv = node_value(q), node_value(k)
+    mv = node_value(mask) if mask is not None else None
     scale = bound.get("scale")
     if qv is None or kv is None or (mask is not None and mv is None) or not isinstance(scale, (float, int, type(None))):
         return None
@@ -101,7 +97,7 @@ def _unrepeated(node):
     if name == "repeat_interleave":
         src = node.args[0] if node.args else None
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
-        val, out = _val(src), _val(node)
+        val, out = node_value(src), node_value(node)
         ok = val is not None and out is not None and val.dim() == 4 and dim in (1, -3) and isinstance(node.args[1], int)
         return src if ok and out.shape[1] == val.shape[1] * node.args[1] else None
     if name != "reshape" or not node.args:
@@ -113,7 +109,7 @@ def _unrepeated(node):
     if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is operator.getitem
             and index.args[1] == (_ALL, _ALL, None, _ALL, _ALL)):
         return None
-    src, val, out = index.args[0], _val(index.args[0]), _val(node)
+    src, val, out = index.args[0], node_value(index.args[0]), node_value(node)
     if val is None or out is None or val.dim() != 4 or out.dim() != 4:
         return None
     b, h, s, d = val.shape
@@ -123,11 +119,11 @@ def _unrepeated(node):
 def _emit_op(graph: fx.Graph, bound: dict) -> fx.Node | None:
     """``csd::decode_attention`` on the cache itself for 4-d inputs, or ``None``."""
     q, k, v, mask = bound["query"], bound["key"], bound["value"], bound.get("attn_mask")
-    qv, kv, vv = _val(q), _val(k), _val(v)
+    qv, kv, vv = node_value(q), node_value(k), node_value(v)
     scale = bound.get("scale")
     if qv is None or kv is None or vv is None or qv.dim() != 4 or kv.dim() != 4 or vv.shape != kv.shape:
         return None
-    if mask is not None and _val(mask) is None or not isinstance(scale, (float, int, type(None))):
+    if mask is not None and node_value(mask) is None or not isinstance(scale, (float, int, type(None))):
         return None
     if qv.dtype != kv.dtype or qv.dtype != vv.dtype or not all(isinstance(n, int) for n in (qv.shape[1], kv.shape[1])):
         return None  # (the cache length may be symbolic; head counts may not)
@@ -137,7 +133,7 @@ def _emit_op(graph: fx.Graph, bound: dict) -> fx.Node | None:
     if hq % hkv:
         return None
     k_src, v_src = _unrepeated(k), _unrepeated(v)
-    if k_src is not None and v_src is not None and _val(k_src).shape == _val(v_src).shape and hq % _val(k_src).shape[1] == 0:
+    if k_src is not None and v_src is not None and node_value(k_src).shape == node_value(v_src).shape and hq % node_value(k_src).shape[1] == 0:
         k, v = k_src, v_src  # the cache itself, read once per key/value head
     scale = 1.0 / math.sqrt(qv.shape[-1]) if scale is None else float(scale)
     return graph.call_function(torch.ops.csd.decode_attention.default, (q, k, v, mask, scale))

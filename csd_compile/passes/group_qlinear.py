@@ -37,6 +37,7 @@ from torch import fx
 
 from ..config import CSDConfig
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear / qlinear_multi)
+from . import node_value
 
 __all__ = ["group_qlinear"]
 
@@ -54,10 +55,9 @@ def _targets() -> tuple:
 
 
 def _shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
-    for key in _META_KEYS:
-        val = node.meta.get(key)
-        if isinstance(val, torch.Tensor):
-            return tuple(val.shape)
+    val = node_value(node)
+    if val is not None:
+        return tuple(val.shape)
     if node.op == "get_attr":
         val = getattr(gm, str(node.target), None)
         if isinstance(val, torch.Tensor):

@@ -56,7 +56,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..config import CSDConfig, OptionError
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
 from ..quant.registry import quantized_copy
-from . import UnsupportedGraph
+from . import UnsupportedGraph, node_value
 
 __all__ = ["quantize_linear"]
 
@@ -165,8 +165,8 @@ def _rewrite_region(sub: fx.GraphModule, positions: list[int], attrs: list[fx.No
 
 def _needs_grad(node: fx.Node) -> bool:
     """Whether the linear's output was traced as requiring grad (grad mode on, weight requiring grad)."""
-    val = node.meta.get("example_value", node.meta.get("val"))
-    return isinstance(val, torch.Tensor) and val.requires_grad
+    val = node_value(node)
+    return val is not None and val.requires_grad
 
 
 def _unfit(shape: torch.Size, group: int) -> bool:

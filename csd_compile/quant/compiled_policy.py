@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
+from ..passes import node_value
 from .policy import DynamicPrecisionPolicy, check_avg_bits
 from .registry import lookup_quantized
 from .table import PrecisionTable, TableError, weights_fingerprint
@@ -59,8 +60,8 @@ def _logits_index(gm: fx.GraphModule, vocab: set[int]) -> int | None:
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     flat = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
     for i, node in enumerate(flat):
-        val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-        if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() >= 2 and val.shape[-1] in vocab:
+        val = node_value(node)
+        if val is not None and val.is_floating_point() and val.dim() >= 2 and val.shape[-1] in vocab:
             return i
     return None
 
