@@ -863,27 +863,26 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
   // x is read as [M, K] in place (a reshape would make a view, with its autograd metadata, at every call)
   const at::Tensor x2 = x.contiguous();
   const int64_t M = x2.numel() / K;
-  std::vector<at::Tensor> outs;
-  outs.reserve(nparts);
-  for (const Part& p : parts) {
+  auto out_shape = [&](const Part& p) {
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = p.N;
-    outs.push_back(at::empty(shape, x.options()));
-  }
-  if (M == 0) return outs;
-
+    return shape;
+  };
+  std::vector<at::Tensor> outs;
+  outs.reserve(nparts);
   if (M > kMaxBlockedRows) {  // dequantize once (transposed), then a dense GEMM
-    for (size_t i = 0; i < nparts; ++i) {
-      const Part& p = parts[i];
+    for (const Part& p : parts) {
       const float mult = static_cast<float>(1 << (8 - p.b));
       const Ctx wctx{nullptr, nullptr, p.sc.data_ptr<float>(), p.ze.data_ptr<float>(), nullptr, nullptr, nullptr,
                      M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f)};
       auto wt = at::empty({K, p.N}, p.sc.options());
       with_bits(p.b, [&](auto B) { dequant_t<B.value>(wctx, p.hi, p.lo, wt.data_ptr<float>()); });
-      outs[i] = at::linear(x2, wt.to(x.scalar_type()).t()).reshape(outs[i].sizes());
+      outs.push_back(at::linear(x2, wt.to(x.scalar_type()).t()).reshape(out_shape(p)));
     }
     return outs;
   }
+  for (const Part& p : parts) outs.push_back(at::empty(out_shape(p), x.options()));
+  if (M == 0) return outs;
 
   // Split K (at group boundaries) into ks parts when there are few row blocks, so that every thread
   // gets the same number of units (N = 192 is 3 blocks); the parts' partial sums are added below.
