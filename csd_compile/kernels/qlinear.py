@@ -17,7 +17,7 @@ per-layer plan) *inside* the op: changing it never recompiles and never syncs th
   Without a C++ compiler, ``csd::qlinear_cpu`` (PyTorch ops)
   computes the same values more slowly: bf16 activations with up to 4 rows go through PyTorch's
   int4 CPU kernel on the rung's codes repacked by PyTorch itself (its packed layout depends on the
-  instruction set), anything else dequantizes and calls ``F.linear``.
+  instruction set), anything else dequantizes in fp32 and calls ``F.linear`` in fp32.
   ``native.set_activations("int8")`` switches its decode / verify passes to activations quantized
   to int8 per 32 features and integer byte-dot products (off by default; see ``native``).
 - ``csd::qlinear_multi(x, [qdata...], [scale...], [zero...], [bits...])``: several weights on one
@@ -234,8 +234,8 @@ def _qlinear_cpu_impl(x, qdata, scale, zero, bits) -> torch.Tensor:
         y = mm(x2, ops[0][0], group, ops[0][1])
         for packed, sz in ops[1:]:
             y = y + mm(x2, packed, group, sz)
-    else:
-        y = F.linear(x2, dequantize(qdata, scale, zero, b, dtype=x.dtype))
+    else:  # as the reference: a 16-bit weight would round every dequantized value once more
+        y = F.linear(x2.float(), dequantize(qdata, scale, zero, b)).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
