@@ -7,8 +7,10 @@ Registered under the entry-point group ``torch_dynamo_backends``, so
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +18,7 @@ from torch import fx
 
 from . import progress
 from .config import MODES, CSDConfig, OptionError
-from .passes import clone_graph_module, node_value, pre_aot_passes
+from .passes import BOUND_INPUTS, clone_graph_module, node_value, pre_aot_passes
 
 __all__ = ["csd_backend", "CSDFallbackWarning"]
 
@@ -76,6 +78,7 @@ def csd_backend(
             raise _OptionErrorForDynamo(str(e)) from None
 
     compiled_gm = gm
+    bound: set[int] = set()  # inputs whose tensors the passes baked in (quantized weights)
     passes = pre_aot_passes(cfg)
     ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
     progress.note(f"{ops} ops, csd passes", new_graph=True)
@@ -86,6 +89,7 @@ def csd_backend(
             for name, fn in passes:
                 progress.note(f"{ops} ops, pass {name}")
                 work = fn(work, example_inputs, cfg)
+                bound.update(work.meta.get(BOUND_INPUTS, ()))
             compiled_gm = work
         except OptionError as e:  # options this graph cannot honour (bits="auto" on weights not from a GGUF)
             raise _OptionErrorForDynamo(str(e)) from None
@@ -131,7 +135,58 @@ def csd_backend(
                    if str(n.target) in ("csd.qlinear.default", "csd.qlinear_multi.default"))
     progress.note(f"{ops} ops ({qlinears} quantized linears), Inductor: lowering, C++ code and its build")
     compiled = compile_fx(compiled_gm, example_inputs, config_patches=patches)
-    return compiled if driver is None else compiled_policy.wrap(compiled, *driver)
+    if driver is not None:
+        compiled = compiled_policy.wrap(compiled, *driver)
+    if compiled_gm is gm or not bound:
+        return compiled
+
+    def rebuild(inputs: list[Any]) -> Callable:
+        again = csd_backend(gm, inputs, options=options, mode=mode)
+        return next(iter(again._graphs.values())) if isinstance(again, _BoundToWeights) else again
+
+    return _BoundToWeights(compiled, sorted(bound), example_inputs, rebuild)
+
+
+class _BoundToWeights:
+    """A graph compiled with some inputs' tensors baked in (weights quantized into constants), run
+    only with those very tensors at those inputs.
+
+    Dynamo hands every instance of a module class the same graph (parameters are graph inputs), so
+    a call with other tensors there (another instance of the same model, or a parameter replaced by
+    a new one) must not run the first one's quantized weights: it compiles the graph again for its
+    own tensors, and each set keeps its compiled graph for as long as all its tensors live. The
+    check per call is the identities of the bound inputs (a few microseconds for 200 weights).
+    """
+
+    def __init__(self, compiled: Callable, positions: list[int], example_inputs: Sequence[Any],
+                 rebuild: Callable[[list[Any]], Callable]) -> None:
+        self._pick = operator.itemgetter(*positions, positions[0])  # always a tuple, even for one
+        self._rebuild = rebuild
+        self._graphs: dict[tuple[int, ...], Callable] = {}
+        self._add(compiled, example_inputs)
+
+    def _key(self, args: Sequence[Any]) -> tuple[int, ...]:
+        return tuple(map(id, self._pick(args)))
+
+    def _add(self, compiled: Callable, inputs: Sequence[Any]) -> None:
+        key = self._key(inputs)
+        self._graphs[key] = compiled
+        me = weakref.ref(self)
+        for t in set(self._pick(inputs)):  # a freed tensor's id may be reused: forget its graphs
+            weakref.finalize(t, _forget, me, key)
+
+    def __call__(self, *args: Any) -> Any:
+        compiled = self._graphs.get(self._key(args))
+        if compiled is None:
+            compiled = self._rebuild(list(args))
+            self._add(compiled, args)
+        return compiled(*args)
+
+
+def _forget(ref: "weakref.ref[_BoundToWeights]", key: tuple[int, ...]) -> None:
+    bound = ref()
+    if bound is not None:
+        bound._graphs.pop(key, None)
 
 
 def _all_cpu(example_inputs: Sequence[Any]) -> bool:

@@ -137,3 +137,55 @@ def test_dynamic_bits_without_a_table_file_names_the_command_that_makes_one():
     fn = torch.compile(lambda x: x + 1, backend="csd", options={"bits": "dynamic", "calibration": "t.json"})
     with pytest.raises(ValueError, match="csd-compile calibrate"):
         fn(torch.randn(3))
+
+
+def _logits(model, ids, **options):
+    with torch.inference_mode():
+        return torch.compile(model, backend="csd", options=options)(ids).logits
+
+
+@pytest.mark.parametrize("options", [{"bits": 8, "group_size": 32}, {"bits": 4, "group_size": 32,
+                                                                      "group_linears": False}])
+def test_two_instances_of_one_model_class_each_run_their_own_weights(options):
+    """Dynamo gives every instance of a module class one graph (parameters are its inputs); the
+    quantized weights baked into it are the first instance's, so the second must get its own."""
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
+    alone = _logits(make_tiny_llama(seed=2), ids, **options)
+    torch._dynamo.reset()
+    first, second = make_tiny_llama(seed=1), make_tiny_llama(seed=2)
+    y1 = _logits(first, ids, **options)
+    y2 = _logits(second, ids, **options)
+    assert torch.equal(y2, alone)  # as if compiled on its own
+    assert (y2 - y1).abs().max() > 0.1 * y1.abs().max()
+    assert torch.equal(_logits(first, ids, **options), y1)  # and the first instance still runs its own
+    with torch.inference_mode():
+        eager = second(ids).logits
+    assert (y2 - eager).abs().max() < 0.1 * (y1 - eager).abs().max()
+
+
+def test_a_replaced_weight_is_quantized_again_and_a_freed_model_is_let_go():
+    import gc
+    import weakref
+
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(4))
+    model = make_tiny_llama(seed=5)
+    options = {"bits": 8, "group_size": 32}
+    compiled = torch.compile(model, backend="csd", options=options)
+    with torch.inference_mode():
+        before = compiled(ids).logits
+        proj = model.model.layers[0].mlp.down_proj
+        proj.weight = torch.nn.Parameter(torch.randn_like(proj.weight) * 0.5, requires_grad=False)
+        after = compiled(ids).logits
+    torch._dynamo.reset()
+    assert torch.equal(after, _logits(model, ids, **options))  # the new weight, quantized
+    assert (after - before).abs().max() > 1e-3
+    torch._dynamo.reset()
+    gone = make_tiny_llama(seed=6)
+    weight = weakref.ref(gone.model.layers[1].self_attn.q_proj.weight)
+    kept = torch.compile(make_tiny_llama(seed=7), backend="csd", options=options)
+    _logits(gone, ids, **options)
+    with torch.inference_mode():
+        kept(ids)  # the same compiled code object, bound to another instance as well
+    del gone
+    gc.collect()
+    assert weight() is None  # the compiled graphs hold no reference to a model's weights

@@ -18,7 +18,11 @@ from torch import fx
 
 from ..config import CSDConfig
 
-__all__ = ["PassFn", "UnsupportedGraph", "clone_graph_module", "node_value", "pre_aot_passes"]
+__all__ = ["BOUND_INPUTS", "PassFn", "UnsupportedGraph", "clone_graph_module", "node_value", "pre_aot_passes"]
+
+# GraphModule.meta key a pass sets: positions of the graph inputs whose tensors it baked into the
+# graph (quantize_linear: the weights it replaced with their quantized copies)
+BOUND_INPUTS = "csd_bound_inputs"
 
 PassFn = Callable[[fx.GraphModule, Sequence[torch.Tensor], CSDConfig], fx.GraphModule]
 

@@ -56,6 +56,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..config import CSDConfig, OptionError
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
 from ..quant.registry import quantized_copy
+from . import BOUND_INPUTS
 from . import UnsupportedGraph, node_value
 
 __all__ = ["quantize_linear"]
@@ -241,6 +242,10 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
         auto = {n: c for n, (_, c) in zip(todo, choices)}
         gguf.warn_if_approximated(choices, stacklevel=4)
         todo = [n for n in todo if auto[n].nested is not None]  # float GGUF types stay dense
+    # The weights this graph now carries as quantized constants (graph inputs whose tensors it is
+    # bound to): the backend recompiles for a call that passes other tensors there.
+    bound = {n.args[1] for n in todo} | {call.args[2 + i] for call, _, fit in regions for i in fit}
+    gm.meta[BOUND_INPUTS] = sorted(placeholders.index(n) for n in bound)
     # Dynamo's graph keeps fake values under "example_value", an FX/AOT graph under "val".
     meta_keys = [k for k in ("val", "example_value") if any(k in n.meta for n in gm.graph.nodes)]
     fake_mode = torch._guards.detect_fake_mode(
