@@ -1,7 +1,7 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
-    python -m benchmarks.fixed_cost_ab --lever size_asserts|guards|direct_qlinear|decode_attention|group_linears
-        [--options bits=auto] [--rounds 7] [--cache-slots N]
+    python -m benchmarks.fixed_cost_ab --lever size_asserts|guards|direct_qlinear|decode_attention|group_linears|
+        scale_layout [--options bits=auto] [--rounds 7] [--cache-slots N]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
 it undone, in alternating rounds of one process (the machine's drift hits both alike; which side
@@ -17,7 +17,10 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 - ``decode_attention``: the pass's ``csd::decode_attention`` op (reads only the open cache slots)
   against the same math as tensor ops that Inductor fuses (a second backend, caches off);
 - ``group_linears``: linears that read one input as one ``csd.qlinear_multi`` call (the option's
-  default) against one ``csd.qlinear`` per linear (``group_linears=False``).
+  default) against one ``csd.qlinear`` per linear (``group_linears=False``);
+- ``scale_layout``: the nested weights' scales and zeros column-major (``nested.column_major``, as
+  stored) against row-major copies (what they were before; the C++ kernel gathers them), each
+  side's quantized copies made under its layout (caches off).
 
 ``--cache-slots N`` sizes the static KV cache at N slots (a call asks for N - 53 new tokens and is
 stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
@@ -75,10 +78,18 @@ def _step_nll(model, backend_name: str, options, tokenizer, tokens: int) -> dict
     return out
 
 
+def _compiled_afresh() -> contextlib.ExitStack:
+    # Inductor's and AOT autograd's cache keys do not see a patched codegen or pass
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    return stack
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lever", required=True, choices=["size_asserts", "guards", "direct_qlinear", "decode_attention",
-                                                         "group_linears"])
+                                                         "group_linears", "scale_layout"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
@@ -104,6 +115,7 @@ def main(argv=None) -> None:
     ids = torch.tensor([[random.Random(0).randrange(100, 20000) for _ in range(prompt)]])
     shipped = f"{args.lever} as shipped"
     undone = f"{args.lever} undone"
+    building = {}  # side -> context its warm-up (compile, quantized copies) runs under
 
     if args.lever == "group_linears":
         model, tokenizer = load_model(dtype="bf16")
@@ -113,6 +125,26 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd"}
         lever_options = {shipped: options, undone: separate}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
+    elif args.lever == "scale_layout":
+        import csd_compile.quant.nested as nested
+
+        @contextlib.contextmanager
+        def row_major_scales():
+            real = nested.column_major
+            nested.column_major = torch.Tensor.contiguous  # pack_codes looks it up at every call
+            try:
+                with _compiled_afresh():
+                    yield
+            finally:
+                nested.column_major = real
+
+        model, tokenizer = load_model(dtype="bf16")
+        decoders = {shipped: greedy.GreedyDecoder(model, backend="csd", options=options),
+                    undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=options)}
+        backend_names = {shipped: "csd", undone: "csd"}
+        lever_options = {shipped: options, undone: options}
+        settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
+        building = {undone: row_major_scales}
     elif args.lever in ("size_asserts", "direct_qlinear", "decode_attention"):
         from torch._dynamo import register_backend
 
@@ -124,13 +156,6 @@ def main(argv=None) -> None:
             finally:
                 backend.WRAPPER_CONFIG["size_asserts"] = False
 
-        def compiled_afresh():
-            # Inductor's and AOT autograd's cache keys do not see a patched codegen or pass
-            stack = contextlib.ExitStack()
-            stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-            stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
-            return stack
-
         @contextlib.contextmanager
         def qlinear_as_op():
             from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN
@@ -138,7 +163,7 @@ def main(argv=None) -> None:
             key = "torch.ops.csd.qlinear_cpu_native.default"
             entry = CUSTOM_EXTERN_KERNEL_CODEGEN.pop(key)
             try:
-                with compiled_afresh():
+                with _compiled_afresh():
                     yield
             finally:
                 CUSTOM_EXTERN_KERNEL_CODEGEN[key] = entry
@@ -150,7 +175,7 @@ def main(argv=None) -> None:
             real = pass_module._emit_op
             pass_module._emit_op = lambda graph, bound: None  # the pass then writes the tensor-op math
             try:
-                with compiled_afresh():
+                with _compiled_afresh():
                     yield
             finally:
                 pass_module._emit_op = real
@@ -190,7 +215,8 @@ def main(argv=None) -> None:
 
     for name, dec in decoders.items():
         t = time.perf_counter()
-        dec.warm_up(ids, max_new_tokens=budget)
+        with building.get(name, contextlib.nullcontext)():
+            dec.warm_up(ids, max_new_tokens=budget)
         print(f"{name}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
     res: dict[str, list[float]] = {name: [] for name in decoders}
     outs = {}

@@ -8,6 +8,8 @@ of each candidate in turn, ``--repeats`` rounds, medians reported):
 - ``native/<isa>``: ``csd::qlinear_cpu_native`` forced onto each path this CPU can run, float
   activations; ``native/<isa>/i8`` the same path with int8 activations
   (``native.use_activations("int8")``; ``avx512`` and ``avx2`` run the same vpmaddubsw loops there);
+- ``native/<isa>/row-major``: the best path with the scales and zeros row-major instead of
+  column-major (as stored since the sixteenth session): the kernel gathers them;
 - ``pytorch``: ``csd::qlinear_cpu``, the pure-PyTorch fallback;
 - ``dense bf16`` / ``dense fp32``: ``F.linear`` on an unquantized weight of the same shape.
 
@@ -108,6 +110,9 @@ def _candidates(n, k, m, bits_list, pool_bytes):
             for act in native.ACTIVATIONS:
                 out.append(_Candidate(f"native/{isa}" + ("/i8" if act == "int8" else ""), bits, nbytes, shared,
                                       lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa, act))
+        rm = pool(lambda: (nw.qdata.clone(), nw.scale.contiguous(), nw.zero.contiguous()), nested_bytes)
+        out.append(_Candidate(f"native/{native.supported_isas()[-1]}/row-major", bits, nbytes, rm,
+                              lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), native.supported_isas()[-1]))
         # its own copies: the fallback caches repacked operands per weight and rung
         out.append(_Candidate("pytorch", bits, nbytes, pool(lambda: tuple(t.clone() for t in nw), nested_bytes),
                               lambda t, b=b: torch.ops.csd.qlinear_cpu(x, *t, b)))

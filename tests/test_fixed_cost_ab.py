@@ -11,6 +11,7 @@ from benchmarks import fixed_cost_ab
     (["--lever", "guards", "--nll-tokens", "50"], "--nll-tokens must be >= 2, for a lever with two graphs"),
     (["--lever", "decode_attention", "--nll-tokens", "1"], "--nll-tokens must be >= 2"),
     (["--lever", "group_linears", "--threads", "0"], "--rounds and --threads must be >= 1"),
+    (["--lever", "scale_layout", "--rounds", "0"], "--rounds and --threads must be >= 1"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):

@@ -52,7 +52,7 @@ _INT4_MAX_ROWS = 4
 def _qlinear_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr, bits_ptr, out_ptr,
     M, N, K, N_FULL,
-    stride_xm, stride_om,
+    stride_xm, stride_om, stride_sn, stride_sg,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -84,7 +84,7 @@ def _qlinear_kernel(
         hi = (tl.load(q_ptr + off, mask=wmask, other=0) >> shift[None, :]) & 15
         lo = (tl.load(q_ptr + N * half_k + off, mask=wmask & ((rn[None, :] * 0 + b) == 8), other=0) >> shift[None, :]) & 15
         code = tl.where(b == 8, (hi.to(tl.int32) << 4) | lo.to(tl.int32), hi.to(tl.int32) >> (4 - tl.minimum(b, 4)))
-        g_off = rn[None, :] * (K // GROUP) + rk[:, None] // GROUP
+        g_off = rn[None, :] * stride_sn + (rk[:, None] // GROUP) * stride_sg
         s = tl.load(scale_ptr + g_off, mask=wmask, other=0.0)
         z = tl.load(zero_ptr + g_off, mask=wmask, other=0.0)
         w = z + ((code.to(tl.float32) + 0.5) * step_mul - 0.5) * s  # [BK, BN], bin centre
@@ -165,10 +165,12 @@ def qlinear_triton(x, qdata, scale, zero, bits, *, block_m: int = 16, block_n: i
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    if scale.stride() != zero.stride():  # the kernel reads both with one pair of strides
+        scale, zero = scale.contiguous(), zero.contiguous()
     wrap_triton(_qlinear_kernel)[grid](
         x2, qdata, scale, zero, bits.reshape(()), out,
         m, n, k, n // 64 * 64,
-        x2.stride(0), out.stride(0),
+        x2.stride(0), out.stride(0), scale.stride(0), scale.stride(1),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )

@@ -36,6 +36,10 @@ Storage (``NestedWeight``):
            every CPU (it is not PyTorch's packed int4 layout, which depends on the instruction set).
     scale  float32 [N, K/group_size]: ``s`` above (the 8-bit step).
     zero   float32 [N, K/group_size]: ``z`` above (the value of 8-bit code 0).
+    Both column-major (strides ``(1, N)``, as ``t.T.contiguous().T``): a group's values of 64
+    consecutive rows, which the CPU kernel applies at once, are one vector load instead of a gather
+    (gathers cost up to 1.5x the whole product on AMD Zen 4). Any strides are accepted everywhere;
+    row-major scales only run slower on CPU.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 __all__ = [
     "NestedWeight",
     "check_bits",
+    "column_major",
     "dequantize",
     "fake_quantize",
     "group_minima",
@@ -212,7 +217,12 @@ def pack_codes(q8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Nes
     if scale.shape != zero.shape or scale.dim() != 2 or scale.shape[0] != q8.shape[0] or q8.shape[1] % scale.shape[1]:
         raise ValueError(f"scale {_desc(scale)} and zero {_desc(zero)} must be [N, K/g] for q8 {_desc(q8)}")
     qdata = torch.stack([pack_nibbles(q8 >> 4), pack_nibbles(q8 & 15)])
-    return NestedWeight(qdata, scale.float().contiguous(), zero.float().contiguous())
+    return NestedWeight(qdata, column_major(scale.float()), column_major(zero.float()))
+
+
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [N, G] stored column-major (strides ``(1, N)``), the layout of a nested weight's scales."""
+    return t.T.contiguous().T
 
 
 def nested_codes(qdata: torch.Tensor, bits: int) -> torch.Tensor:

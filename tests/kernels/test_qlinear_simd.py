@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from csd_compile.kernels import native
 from csd_compile.kernels.qlinear import qlinear_ref, qlinear_ref_int8
-from csd_compile.quant.nested import dequantize, nested_codes
+from csd_compile.quant.nested import column_major, dequantize, nested_codes
 
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "fma"}
@@ -63,11 +63,30 @@ def _tol(dtype):
     return 1e-5 if dtype == torch.float32 else 6e-3
 
 
-def _random_nested(n, k, group, gen):
+# How scale and zero lie in memory: the kernel reads a group's rows with vector loads where adjacent
+# rows are adjacent (stride(0) == 1: column-major as nested.py stores them, or rows sliced out of a
+# larger column-major tensor) and gathers them otherwise (row-major; or the two tensors' strides differ).
+LAYOUTS = ("row-major", "column-major", "column-major slice", "mixed")
+
+
+def _lay_out(t, layout, gen):
+    if layout == "row-major":
+        return t.contiguous()
+    if layout == "column-major slice":  # rows [r, r + N) of a taller column-major tensor
+        r = int(torch.randint(0, 5, (), generator=gen))
+        big = torch.randn(r + t.shape[0] + 3, t.shape[1], generator=gen).T.contiguous().T
+        big[r : r + t.shape[0]] = t
+        return big[r : r + t.shape[0]]
+    return column_major(t)
+
+
+def _random_nested(n, k, group, gen, layout="row-major"):
     """Random planes (every byte value, so every 8-bit code), positive scales, signed zeros."""
     qdata = torch.randint(0, 256, (2, n, k // 2), generator=gen, dtype=torch.uint8)
     scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
     zero = torch.randn(n, k // group, generator=gen) * 0.3
+    scale = _lay_out(scale, layout, gen)
+    zero = _lay_out(zero, "row-major" if layout == "mixed" else layout, gen)
     return qdata, scale, zero
 
 
@@ -106,6 +125,7 @@ _WEIGHT = dict(
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     bits=st.sampled_from([2, 3, 4, 8]),
     threads=st.sampled_from([1, 2, 4]),
+    layout=st.sampled_from(LAYOUTS),
     seed=st.integers(0, 2**31 - 1),
 )
 
@@ -128,32 +148,33 @@ def _forced(x, nw, b, *, isa, threads, activations="float"):
     lead=st.booleans(),
     **_WEIGHT,
 )
-def test_every_path_matches_reference(isa, n, group, k_groups, m, lead, dtype, bits, threads, seed):
+def test_every_path_matches_reference(isa, n, group, k_groups, m, lead, dtype, bits, threads, layout, seed):
     if isa not in _runnable():
         with pytest.raises(RuntimeError, match="cannot run"):
             native.set_isa(isa)
         return
     k = min(group * k_groups, 1536 // group * group)
     gen = torch.Generator().manual_seed(seed)
-    nw = _random_nested(n, k, group, gen)
+    nw = _random_nested(n, k, group, gen, layout)
     x = (torch.randn(*((2,) if lead else ()), m, k, generator=gen) + 0.1).to(dtype)
     b = torch.tensor(bits, dtype=torch.int32)
     y = _forced(x, nw, b, isa=isa, threads=threads)
     r = qlinear_ref(x, *nw, b)
     assert y.shape == r.shape == (*x.shape[:-1], n) and y.dtype == dtype
-    assert _rel_err(y, r) < _tol(dtype), (isa, n, k, group, m, dtype, bits)
+    assert _rel_err(y, r) < _tol(dtype), (isa, n, k, group, m, dtype, bits, layout)
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
 @pytest.mark.parametrize("n,k", [(576, 576), (192, 576), (1536, 576), (576, 1536)])
-def test_embedded_model_shapes(isa, n, k):
+def test_embedded_model_shapes(isa, n, k, layout):
     """The model's linear shapes at decode (M = 1) and verify (M = 5, 16) rows, 4 and 8 bits."""
     if isa not in _runnable():
         with pytest.raises(RuntimeError, match="cannot run"):
             native.set_isa(isa)
         return
     gen = torch.Generator().manual_seed(n + k)
-    nw = _random_nested(n, k, 32, gen)
+    nw = _random_nested(n, k, 32, gen, layout)
     with native.use_isa(isa):
         for m in (1, 5, 16):
             for dtype in (torch.float32, torch.bfloat16):
@@ -168,15 +189,17 @@ def test_embedded_model_shapes(isa, n, k):
 @settings(max_examples=60, deadline=None)
 @given(m=st.integers(1, 16), scale_x=st.sampled_from([1e-3, 1.0, 30.0]), **_WEIGHT)
 # two outputs that nearly cancel: a relative-error bound failed here, the rounding bound holds
-@example(n=2, group=128, k_groups=7, m=1, dtype=torch.float32, bits=2, threads=1, scale_x=1e-3, seed=1)
-def test_int8_activations_match_their_reference(isa, n, group, k_groups, m, dtype, bits, threads, scale_x, seed):
+@example(n=2, group=128, k_groups=7, m=1, dtype=torch.float32, bits=2, threads=1, scale_x=1e-3, layout="row-major",
+         seed=1)
+def test_int8_activations_match_their_reference(isa, n, group, k_groups, m, dtype, bits, threads, scale_x, layout,
+                                                seed):
     """Every path with int8 activations against ``qlinear_ref_int8``: the integer sums are exact, so
     only float rounding separates them. Some 32-feature blocks are all zero (scale 0)."""
     if isa not in _runnable():
         return  # refusal is checked by the float test above
     k = min(group * k_groups, 1536 // group * group)
     gen = torch.Generator().manual_seed(seed)
-    nw = _random_nested(n, k, group, gen)
+    nw = _random_nested(n, k, group, gen, layout)
     x = torch.randn(m, k, generator=gen) * scale_x
     x[:, : 32 * int(torch.randint(0, k // 32, (), generator=gen))] *= torch.rand(m, 1, generator=gen) < 0.3
     x = x.to(dtype)
@@ -316,3 +339,21 @@ def test_scalar_only_build_for_other_cpus(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _NO_X86, srcs, str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@settings(max_examples=25, deadline=None)
+@given(m=st.one_of(st.integers(1, 16), st.just(17)), activations=st.sampled_from(["float", "int8"]), **_WEIGHT)
+def test_scale_layout_changes_no_bit(isa, n, group, k_groups, m, dtype, bits, threads, layout, activations, seed):
+    """Vector loads (adjacent rows adjacent in memory) and gathers read the same numbers: every path
+    gives bit-identical outputs for one weight whatever the strides of its scale and zero."""
+    if isa not in _runnable():
+        return  # refusal is checked by the float test above
+    k = min(group * k_groups, 1536 // group * group)
+    qdata, scale, zero = _random_nested(n, k, group, torch.Generator().manual_seed(seed), layout)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    b = torch.tensor(bits)
+    y = _forced(x, (qdata, scale, zero), b, isa=isa, threads=threads, activations=activations)
+    y_rows = _forced(x, (qdata, scale.contiguous(), zero.contiguous()), b, isa=isa, threads=threads,
+                     activations=activations)
+    assert torch.equal(y, y_rows), (isa, n, k, group, m, dtype, bits, layout, activations)

@@ -28,7 +28,7 @@ def _compile(fn, signature, constexprs, cc):
 def test_qlinear_kernel_compiles_for_cuda(cc, dtype, precision, group):
     sig = {"x_ptr": f"*{dtype}", "q_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*fp32", "bits_ptr": "*i32",
            "out_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "N_FULL": "i32", "stride_xm": "i32",
-           "stride_om": "i32"}
+           "stride_om": "i32", "stride_sn": "i32", "stride_sg": "i32"}
     _compile(_qlinear_kernel, sig, {"GROUP": group, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32,
                                     "PRECISION": precision}, cc)
 

@@ -7,6 +7,7 @@ from csd_compile.quant.nested import (
     dequantize,
     fake_quantize,
     nested_codes,
+    pack_codes,
     pack_nibbles,
     quantize,
     rtn_fake_quantize,
@@ -122,6 +123,21 @@ def test_memory_is_plain_8bit():
     stored = sum(t.numel() * t.element_size() for t in nw)
     plain8 = w.numel() + 2 * 4 * w.numel() // 64  # uint8 codes + float32 scale/zero per group
     assert stored <= 1.1 * plain8
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 100).map(lambda v: 2 * v), groups=st.integers(1, 5), group=st.sampled_from([32, 64, 128]),
+       seed=st.integers(0, 2**16))
+def test_scales_and_zeros_are_stored_column_major(n, groups, group, seed):
+    """The layout the CPU kernel reads with vector loads: a group's values of consecutive rows adjacent."""
+    nw = quantize(_weight(n, groups * group, seed), group)
+    for t in (nw.scale, nw.zero):
+        assert t.shape == (n, groups) and t.dtype == torch.float32
+        assert t.stride(0) == 1 and t.T.is_contiguous()  # (1, n); a 1-column tensor's stride(1) is 1
+    rows = torch.randint(0, 16, (n, groups * group), dtype=torch.uint8)
+    packed = pack_codes(rows, nw.scale.contiguous(), nw.zero.contiguous())  # row-major in: column-major out
+    assert packed.scale.stride(0) == packed.zero.stride(0) == 1 and packed.scale.T.is_contiguous()
+    assert torch.equal(packed.scale, nw.scale) and torch.equal(packed.zero, nw.zero)
 
 
 def test_bits16_is_identity_and_constant_groups_are_exact():

@@ -27,10 +27,11 @@
 //           rows are walked in 8-row chunks, as many per pass as the accumulators allow.
 //   scalar  plain loops (the compiler vectorizes them for the baseline target); the only path on
 //           other CPUs (ARM, ...), where the x86 code is left out (as with -DCSD_NO_X86).
-// Scales and zeros are [N, G] row-major: the kernels gather a block's 64 values of a group (they
-// stay in L1 from one group to the next) and prefetch the next block's, and the code stream is
-// prefetched ahead by hand: at M = 1 the product is a stream of the weight bytes, and without them a
-// cold weight ran at half the speed of a cached one.
+// Scales and zeros are [N, G], column-major as nested.py stores them (a block's 64 values of a group
+// are one vector load, and the next block's are prefetched) or row-major (gathered; they stay in L1
+// from one group to the next), and the code stream is prefetched ahead by hand: at M = 1 the product
+// is a stream of the weight bytes, and without the prefetches a cold weight ran at half the speed of
+// a cached one.
 // Work is split over threads in units of (64-row block, range of groups); K is split only when there
 // are few blocks (N = 192 is 3 of them), and those partial sums are added at the end.
 // csd::qlinear_cpu_multi_native runs several weights on one x (a layer's q/k/v, gate/up) as one such
@@ -113,13 +114,15 @@ namespace {
 struct Ctx {
   const float* x;     // [M, K] activations in fp32
   const float* xsum;  // [M, G] their per-group sums
-  const float* scale; // [N, G]
-  const float* zero;  // [N, G]
+  const float* scale; // [N, G], element (n, g) at at(n, g)
+  const float* zero;  // [N, G], the same strides
   const int8_t* xq;   // [M, K] the activations quantized per 32 features (int8 paths only)
   const float* xd;    // [M, K/32] their scales
   const int32_t* xqs; // [M, K/32] the sums of the quantized values per block
   int64_t M, N, K, G, gs;
   float mult, half;   // m = 2^(8-b) and (m-1)/2: S = m * scale, Z = zero + half * scale
+  int64_t sn, sg;     // strides of scale / zero: (G, 1) row-major; sn = 1 where adjacent rows are adjacent
+  int64_t at(int64_t n, int64_t g) const { return n * sn + g * sg; }
 };
 
 // The b-bit code from the high nibble h and low nibble l of an 8-bit code (scalar paths).
@@ -146,7 +149,7 @@ struct Scalar {
       }
     }
     for (int j = 0; j < kBlock; ++j) {
-      const float s = c.scale[(n0 + j) * c.G + g], z = c.zero[(n0 + j) * c.G + g];
+      const float s = c.scale[c.at(n0 + j, g)], z = c.zero[c.at(n0 + j, g)];
       const float S = c.mult * s, Z = z + c.half * s;
       for (int m = 0; m < MR; ++m) res[(m0 + m) * kBlock + j] += S * acc[m][j] + Z * c.xsum[(m0 + m) * c.G + g];
     }
@@ -154,6 +157,13 @@ struct Scalar {
 };
 
 #if CSD_X86
+// 16 consecutive rows' scales (or zeros) of one group, at p: one load where such rows are adjacent in
+// memory (column-major scale / zero: sn == 1), else a gather (idx = 0, sn, 2 sn, ...), which costs far
+// more on some CPUs (AMD Zen 4: 1.6x the whole M = 1 group loop, in cache).
+CSD_TARGET_AVX512 inline __m512 rows16(const float* p, int64_t sn, __m512i idx) {
+  return sn == 1 ? _mm512_loadu_ps(p) : _mm512_i32gather_ps(idx, p, 4);
+}
+
 // AVX-512: 16 bytes of one k (rows r..r+15 in the low nibbles, r+32..r+47 in the high ones) as two
 // float vectors of codes.
 template <int BITS>
@@ -185,7 +195,7 @@ struct Avx512 {
     // lut[i] = code of nibble i at this width: i >> (4 - b)
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512 lut = _mm512_cvtepi32_ps(_mm512_srli_epi32(iota, BITS == 8 ? 0 : 4 - BITS));
-    const __m512i idx = _mm512_mullo_epi32(iota, _mm512_set1_epi32(static_cast<int>(c.G)));
+    const __m512i idx = _mm512_mullo_epi32(iota, _mm512_set1_epi32(static_cast<int>(c.sn)));
     const float* x = c.x + m0 * c.K;
     const int64_t k0 = g * c.gs, k1 = k0 + c.gs, K = c.K;  // locals: GCC reloads members after stores
     for (int c0 = 0; c0 < 2; c0 += W) {  // chunk c: rows 16c..16c+15 and 32+16c..32+16c+15
@@ -206,10 +216,10 @@ struct Avx512 {
       for (int i = 0; i < W; ++i)
         for (int half = 0; half < 2; ++half) {
           const int row0 = (c0 + i) * 16 + half * 32;
-          const int64_t at = (n0 + row0) * c.G + g;
-          const __m512 s = _mm512_i32gather_ps(idx, c.scale + at, 4);
+          const int64_t at = c.at(n0 + row0, g);
+          const __m512 s = rows16(c.scale + at, c.sn, idx);
           const __m512 S = _mm512_mul_ps(s, _mm512_set1_ps(c.mult));
-          const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(c.half), _mm512_i32gather_ps(idx, c.zero + at, 4));
+          const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(c.half), rows16(c.zero + at, c.sn, idx));
           for (int m = 0; m < MR; ++m) {
             float* r = res + (m0 + m) * kBlock + row0;
             const __m512 zx = _mm512_fmadd_ps(Z, _mm512_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm512_loadu_ps(r));
@@ -219,6 +229,11 @@ struct Avx512 {
     }
   }
 };
+
+// rows16's 8-row form.
+CSD_TARGET_AVX2 inline __m256 rows8(const float* p, int64_t sn, __m256i idx) {
+  return sn == 1 ? _mm256_loadu_ps(p) : _mm256_i32gather_ps(p, idx, 4);
+}
 
 // AVX2: 8 bytes of one k (rows r..r+7 and r+32..r+39) as two float vectors of codes.
 template <int BITS>
@@ -248,7 +263,7 @@ struct Avx2 {
     constexpr int W = kChunks<MR>;
     const float* x = c.x + m0 * c.K;
     const __m256i idx = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm256_set1_epi32(static_cast<int>(c.G)));
+                                           _mm256_set1_epi32(static_cast<int>(c.sn)));
     const int64_t k0 = g * c.gs, k1 = k0 + c.gs, K = c.K;  // locals: GCC reloads members after stores
     for (int c0 = 0; c0 < 4; c0 += W) {  // chunk c: rows 8c..8c+7 and 32+8c..32+8c+7
       __m256 acc[MR][W][2];
@@ -269,10 +284,10 @@ struct Avx2 {
       for (int i = 0; i < W; ++i)
         for (int half = 0; half < 2; ++half) {
           const int row0 = (c0 + i) * 8 + half * 32;
-          const int64_t at = (n0 + row0) * c.G + g;
-          const __m256 s = _mm256_i32gather_ps(c.scale + at, idx, 4);
+          const int64_t at = c.at(n0 + row0, g);
+          const __m256 s = rows8(c.scale + at, c.sn, idx);
           const __m256 S = _mm256_mul_ps(s, _mm256_set1_ps(c.mult));
-          const __m256 Z = _mm256_fmadd_ps(s, _mm256_set1_ps(c.half), _mm256_i32gather_ps(c.zero + at, idx, 4));
+          const __m256 Z = _mm256_fmadd_ps(s, _mm256_set1_ps(c.half), rows8(c.zero + at, c.sn, idx));
           for (int m = 0; m < MR; ++m) {
             float* r = res + (m0 + m) * kBlock + row0;
             const __m256 zx = _mm256_fmadd_ps(Z, _mm256_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm256_loadu_ps(r));
@@ -387,20 +402,27 @@ struct I8Avx2 {
     for (int v = 0; v < 8; ++v) out[v] = _mm256_madd_epi16(acc[v], ones);
   }
 
+  // One group's scales (or zeros) of rows r0..r0+3 and r1..r1+3 (row_ids): two loads where adjacent
+  // rows are adjacent in memory (column-major, sn == 1), else a gather.
+  CSD_TARGET_AVX2 static inline __attribute__((always_inline)) __m256 rows(const float* p, int64_t sn, int r0, int r1,
+                                                                           __m256i row_ids) {
+    if (sn == 1) return _mm256_set_m128(_mm_loadu_ps(p + r1), _mm_loadu_ps(p + r0));
+    return _mm256_i32gather_ps(p, _mm256_mullo_epi32(row_ids, _mm256_set1_epi32(static_cast<int>(sn))), 4);
+  }
+
   // Per group: res[m][row] += S * sum_blocks d * isum + Z * xsum, rows in the transposed order.
   template <int BITS>
   CSD_TARGET_AVX2 static inline __attribute__((always_inline)) void epilogue(const Ctx& c, int64_t n0, int64_t g,
                                                                              const float* facc, float* res) {
     for (int v = 0; v < 8; ++v) {
-      const __m256i rows = _mm256_setr_epi32(i8_row(v, 0), i8_row(v, 1), i8_row(v, 2), i8_row(v, 3), i8_row(v, 4),
-                                             i8_row(v, 5), i8_row(v, 6), i8_row(v, 7));
-      const __m256i idx = _mm256_mullo_epi32(rows, _mm256_set1_epi32(static_cast<int>(c.G)));
-      const int64_t at = n0 * c.G + g;
-      const __m256 s = _mm256_i32gather_ps(c.scale + at, idx, 4);
+      const __m256i row_ids = _mm256_setr_epi32(i8_row(v, 0), i8_row(v, 1), i8_row(v, 2), i8_row(v, 3),
+                                                i8_row(v, 4), i8_row(v, 5), i8_row(v, 6), i8_row(v, 7));
+      const int r0 = i8_row(v, 0), r1 = i8_row(v, 4);  // lanes 0-3: rows r0..r0+3, lanes 4-7: r1..r1+3
+      const int64_t at = c.at(n0, g);
+      const __m256 s = rows(c.scale + at, c.sn, r0, r1, row_ids);
       const __m256 S = _mm256_mul_ps(s, _mm256_set1_ps(c.mult));
       const __m256 Z = _mm256_fmadd_ps(S, _mm256_set1_ps(static_cast<float>(kCentre<BITS>)),
-                                       _mm256_fmadd_ps(s, _mm256_set1_ps(c.half), _mm256_i32gather_ps(c.zero + at, idx, 4)));
-      const int r0 = i8_row(v, 0), r1 = i8_row(v, 4);
+                                       _mm256_fmadd_ps(s, _mm256_set1_ps(c.half), rows(c.zero + at, c.sn, r0, r1, row_ids)));
       for (int64_t m = 0; m < c.M; ++m) {
         float* r = res + m * kBlock;
         const __m256 prev = _mm256_set_m128(_mm_loadu_ps(r + r1), _mm_loadu_ps(r + r0));
@@ -540,7 +562,7 @@ struct I8Scalar {
       }
     }
     for (int j = 0; j < kBlock; ++j) {
-      const float s = c.scale[(n0 + j) * c.G + g], z = c.zero[(n0 + j) * c.G + g];
+      const float s = c.scale[c.at(n0 + j, g)], z = c.zero[c.at(n0 + j, g)];
       const float S = c.mult * s, Z = z + c.half * s + S * static_cast<float>(kCentre<BITS>);
       for (int64_t m = 0; m < c.M; ++m) res[m * kBlock + j] += S * facc[m][j] + Z * c.xsum[m * c.G + g];
     }
@@ -566,12 +588,14 @@ __attribute__((always_inline)) inline void prefetch_group(const Ctx& c, const ui
   // lines), but the gathers read them a column at a time: at that block's first group all its lines
   // would miss at once, which the hardware prefetcher does not foresee (a cold M = 1 product ran at
   // half the speed of a warm one). Fetch them ahead instead, 4 lines of each per group.
+  // Column-major, the next block's values of group g are 64 consecutive floats: fetch those.
   if (n0 + 2 * kBlock <= c.N) {
-    const char* next_s = reinterpret_cast<const char*>(c.scale + (n0 + kBlock) * c.G);
-    const char* next_z = reinterpret_cast<const char*>(c.zero + (n0 + kBlock) * c.G);
+    const bool cm = c.sn == 1;
+    const char* next_s = reinterpret_cast<const char*>(c.scale + c.at(n0 + kBlock, cm ? g : 0));
+    const char* next_z = reinterpret_cast<const char*>(c.zero + c.at(n0 + kBlock, cm ? g : 0));
     for (int i = 0; i < 4; ++i) {
-      __builtin_prefetch(next_s + (4 * g + i) * 64);
-      __builtin_prefetch(next_z + (4 * g + i) * 64);
+      __builtin_prefetch(next_s + (cm ? i : 4 * g + i) * 64);
+      __builtin_prefetch(next_z + (cm ? i : 4 * g + i) * 64);
     }
   }
   // The codes are one stream, but the hardware prefetcher stops at every 4 KiB page and restarts
@@ -658,9 +682,9 @@ void dequant_t(const Ctx& c, const uint8_t* hi, const uint8_t* lo, float* wt) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t g = 0; g < c.G; ++g) {
         for (int j = 0; j < kBlock; ++j) {
-          const float s = c.scale[(b * kBlock + j) * c.G + g];
+          const float s = c.scale[c.at(b * kBlock + j, g)];
           S[j] = c.mult * s;
-          Z[j] = c.zero[(b * kBlock + j) * c.G + g] + c.half * s;
+          Z[j] = c.zero[c.at(b * kBlock + j, g)] + c.half * s;
         }
         for (int64_t k = g * c.gs; k < (g + 1) * c.gs; ++k) {
           const uint8_t* h = hi + (b * K + k) * 32;
@@ -678,9 +702,9 @@ void dequant_t(const Ctx& c, const uint8_t* hi, const uint8_t* lo, float* wt) {
   for (int64_t i = 0; i < nt; ++i)
     for (int64_t k = 0; k < K; ++k) {
       const int64_t n = full + i, g = k / c.gs;
-      const float s = c.scale[n * c.G + g];
+      const float s = c.scale[c.at(n, g)];
       wt[k * N + n] = tail_code(hi + full * K / 2, lo + full * K / 2, nt, i, k, BITS) * (c.mult * s) +
-                      (c.zero[n * c.G + g] + c.half * s);
+                      (c.zero[c.at(n, g)] + c.half * s);
     }
 }
 
@@ -696,8 +720,8 @@ void tail_rows(const Ctx& c, const uint8_t* ht, const uint8_t* lt, int64_t full,
       for (int64_t g = 0; g < c.G; ++g) {
         float acc = 0.f;
         for (int64_t k = g * c.gs; k < (g + 1) * c.gs; ++k) acc += c.x[m * c.K + k] * w[k];
-        const float s = c.scale[n * c.G + g];
-        total += c.mult * s * acc + (c.zero[n * c.G + g] + c.half * s) * c.xsum[m * c.G + g];
+        const float s = c.scale[c.at(n, g)];
+        total += c.mult * s * acc + (c.zero[c.at(n, g)] + c.half * s) * c.xsum[m * c.G + g];
       }
       out[m * ldo + n] = total;
     }
@@ -723,8 +747,8 @@ void tail_rows_i8(const Ctx& c, const uint8_t* ht, const uint8_t* lt, int64_t fu
           isum -= c0 * c.xqs[m * KB + kb / 32];
           acc += c.xd[m * KB + kb / 32] * static_cast<float>(isum);
         }
-        const float s = c.scale[n * c.G + g];
-        const float S = c.mult * s, Z = c.zero[n * c.G + g] + c.half * s + S * static_cast<float>(c0);
+        const float s = c.scale[c.at(n, g)];
+        const float S = c.mult * s, Z = c.zero[c.at(n, g)] + c.half * s + S * static_cast<float>(c0);
         total += S * acc + Z * c.xsum[m * c.G + g];
       }
       out[m * ldo + n] = total;
@@ -788,10 +812,12 @@ int64_t check_weight(const char* who, const at::Tensor& x, const at::Tensor& qda
   return b;
 }
 
-// One weight of a call: its tensors (contiguous), its share of the work and of the partial sums.
+// One weight of a call: its tensors (qdata contiguous; scale / zero as passed when adjacent rows are
+// adjacent in memory, e.g. column-major, else row-major copies), its share of the work and of the
+// partial sums.
 struct Part {
   at::Tensor q, sc, ze;
-  int64_t N = 0, b = 0, nblocks = 0, first_unit = 0;
+  int64_t N = 0, b = 0, nblocks = 0, first_unit = 0, sn = 0, sg = 0;
   const uint8_t* hi = nullptr;
   const uint8_t* lo = nullptr;
   float* op = nullptr;  // [ks][M][N] partial sums (columns past the last full block: part 0 only)
@@ -852,8 +878,17 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
     G = scale[i].size(1);
     // contiguous() is free on the contiguous tensors a compiled graph passes in
     p.q = qdata[i].contiguous();
-    p.sc = scale[i].contiguous();
-    p.ze = zero[i].contiguous();
+    if (scale[i].stride(0) == 1 && zero[i].stride(0) == 1 && scale[i].stride(1) == zero[i].stride(1)) {
+      p.sc = scale[i];  // column-major (nested.py's layout): a group's rows are read with vector loads
+      p.ze = zero[i];
+      p.sn = 1;
+      p.sg = scale[i].stride(1);
+    } else {
+      p.sc = scale[i].contiguous();
+      p.ze = zero[i].contiguous();
+      p.sn = scale[i].size(1);
+      p.sg = 1;
+    }
     p.N = p.q.size(1);
     p.nblocks = p.N / kBlock;
     p.hi = p.q.data_ptr<uint8_t>();
@@ -874,7 +909,7 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
     for (const Part& p : parts) {
       const float mult = static_cast<float>(1 << (8 - p.b));
       const Ctx wctx{nullptr, nullptr, p.sc.data_ptr<float>(), p.ze.data_ptr<float>(), nullptr, nullptr, nullptr,
-                     M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f)};
+                     M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f), p.sn, p.sg};
       auto wt = at::empty({K, p.N}, p.sc.options());
       with_bits(p.b, [&](auto B) { dequant_t<B.value>(wctx, p.hi, p.lo, wt.data_ptr<float>()); });
       outs.push_back(at::linear(x2, wt.to(x.scalar_type()).t()).reshape(out_shape(p)));
@@ -922,7 +957,7 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
   for (Part& p : parts) {
     const float mult = static_cast<float>(1 << (8 - p.b));
     p.ctx = Ctx{xbuf.data(), xsbuf.data(), p.sc.data_ptr<float>(), p.ze.data_ptr<float>(), xqbuf.data(), xdbuf.data(),
-                xqsbuf.data(), M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f)};
+                xqsbuf.data(), M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f), p.sn, p.sg};
     p.unit = unit_for(isa, p.b, int8_act);
     p.op = obuf.data() + offset;
     offset += ks * M * p.N;
