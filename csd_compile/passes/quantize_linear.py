@@ -56,8 +56,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..config import CSDConfig, OptionError
 from ..kernels import qlinear as _qlinear_op  # noqa: F401  (registers torch.ops.csd.qlinear)
 from ..quant.registry import quantized_copy
-from . import BOUND_INPUTS
-from . import UnsupportedGraph, node_value
+from . import BOUND_INPUTS, UnsupportedGraph, node_value
 
 __all__ = ["quantize_linear"]
 

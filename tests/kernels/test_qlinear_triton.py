@@ -53,6 +53,18 @@ def test_triton_kernel_matches_reference(interpreted, n, group, groups, m, dtype
             assert ((yf - rf).abs() <= slack).all(), bits
 
 
+@pytest.mark.parametrize("layout", ["row-major", "mixed"])
+def test_triton_reads_any_scale_layout(interpreted, layout):
+    """Stored column-major (the other tests); row-major, or each its own, reads the same numbers."""
+    x, (qdata, scale, zero) = _case(130, 128, 32, 3, torch.float32, 1)
+    b = torch.tensor(4, dtype=torch.int32)
+    y = qmod.qlinear_triton(x, qdata, scale, zero, b)
+    assert scale.stride(0) == 1
+    scale2 = scale.contiguous()
+    zero2 = zero.contiguous() if layout == "row-major" else zero
+    assert torch.equal(qmod.qlinear_triton(x, qdata, scale2, zero2, b), y)
+
+
 def test_triton_reads_bits_from_a_plan_view(interpreted):
     x, nw = _case(64, 64, 32, 2, torch.float32, 0)
     plan = torch.tensor([2, 8, 3], dtype=torch.int32)
