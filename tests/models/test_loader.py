@@ -68,8 +68,12 @@ def test_embedded_model_loads_from_cache(smollm2):
     model, tokenizer = smollm2
     assert model.dtype == torch.bfloat16 and not model.training
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
-    cached = list(loader.default_cache_dir().glob("SmolLM2-135M-Instruct*/csd_compile.json"))
-    assert cached and json.loads(cached[0].read_text())["version"] == 1
+    # the copy of this very file (an older copy, of another version or file, may sit beside it)
+    gguf = EMBEDDED_MODELS["smollm2-135m-instruct"].gguf_path()
+    record = json.loads((loader.default_cache_dir() / f"{gguf.stem}-{loader._fingerprint(gguf)}"
+                         / "csd_compile.json").read_text())
+    assert record["version"] == loader._CACHE_VERSION
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(record["files"])
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         top = model(ids).logits[0, -1].argmax().item()
