@@ -119,15 +119,7 @@ def main(argv=None) -> None:
     undone = f"{args.lever} undone"
     building = {}  # side -> context its warm-up (compile, quantized copies) runs under
 
-    if args.lever == "group_linears":
-        model, tokenizer = load_model(dtype="bf16")
-        separate = {**options, "group_linears": False}
-        decoders = {shipped: greedy.GreedyDecoder(model, backend="csd", options=options),
-                    undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=separate)}
-        backend_names = {shipped: "csd", undone: "csd"}
-        lever_options = {shipped: options, undone: separate}
-        settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-    elif args.lever == "scale_layout":
+    if args.lever in ("group_linears", "scale_layout"):  # two models, each compiled its own way
         import csd_compile.quant.nested as nested
 
         @contextlib.contextmanager
@@ -141,12 +133,14 @@ def main(argv=None) -> None:
                 nested.column_major = real
 
         model, tokenizer = load_model(dtype="bf16")
+        separate = {**options, "group_linears": False} if args.lever == "group_linears" else options
         decoders = {shipped: greedy.GreedyDecoder(model, backend="csd", options=options),
-                    undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=options)}
+                    undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=separate)}
         backend_names = {shipped: "csd", undone: "csd"}
-        lever_options = {shipped: options, undone: options}
+        lever_options = {shipped: options, undone: separate}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-        building = {undone: row_major_scales}
+        if args.lever == "scale_layout":
+            building = {undone: row_major_scales}
     elif args.lever in ("size_asserts", "direct_qlinear", "decode_attention"):
         from torch._dynamo import register_backend
 
