@@ -590,12 +590,10 @@ __attribute__((always_inline)) inline void prefetch_group(const Ctx& c, const ui
   // half the speed of a warm one). Fetch them ahead instead, 4 lines of each per group.
   // Column-major, the next block's values of group g are 64 consecutive floats: fetch those.
   if (n0 + 2 * kBlock <= c.N) {
-    const bool cm = c.sn == 1;
-    const char* next_s = reinterpret_cast<const char*>(c.scale + c.at(n0 + kBlock, cm ? g : 0));
-    const char* next_z = reinterpret_cast<const char*>(c.zero + c.at(n0 + kBlock, cm ? g : 0));
-    for (int i = 0; i < 4; ++i) {
-      __builtin_prefetch(next_s + (cm ? i : 4 * g + i) * 64);
-      __builtin_prefetch(next_z + (cm ? i : 4 * g + i) * 64);
+    const int64_t from = c.sn == 1 ? c.at(n0 + kBlock, g) : c.at(n0 + kBlock, 0) + 64 * g;
+    for (int i = 0; i < 4; ++i) {  // 4 lines of 16 floats each
+      __builtin_prefetch(c.scale + from + 16 * i);
+      __builtin_prefetch(c.zero + from + 16 * i);
     }
   }
   // The codes are one stream, but the hardware prefetcher stops at every 4 KiB page and restarts
