@@ -35,8 +35,9 @@ __all__ = ["load", "available", "disable", "isa", "set_isa", "use_isa", "support
            "activations", "set_activations", "use_activations"]
 
 # the kernel's paths, slowest first ("auto": the best the CPU has); avx512vnni runs the avx512 float
-# loops and, with int8 activations, VNNI byte-dot products
-ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
+# loops and, with int8 activations, VNNI byte-dot products; avx512bf16 adds bf16 dot products
+# (vdpbf16ps) for bf16 activations and is avx512vnni otherwise
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512bf16")
 # how the blocked (decode / verify) path takes activations
 ACTIVATIONS = ("float", "int8")
 
@@ -177,7 +178,7 @@ def supported_isas() -> list[str]:
 
 
 def set_isa(name: str) -> str:
-    """Force the kernel's path ("scalar", "avx2", "avx512", "avx512vnni") or go back to the best ("auto").
+    """Force the kernel's path (one of :data:`ISAS`) or go back to the best ("auto").
     Process-wide. Returns the previous setting (a path name, or "auto"). A path the CPU cannot run
     raises ``RuntimeError``; an unknown name ``ValueError``."""
     if not load():

@@ -1,4 +1,4 @@
-"""The C++ kernel's instruction-set paths (scalar, AVX2+FMA, AVX-512, AVX-512 VNNI), each forced in turn,
+"""The C++ kernel's instruction-set paths (scalar, AVX2+FMA, AVX-512, AVX-512 VNNI, AVX-512 BF16), each forced in turn,
 with float activations and with int8 ones (``native.use_activations("int8")``).
 
 The kernel picks the best path at run time; ``native.use_isa`` forces one so that this machine tests
@@ -24,9 +24,10 @@ from csd_compile.kernels import native
 from csd_compile.kernels.qlinear import qlinear_ref, qlinear_ref_int8
 from csd_compile.quant.nested import column_major, dequantize, nested_codes
 
-ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512bf16")
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "fma"}
-_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma"}, "avx512": _AVX512, "avx512vnni": _AVX512 | {"avx512_vnni"}}
+_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma"}, "avx512": _AVX512, "avx512vnni": _AVX512 | {"avx512_vnni"},
+          "avx512bf16": _AVX512 | {"avx512_vnni", "avx512vbmi", "avx512_bf16"}}
 
 
 def _cpu_flags() -> set[str]:
@@ -185,6 +186,50 @@ def test_embedded_model_shapes(isa, n, k, layout):
                     assert _rel_err(y, qlinear_ref(x, *nw, b)) < _tol(dtype), (m, dtype, bits)
 
 
+_BF16_WEIGHT = {key: v for key, v in _WEIGHT.items() if key != "dtype"}
+
+
+@settings(max_examples=80, deadline=None)
+@given(m=st.one_of(st.integers(1, 16), st.just(17)), scale_x=st.sampled_from([1e-3, 1.0, 30.0]), **_BF16_WEIGHT)
+def test_bf16_dot_path_is_the_float_path_up_to_rounding(n, group, k_groups, m, scale_x, bits, threads, layout, seed):
+    """avx512bf16 multiplies bf16 activations by the codes as bf16 pairs (vdpbf16ps), the codes
+    offset by a constant that the zero point takes out again. Its fp32 sums are the float path's
+    (avx512vnni) up to float rounding: the bf16 outputs differ by at most their two roundings (2^-8
+    of each) and 1e-6 of sum |x| |w|. Float32 and float16 activations take the float path, bit for bit."""
+    if "avx512bf16" not in _runnable():
+        with pytest.raises(RuntimeError, match="cannot run"):
+            native.set_isa("avx512bf16")
+        return
+    k = min(group * k_groups, 1536 // group * group)
+    gen = torch.Generator().manual_seed(seed)
+    nw = _random_nested(n, k, group, gen, layout)
+    x = ((torch.randn(m, k, generator=gen) + 0.1) * scale_x).to(torch.bfloat16)
+    b = torch.tensor(bits, dtype=torch.int32)
+    dot = _forced(x, nw, b, isa="avx512bf16", threads=threads).double()
+    flt = _forced(x, nw, b, isa="avx512vnni", threads=threads).double()
+    size = x.double().abs() @ dequantize(*nw, bits).double().abs().T
+    assert size.min() > 0
+    assert ((dot - flt).abs() <= 2**-8 * (dot.abs() + flt.abs()) * 1.001 + 1e-6 * size).all()
+    for dtype in (torch.float32, torch.float16):
+        xd = x.to(dtype)
+        assert torch.equal(_forced(xd, nw, b, isa="avx512bf16", threads=threads),
+                           _forced(xd, nw, b, isa="avx512vnni", threads=threads))
+
+
+def test_bf16_dot_path_keeps_nan_and_infinity_rows():
+    """A NaN or an infinity in a row of x makes that row NaN or infinite, the other rows finite."""
+    if "avx512bf16" not in _runnable():
+        return  # refusal is checked above
+    gen = torch.Generator().manual_seed(11)
+    nw = _random_nested(130, 256, 32, gen, "column-major")
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    x[0, 17] = float("nan")
+    x[2, 100] = float("inf")
+    with native.use_isa("avx512bf16"):
+        y = torch.ops.csd.qlinear_cpu_native(x, *nw, torch.tensor(4))
+    assert y[0].isnan().all() and y[1].isfinite().all() and not y[2].isfinite().any()
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @settings(max_examples=60, deadline=None)
 @given(m=st.integers(1, 16), scale_x=st.sampled_from([1e-3, 1.0, 30.0]), **_WEIGHT)
@@ -274,8 +319,10 @@ def test_only_the_selected_functions_use_wide_registers():
         head = f.split("\n", 1)[0]
         wide512 = re.search(r"%zmm|%k[1-7]\b", f) is not None
         wide256 = "%ymm" in f
-        # VNNI instructions (AVX-512 VNNI) only where the CPU was checked for them
+        # VNNI instructions (AVX-512 VNNI) only where the CPU was checked for them, and likewise the
+        # BF16 dot products and VBMI byte permutes
         assert "vpdpbusd" not in f or "Vnni" in head, head
+        assert ("vdpbf16ps" not in f and "vpermb" not in f) or "Bf16" in head, head
         if "Avx512" in head or "decode16" in head:
             seen["avx512"] += wide512
         elif "Avx2" in head or "decode8" in head:

@@ -12,11 +12,13 @@
 
 #define CSD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 #define CSD_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define CSD_TARGET_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bf16,fma")))
 
 namespace csd_cpu {
 
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
-constexpr int kNumIsas = 4;
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4 };
+constexpr int kNumIsas = 5;
 
 // the path in force now: the best this CPU has, or the one csd::qlinear_cpu_set_isa forced
 int active_isa();

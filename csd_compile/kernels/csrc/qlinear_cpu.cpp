@@ -18,7 +18,9 @@
 //
 // Instruction sets. The extension is compiled for baseline x86-64 (no -march=native: one build runs
 // on any CPU) and the inner loops exist three times, chosen at run time with __builtin_cpu_supports
-// (a fourth level, avx512vnni, runs the avx512 float loops and the VNNI int8 ones, below):
+// (a fourth level, avx512vnni, runs the avx512 float loops and the VNNI int8 ones, below; a fifth,
+// avx512bf16, adds bf16 dot products for bf16 activations, Bf16Avx512 below, and is avx512vnni for
+// other activations):
 //   avx512  (AVX-512F/BW/VL + FMA): bytes -> 32-bit lanes with vpmovzxbd; 2/3/4-bit codes become
 //           floats by a 16-entry table lookup (vpermps reads only the low 4 bits of each lane, so
 //           one lookup decodes a nibble without masking), 8-bit codes are merged with one
@@ -70,7 +72,7 @@ constexpr int64_t kCodesAhead = 2048;
 // ---------------------------------------------------------------------------------------------
 // Run-time choice of the instruction set.
 
-const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512vnni"};
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512vnni", "avx512bf16"};
 
 bool cpu_supports(int isa) {
 #if CSD_X86
@@ -80,6 +82,9 @@ bool cpu_supports(int isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
     case kAvx512Vnni: return cpu_supports(kAvx512) && __builtin_cpu_supports("avx512vnni");
+    case kAvx512Bf16:
+      return cpu_supports(kAvx512Vnni) && __builtin_cpu_supports("avx512vbmi") &&
+             __builtin_cpu_supports("avx512bf16");
     case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     default: return true;
   }
@@ -89,7 +94,8 @@ bool cpu_supports(int isa) {
 }
 
 int best_isa() {
-  static const int best = cpu_supports(kAvx512Vnni) ? kAvx512Vnni
+  static const int best = cpu_supports(kAvx512Bf16) ? kAvx512Bf16
+                          : cpu_supports(kAvx512Vnni) ? kAvx512Vnni
                           : cpu_supports(kAvx512)   ? kAvx512
                           : cpu_supports(kAvx2)     ? kAvx2
                                                     : kScalar;
@@ -113,6 +119,7 @@ namespace {
 
 struct Ctx {
   const float* x;     // [M, K] activations in fp32
+  const uint16_t* xb; // [M, K] the same as bf16 bits where x came in as bf16 (Bf16Avx512 only), else null
   const float* xsum;  // [M, G] their per-group sums
   const float* scale; // [N, G], element (n, g) at at(n, g)
   const float* zero;  // [N, G], the same strides
@@ -220,6 +227,102 @@ struct Avx512 {
           const __m512 s = rows16(c.scale + at, c.sn, idx);
           const __m512 S = _mm512_mul_ps(s, _mm512_set1_ps(c.mult));
           const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(c.half), rows16(c.zero + at, c.sn, idx));
+          for (int m = 0; m < MR; ++m) {
+            float* r = res + (m0 + m) * kBlock + row0;
+            const __m512 zx = _mm512_fmadd_ps(Z, _mm512_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm512_loadu_ps(r));
+            _mm512_storeu_ps(r, _mm512_fmadd_ps(S, acc[m][i][half], zx));
+          }
+        }
+    }
+  }
+};
+
+// AVX-512 BF16 (with VBMI; e.g. AMD Zen 4, Intel Sapphire Rapids), for bf16 activations only (they
+// are then exact in bf16): vdpbf16ps multiplies pairs of bf16 values and adds both products to an
+// fp32 lane, 32 products per instruction. A lane holds one row's codes at two consecutive k, and a
+// code becomes a bf16 value without a conversion: with its bits in the low mantissa bits of a bf16
+// whose exponent is 2^7 (2^11 for the high nibble of an 8-bit code), the value is 128 + c (2048 +
+// 16 c), exactly, so one ternary-logic op (mask, or) decodes two codes. The constant part, A times
+// the group's sum of x, is taken out with the zero point (below). One 64-byte line holds a block's
+// 64 rows at k and k + 1; vpermb (zero-masked) spreads its bytes into the lanes, half a block at a
+// time. Per 128 weights at 4 bits: 2 permutes, 2 shifts, 4 ternary-logic ops and 4 dot products,
+// against 4 widenings, 4 shifts, 8 table lookups and 8 FMAs on the float path. Same register
+// budget as Avx512: 4 accumulators per activation row for the whole block, 8 rows in half blocks.
+//
+// The sums: with c' the code as the lane holds it (c << (4 - b) for b <= 4, the masked top bits of
+// the nibble; c itself at 8 bits, from both planes), acc = A * sum x + U * sum x c, where (A, U) is
+// (128, 2^(4-b)) for b <= 4 and (2048 + 128, 1) at 8 bits; so sum w x = S sum c x + Z sum x =
+// (S / U) acc + (Z - A S / U) sum x.
+template <int BITS>
+struct Bf16Consts {
+  static constexpr float U = BITS == 8 ? 1.f : static_cast<float>(1 << (4 - BITS));
+  static constexpr float A = BITS == 8 ? 2176.f : 128.f;
+  static constexpr int32_t kMask = BITS == 8 ? 0x000F000F : ((0xF << (4 - BITS)) & 0xF) * 0x00010001;
+};
+
+struct Bf16Avx512 {
+  static constexpr int kRows = 8;
+  template <int MR>
+  static constexpr int kChunks = MR <= 4 ? 2 : 1;
+
+  template <int BITS, int MR>
+  CSD_TARGET_AVX512BF16 static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
+                                          int64_t m0, float* res) {
+    constexpr int W = kChunks<MR>;
+    using K8 = Bf16Consts<BITS>;
+    // byte 4r of lane r <- byte 16q + r of k's 32 bytes, byte 4r + 2 <- the same of k + 1's (the
+    // line's second half); bytes 4r + 1 and 4r + 3 zeroed
+    const __mmask64 even = 0x5555555555555555ull;
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i spread = _mm512_or_si512(lanes, _mm512_slli_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(32)), 16));
+    const __m512i mask = _mm512_set1_epi32(K8::kMask);
+    const __m512i low_exp = _mm512_set1_epi32(0x43004300);   // 2^7: 128 + c
+    const __m512i high_exp = _mm512_set1_epi32(0x45004500);  // 2^11: 2048 + 16 c (8-bit codes' high nibble)
+    const __m512i idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(c.sn)));
+    const uint16_t* x = c.xb + m0 * c.K;
+    const int64_t k0 = g * c.gs, k1 = k0 + c.gs, K = c.K;
+    for (int c0 = 0; c0 < 2; c0 += W) {  // chunk c: rows 16c..16c+15 and 32+16c..32+16c+15
+      __m512 acc[MR][W][2];
+      for (int m = 0; m < MR; ++m)
+        for (int i = 0; i < W; ++i) acc[m][i][0] = acc[m][i][1] = _mm512_setzero_ps();
+      __m512i perm[W];
+      for (int i = 0; i < W; ++i) perm[i] = _mm512_add_epi32(spread, _mm512_set1_epi32((c0 + i) * 16 * 0x00010001));
+      for (int64_t k = k0; k < k1; k += 2) {
+        __m512i xv[MR];
+        for (int m = 0; m < MR; ++m) {
+          uint32_t pair;
+          std::memcpy(&pair, x + m * K + k, 4);
+          xv[m] = _mm512_set1_epi32(static_cast<int>(pair));
+        }
+        const __m512i line_h = _mm512_loadu_si512(hb + k * 32);
+        __m512i line_l;
+        if constexpr (BITS == 8) line_l = _mm512_loadu_si512(lb + k * 32);
+        for (int i = 0; i < W; ++i) {
+          const __m512i h = _mm512_maskz_permutexvar_epi8(even, perm[i], line_h);
+          __m512i codes[2][2];  // [half][plane]
+          codes[0][0] = _mm512_ternarylogic_epi32(h, mask, BITS == 8 ? high_exp : low_exp, 0xEA);
+          codes[1][0] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(h, 4), mask, BITS == 8 ? high_exp : low_exp, 0xEA);
+          if constexpr (BITS == 8) {
+            const __m512i l = _mm512_maskz_permutexvar_epi8(even, perm[i], line_l);
+            codes[0][1] = _mm512_ternarylogic_epi32(l, mask, low_exp, 0xEA);
+            codes[1][1] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(l, 4), mask, low_exp, 0xEA);
+          }
+          for (int m = 0; m < MR; ++m)
+            for (int half = 0; half < 2; ++half) {
+              acc[m][i][half] = _mm512_dpbf16_ps(acc[m][i][half], (__m512bh)codes[half][0], (__m512bh)xv[m]);
+              if constexpr (BITS == 8)
+                acc[m][i][half] = _mm512_dpbf16_ps(acc[m][i][half], (__m512bh)codes[half][1], (__m512bh)xv[m]);
+            }
+        }
+      }
+      const float su = c.mult / K8::U, zu = c.half - K8::A * c.mult / K8::U;
+      for (int i = 0; i < W; ++i)
+        for (int half = 0; half < 2; ++half) {
+          const int row0 = (c0 + i) * 16 + half * 32;
+          const int64_t at = c.at(n0 + row0, g);
+          const __m512 s = rows16(c.scale + at, c.sn, idx);
+          const __m512 S = _mm512_mul_ps(s, _mm512_set1_ps(su));
+          const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(zu), rows16(c.zero + at, c.sn, idx));
           for (int m = 0; m < MR; ++m) {
             float* r = res + (m0 + m) * kBlock + row0;
             const __m512 zx = _mm512_fmadd_ps(Z, _mm512_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm512_loadu_ps(r));
@@ -643,16 +746,17 @@ auto with_bits(int64_t b, F&& f) {
   }
 }
 
-UnitFn unit_for(int isa, int64_t bits, bool int8_act) {
-  return with_bits(bits, [isa, int8_act](auto B) -> UnitFn {
+UnitFn unit_for(int isa, int64_t bits, bool int8_act, bool bf16_x) {
+  return with_bits(bits, [isa, int8_act, bf16_x](auto B) -> UnitFn {
     if (int8_act) {
 #if CSD_X86
-      if (isa == kAvx512Vnni) return &run_unit_i8<I8Avx512Vnni, B.value>;
+      if (isa >= kAvx512Vnni) return &run_unit_i8<I8Avx512Vnni, B.value>;
       if (isa >= kAvx2) return &run_unit_i8<I8Avx2, B.value>;  // AVX-512 without VNNI: vpmaddubsw
 #endif
       return &run_unit_i8<I8Scalar, B.value>;
     }
 #if CSD_X86
+    if (isa == kAvx512Bf16 && bf16_x) return &run_unit<Bf16Avx512, B.value>;
     if (isa >= kAvx512) return &run_unit<Avx512, B.value>;
     if (isa == kAvx2) return &run_unit<Avx2, B.value>;
 #endif
@@ -906,7 +1010,7 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
   if (M > kMaxBlockedRows) {  // dequantize once (transposed), then a dense GEMM
     for (const Part& p : parts) {
       const float mult = static_cast<float>(1 << (8 - p.b));
-      const Ctx wctx{nullptr, nullptr, p.sc.data_ptr<float>(), p.ze.data_ptr<float>(), nullptr, nullptr, nullptr,
+      const Ctx wctx{nullptr, nullptr, nullptr, p.sc.data_ptr<float>(), p.ze.data_ptr<float>(), nullptr, nullptr, nullptr,
                      M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f), p.sn, p.sg};
       auto wt = at::empty({K, p.N}, p.sc.options());
       with_bits(p.b, [&](auto B) { dequant_t<B.value>(wctx, p.hi, p.lo, wt.data_ptr<float>()); });
@@ -951,12 +1055,16 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
     quantize_rows(xbuf.data(), M, K, xqbuf.data(), xdbuf.data(), xqsbuf.data());
   }
   const int isa = active_isa();
+  // bf16 activations as they came (exact in bf16): the Bf16Avx512 path's operand
+  const uint16_t* xb = x2.scalar_type() == at::kBFloat16 && isa == kAvx512Bf16 && !int8_act
+                           ? reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>())
+                           : nullptr;
   int64_t units = 0, offset = 0;
   for (Part& p : parts) {
     const float mult = static_cast<float>(1 << (8 - p.b));
-    p.ctx = Ctx{xbuf.data(), xsbuf.data(), p.sc.data_ptr<float>(), p.ze.data_ptr<float>(), xqbuf.data(), xdbuf.data(),
+    p.ctx = Ctx{xbuf.data(), xb, xsbuf.data(), p.sc.data_ptr<float>(), p.ze.data_ptr<float>(), xqbuf.data(), xdbuf.data(),
                 xqsbuf.data(), M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f), p.sn, p.sg};
-    p.unit = unit_for(isa, p.b, int8_act);
+    p.unit = unit_for(isa, p.b, int8_act, xb != nullptr);
     p.op = obuf.data() + offset;
     offset += ks * M * p.N;
     p.first_unit = units;
@@ -1007,7 +1115,7 @@ std::vector<std::string> supported_isas() {
   return names;
 }
 
-// Force a path ("scalar", "avx2", "avx512") or go back to the best the CPU has ("auto"); returns
+// Force a path (a name in kIsaNames) or go back to the best the CPU has ("auto"); returns
 // the previous setting, so that a caller can restore it. A path this CPU cannot run is refused (it
 // would die on an illegal instruction).
 std::string set_isa(const std::string& name) {
@@ -1021,9 +1129,10 @@ std::string set_isa(const std::string& name) {
   for (int i = kScalar; i < kNumIsas; ++i)
     if (name == kIsaNames[i]) isa = i;
   TORCH_CHECK_VALUE(isa >= 0, "csd::qlinear_cpu_set_isa: unknown instruction set '", name,
-                    "'; choose one of 'auto', 'scalar', 'avx2', 'avx512', 'avx512vnni'");
+                    "'; choose one of 'auto', 'scalar', 'avx2', 'avx512', 'avx512vnni', 'avx512bf16'");
   TORCH_CHECK(cpu_supports(isa), "csd::qlinear_cpu_set_isa: this CPU cannot run the '", name, "' path (",
-              isa == kAvx512Vnni ? "it needs AVX-512F/BW/VL, AVX-512 VNNI and FMA"
+              isa == kAvx512Bf16   ? "it needs AVX-512F/BW/VL, AVX-512 VNNI, VBMI and BF16 and FMA"
+              : isa == kAvx512Vnni ? "it needs AVX-512F/BW/VL, AVX-512 VNNI and FMA"
               : isa == kAvx512   ? "it needs AVX-512F/BW/VL and FMA"
                                  : "it needs AVX2 and FMA",
               ")");
