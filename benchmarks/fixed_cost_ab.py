@@ -1,7 +1,7 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
     python -m benchmarks.fixed_cost_ab --lever size_asserts|guards|direct_qlinear|decode_attention|group_linears|
-        scale_layout [--options bits=auto] [--rounds 7] [--cache-slots N]
+        scale_layout|bf16_dot [--options bits=auto] [--rounds 7] [--cache-slots N]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
 it undone, in alternating rounds of one process (the machine's drift hits both alike; which side
@@ -20,11 +20,14 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
   default) against one ``csd.qlinear`` per linear (``group_linears=False``);
 - ``scale_layout``: the nested weights' scales and zeros column-major (``nested.column_major``, as
   stored) against row-major copies (what they were before; the C++ kernel gathers them), each
-  side's quantized copies made under its layout (caches off).
+  side's quantized copies made under its layout (caches off);
+- ``bf16_dot``: the C++ kernel's ``avx512bf16`` path (bf16 dot products, where the CPU has AVX-512
+  BF16 and VBMI) against the best float path without it (``avx512vnni``), one decoder, the path
+  forced in alternate rounds (``native.use_isa``).
 
 ``--cache-slots N`` sizes the static KV cache at N slots (a call asks for N - 53 new tokens and is
 stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
-(levers with two graphs) then scores quality: each side's step, compiled the same way but returning
+(levers that change values: not guards) then scores quality: each side's step, compiled the same way but returning
 logits, reads N tokens of shipped text (Britannica, HumanEval) one at a time over a static cache
 (teacher forcing), and the mean negative log-likelihood per token is printed for both.
 
@@ -91,7 +94,7 @@ def _compiled_afresh() -> contextlib.ExitStack:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lever", required=True, choices=["size_asserts", "guards", "direct_qlinear", "decode_attention",
-                                                         "group_linears", "scale_layout"])
+                                                         "group_linears", "scale_layout", "bf16_dot"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
@@ -101,7 +104,7 @@ def main(argv=None) -> None:
     if args.rounds < 1 or args.threads < 1:
         raise SystemExit("--rounds and --threads must be >= 1")
     if args.nll_tokens and (args.nll_tokens < 2 or args.lever == "guards"):
-        raise SystemExit("--nll-tokens must be >= 2, for a lever with two graphs (not guards)")
+        raise SystemExit("--nll-tokens must be >= 2, for a lever that changes the values (not guards)")
     prompt, tokens = 53, 96
     if args.cache_slots is not None and args.cache_slots < prompt + tokens + 1:
         raise SystemExit(f"--cache-slots must be >= {prompt + tokens + 1} (prompt {prompt} + {tokens + 1} tokens)")
@@ -191,6 +194,20 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd_lever_undone"}
         lever_options = {shipped: options, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
+    elif args.lever == "bf16_dot":
+        from csd_compile.kernels import native
+
+        native.load()
+        if "avx512bf16" not in native.supported_isas():
+            raise SystemExit(f"--lever bf16_dot needs a CPU with AVX-512 BF16 and VBMI; this one runs "
+                             f"{native.supported_isas()}")
+        model, tokenizer = load_model(dtype="bf16")
+        dec = greedy.GreedyDecoder(model, backend="csd", options=options)
+        decoders = {shipped: dec, undone: dec}
+        backend_names = {shipped: "csd", undone: "csd"}
+        lever_options = {shipped: options, undone: options}
+        float_path = [isa for isa in native.supported_isas() if isa != "avx512bf16"][-1]
+        settings = {shipped: lambda: native.use_isa("avx512bf16"), undone: lambda: native.use_isa(float_path)}
     else:
         model, tokenizer = load_model(dtype="bf16")
         dec = greedy.GreedyDecoder(model, backend="csd", options=options)
@@ -211,7 +228,7 @@ def main(argv=None) -> None:
 
     for name, dec in decoders.items():
         t = time.perf_counter()
-        with building.get(name, contextlib.nullcontext)():
+        with building.get(name, contextlib.nullcontext)(), settings[name]():
             dec.warm_up(ids, max_new_tokens=budget)
         print(f"{name}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
     if args.lever == "scale_layout":  # what each side's compiled graph runs on
@@ -239,7 +256,8 @@ def main(argv=None) -> None:
           f"same tokens: {torch.equal(outs[shipped], outs[undone])}")
     if args.nll_tokens:
         for name, dec in decoders.items():
-            nll = _step_nll(dec.model, backend_names[name], lever_options[name], tokenizer, args.nll_tokens)
+            with settings[name]():
+                nll = _step_nll(dec.model, backend_names[name], lever_options[name], tokenizer, args.nll_tokens)
             print(f"{name}: mean NLL per token " + ", ".join(f"{k} {v:.5f}" for k, v in nll.items()), flush=True)
 
 

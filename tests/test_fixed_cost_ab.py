@@ -8,10 +8,11 @@ from benchmarks import fixed_cost_ab
 @pytest.mark.parametrize("argv, match", [
     (["--lever", "decode_attention", "--rounds", "0"], "--rounds and --threads must be >= 1"),
     (["--lever", "decode_attention", "--cache-slots", "100"], "--cache-slots must be >= 150"),
-    (["--lever", "guards", "--nll-tokens", "50"], "--nll-tokens must be >= 2, for a lever with two graphs"),
+    (["--lever", "guards", "--nll-tokens", "50"], "--nll-tokens must be >= 2, for a lever that changes the values"),
     (["--lever", "decode_attention", "--nll-tokens", "1"], "--nll-tokens must be >= 2"),
     (["--lever", "group_linears", "--threads", "0"], "--rounds and --threads must be >= 1"),
     (["--lever", "scale_layout", "--rounds", "0"], "--rounds and --threads must be >= 1"),
+    (["--lever", "bf16_dot", "--cache-slots", "149"], "--cache-slots must be >= 150"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
