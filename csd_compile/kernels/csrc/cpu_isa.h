@@ -12,6 +12,13 @@
 
 #define CSD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 #define CSD_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// The BF16 dot products need a compiler that knows them (GCC 10, clang 11); older ones build the
+// other paths, and the avx512bf16 level is then reported as unsupported.
+#if CSD_X86 && ((defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && __GNUC__ >= 10))
+#define CSD_BF16 1
+#else
+#define CSD_BF16 0
+#endif
 #define CSD_TARGET_AVX512BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bf16,fma")))
 

@@ -12,9 +12,9 @@
 // and the inner loop multiplies activations by raw integer codes, in float (exact: codes are small
 // integers), rows in vector lanes: for every k it expands the codes of a row block into float lanes
 // once and feeds every activation row of the pass (up to four, eight with AVX-512, held in
-// registers), then applies S and Z once per group. A verify pass (M <= 16 rows) thus reads the
-// weight from memory once and decodes each tile once per pass; more rows dequantize the whole
-// weight once and call a GEMM.
+// registers), then applies S and Z once per group. A verify pass thus reads the weight from memory
+// once and decodes each tile once per pass; past 48 rows (16 with int8 activations, 128 on the bf16
+// dot-product path: kMaxBlockedRows below) the whole weight is dequantized once for a GEMM.
 //
 // Instruction sets. The extension is compiled for baseline x86-64 (no -march=native: one build runs
 // on any CPU) and the inner loops exist three times, chosen at run time with __builtin_cpu_supports
@@ -62,8 +62,14 @@ namespace csd_cpu {
 namespace {
 
 constexpr int64_t kBlock = 64;
-// past this many activation rows, dequantizing once and calling a dense GEMM is faster
+// Past this many activation rows, dequantizing once and calling a dense GEMM is faster: the int8
+// paths' limit (their buffers are sized by it), the float paths' (AMD Zen 4, 1536x576, 4 bits, 2
+// threads: 17 rows 0.38 ms blocked against 1.13 ms dequantize + GEMM, 64 rows 1.16 against about
+// 1.25, 128 rows 2.27 against 1.59) and the bf16 dot products' (half a float FMA's cost per
+// product: 128 rows 1.18 against 1.59 ms, 256 rows 2.47 against 2.11).
 constexpr int64_t kMaxBlockedRows = 16;
+constexpr int64_t kMaxFloatRows = 48;
+constexpr int64_t kMaxBf16Rows = 128;
 // below this much work (weights x rows) a fork/join costs more than it saves
 constexpr int64_t kMinParallelWork = 1 << 15;
 // how far ahead of the inner loop the code bytes are prefetched
@@ -83,8 +89,12 @@ bool cpu_supports(int isa) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
     case kAvx512Vnni: return cpu_supports(kAvx512) && __builtin_cpu_supports("avx512vnni");
     case kAvx512Bf16:
+#if CSD_BF16
       return cpu_supports(kAvx512Vnni) && __builtin_cpu_supports("avx512vbmi") &&
              __builtin_cpu_supports("avx512bf16");
+#else
+      return false;  // this compiler cannot build the path
+#endif
     case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     default: return true;
   }
@@ -253,6 +263,7 @@ struct Avx512 {
 // the nibble; c itself at 8 bits, from both planes), acc = A * sum x + U * sum x c, where (A, U) is
 // (128, 2^(4-b)) for b <= 4 and (2048 + 128, 1) at 8 bits; so sum w x = S sum c x + Z sum x =
 // (S / U) acc + (Z - A S / U) sum x.
+#if CSD_BF16
 template <int BITS>
 struct Bf16Consts {
   static constexpr float U = BITS == 8 ? 1.f : static_cast<float>(1 << (4 - BITS));
@@ -332,6 +343,7 @@ struct Bf16Avx512 {
     }
   }
 };
+#endif  // CSD_BF16
 
 // rows16's 8-row form.
 CSD_TARGET_AVX2 inline __m256 rows8(const float* p, int64_t sn, __m256i idx) {
@@ -404,8 +416,8 @@ struct Avx2 {
 #endif  // CSD_X86
 
 // ---------------------------------------------------------------------------------------------
-// int8-activation paths (opt-in: csd::qlinear_cpu_set_activations("int8"); up to 16 rows, as the
-// float paths above; longer passes dequantize and run a float GEMM whatever the mode).
+// int8-activation paths (opt-in: csd::qlinear_cpu_set_activations("int8"); up to 16 rows; longer
+// passes dequantize and run a float GEMM whatever the mode).
 // Every activation row is quantized per block of 32 features, x ~ d * q with q int8 in
 // [-127, 127] and d = max|x| / 127 (round to nearest even), so that a block's sum_k x[k] * c[k] is
 // d times an exact integer dot product of bytes, which the byte-dot instructions compute 4 (VNNI)
@@ -756,7 +768,9 @@ UnitFn unit_for(int isa, int64_t bits, bool int8_act, bool bf16_x) {
       return &run_unit_i8<I8Scalar, B.value>;
     }
 #if CSD_X86
+#if CSD_BF16
     if (isa == kAvx512Bf16 && bf16_x) return &run_unit<Bf16Avx512, B.value>;
+#endif
     if (isa >= kAvx512) return &run_unit<Avx512, B.value>;
     if (isa == kAvx2) return &run_unit<Avx2, B.value>;
 #endif
@@ -1000,6 +1014,12 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
   // x is read as [M, K] in place (a reshape would make a view, with its autograd metadata, at every call)
   const at::Tensor x2 = x.contiguous();
   const int64_t M = x2.numel() / K;
+  const bool int8_act = g_int8_act.load(std::memory_order_relaxed);
+  const int isa = active_isa();
+  // bf16 activations as they came (exact in bf16): the Bf16Avx512 path's operand
+  const uint16_t* xb = CSD_BF16 && x2.scalar_type() == at::kBFloat16 && isa == kAvx512Bf16 && !int8_act
+                           ? reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>())
+                           : nullptr;
   auto out_shape = [&](const Part& p) {
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = p.N;
@@ -1007,7 +1027,8 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
   };
   std::vector<at::Tensor> outs;
   outs.reserve(nparts);
-  if (M > kMaxBlockedRows) {  // dequantize once (transposed), then a dense GEMM
+  const int64_t max_rows = xb != nullptr ? kMaxBf16Rows : int8_act ? kMaxBlockedRows : kMaxFloatRows;
+  if (M > max_rows) {  // dequantize once (transposed), then a dense GEMM
     for (const Part& p : parts) {
       const float mult = static_cast<float>(1 << (8 - p.b));
       const Ctx wctx{nullptr, nullptr, nullptr, p.sc.data_ptr<float>(), p.ze.data_ptr<float>(), nullptr, nullptr, nullptr,
@@ -1044,7 +1065,6 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
     for (int64_t k = 0; k < gs; ++k) acc += xbuf[i * gs + k];
     xsbuf[i] = acc;
   }
-  const bool int8_act = g_int8_act.load(std::memory_order_relaxed);
   thread_local std::vector<int8_t> xqbuf;
   thread_local std::vector<float> xdbuf;
   thread_local std::vector<int32_t> xqsbuf;
@@ -1054,11 +1074,6 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
     xqsbuf.resize(M * K / 32);
     quantize_rows(xbuf.data(), M, K, xqbuf.data(), xdbuf.data(), xqsbuf.data());
   }
-  const int isa = active_isa();
-  // bf16 activations as they came (exact in bf16): the Bf16Avx512 path's operand
-  const uint16_t* xb = x2.scalar_type() == at::kBFloat16 && isa == kAvx512Bf16 && !int8_act
-                           ? reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>())
-                           : nullptr;
   int64_t units = 0, offset = 0;
   for (Part& p : parts) {
     const float mult = static_cast<float>(1 << (8 - p.b));
@@ -1073,7 +1088,7 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
 
   const int64_t grain = total_n * K * M < kMinParallelWork ? std::max<int64_t>(units, 1) : 1;
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    alignas(64) float res[kMaxBlockedRows * kBlock];
+    alignas(64) float res[kMaxBf16Rows * kBlock];
     size_t i = 0;
     for (int64_t u = u0; u < u1; ++u) {
       while (u >= parts[i].first_unit + parts[i].nblocks * ks) ++i;
