@@ -29,7 +29,8 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
 (levers that change values: not guards) then scores quality: each side's step, compiled the same way but returning
 logits, reads N tokens of shipped text (Britannica, HumanEval) one at a time over a static cache
-(teacher forcing), and the mean negative log-likelihood per token is printed for both.
+(teacher forcing), and the mean negative log-likelihood per token is printed for both, with how
+often the two steps' argmax (the greedy token) agree at the same position.
 
 Decode-only ms/token = (time of a 97-token call - time of a 1-token call) / 96; medians, the ratio
 of the medians and the median of the rounds' own ratios (the two sides of a round run back to
@@ -59,8 +60,9 @@ def _ms_per_token(dec, ids, tokens: int, budget: int) -> tuple[float, torch.Tens
 
 
 @torch.inference_mode()
-def _step_nll(model, backend_name: str, options, tokenizer, tokens: int) -> dict[str, float]:
-    """Mean NLL per token of the compiled decode step (logits out), teacher-forced over shipped text."""
+def _step_nll(model, backend_name: str, options, tokenizer, tokens: int) -> tuple[dict[str, float], dict[str, list]]:
+    """Mean NLL per token of the compiled decode step (logits out), teacher-forced over shipped text,
+    and the step's argmax at every position (per text)."""
     import torch.nn.functional as F
     from transformers import StaticCache
 
@@ -70,17 +72,19 @@ def _step_nll(model, backend_name: str, options, tokenizer, tokens: int) -> dict
         return model(**kw).logits[:, -1].float()
 
     compiled = torch.compile(step, backend=backend_name, fullgraph=True, options=options)
-    out = {}
+    out, argmax = {}, {}
     for name, text in (("britannica", britannica_text()), ("humaneval", humaneval_text())):
         ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
         cache = StaticCache(config=model.config, max_cache_len=256 * -(-ids.shape[1] // 256))
         nll = 0.0
+        argmax[name] = []
         for i in range(ids.shape[1] - 1):
             logits = compiled(input_ids=ids[:, i:i + 1], position_ids=torch.tensor([[i]]), cache=cache,
                               use_cache=True, logits_to_keep=1)
             nll += F.cross_entropy(logits, ids[0, i + 1:i + 2]).item()
+            argmax[name].append(int(logits.argmax()))
         out[name] = nll / (ids.shape[1] - 1)
-    return out
+    return out, argmax
 
 
 def _compiled_afresh() -> contextlib.ExitStack:
@@ -255,10 +259,16 @@ def main(argv=None) -> None:
     print(f"speed-up of the lever: {ratio:.3f}x (median of the rounds' own ratios {paired:.3f}x); "
           f"same tokens: {torch.equal(outs[shipped], outs[undone])}")
     if args.nll_tokens:
+        argmax = {}
         for name, dec in decoders.items():
             with settings[name]():
-                nll = _step_nll(dec.model, backend_names[name], lever_options[name], tokenizer, args.nll_tokens)
+                nll, argmax[name] = _step_nll(dec.model, backend_names[name], lever_options[name], tokenizer,
+                                              args.nll_tokens)
             print(f"{name}: mean NLL per token " + ", ".join(f"{k} {v:.5f}" for k, v in nll.items()), flush=True)
+        # how often the two steps pick the same next token on the same (teacher-forced) context
+        agree = {text: sum(a == b for a, b in zip(argmax[shipped][text], argmax[undone][text])) / len(argmax[shipped][text])
+                 for text in argmax[shipped]}
+        print("teacher-forced argmax agreement: " + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()))
 
 
 if __name__ == "__main__":
