@@ -198,12 +198,35 @@ CSD_TARGET_AVX512 inline void decode16(const uint8_t* h, const uint8_t* l, __m51
   }
 }
 
-struct Avx512 {
-  // 32 zmm registers: up to 4 activation rows take the whole 64-row block per pass (16 accumulators),
-  // 5 to 8 rows half of it (16-row chunks), so a verify pass of up to 8 rows decodes the codes once.
+// The register plan of the AVX-512 paths: 32 zmm registers, so up to 4 activation rows take the
+// whole 64-row block per pass (16 accumulators), 5 to 8 rows half of it (16-row chunks), and a verify
+// pass of up to 8 rows decodes the codes once.
+struct Avx512Passes {
   static constexpr int kRows = 8;
   template <int MR>
   static constexpr int kChunks = MR <= 4 ? 2 : 1;
+};
+
+// Group g's scale and zero applied to the 16 rows at row0 of the block at n0, for the MR activation
+// rows of a pass from m0: res[m][row0 + j] += mult s_j acc[m][j] + (zero_j + half s_j) xsum[m][g],
+// with acc[m] at acc[m * stride].
+template <int MR>
+CSD_TARGET_AVX512 __attribute__((always_inline)) inline void apply_group16(const Ctx& c, int64_t n0, int64_t g,
+                                                                          int64_t m0, int row0, float mult, float half,
+                                                                          __m512i idx, const __m512* acc, int stride,
+                                                                          float* res) {
+  const int64_t at = c.at(n0 + row0, g);
+  const __m512 s = rows16(c.scale + at, c.sn, idx);
+  const __m512 S = _mm512_mul_ps(s, _mm512_set1_ps(mult));
+  const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(half), rows16(c.zero + at, c.sn, idx));
+  for (int m = 0; m < MR; ++m) {
+    float* r = res + (m0 + m) * kBlock + row0;
+    const __m512 zx = _mm512_fmadd_ps(Z, _mm512_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm512_loadu_ps(r));
+    _mm512_storeu_ps(r, _mm512_fmadd_ps(S, acc[m * stride], zx));
+  }
+}
+
+struct Avx512 : Avx512Passes {
 
   template <int BITS, int MR>
   CSD_TARGET_AVX512 static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
@@ -231,18 +254,8 @@ struct Avx512 {
         }
       }
       for (int i = 0; i < W; ++i)
-        for (int half = 0; half < 2; ++half) {
-          const int row0 = (c0 + i) * 16 + half * 32;
-          const int64_t at = c.at(n0 + row0, g);
-          const __m512 s = rows16(c.scale + at, c.sn, idx);
-          const __m512 S = _mm512_mul_ps(s, _mm512_set1_ps(c.mult));
-          const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(c.half), rows16(c.zero + at, c.sn, idx));
-          for (int m = 0; m < MR; ++m) {
-            float* r = res + (m0 + m) * kBlock + row0;
-            const __m512 zx = _mm512_fmadd_ps(Z, _mm512_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm512_loadu_ps(r));
-            _mm512_storeu_ps(r, _mm512_fmadd_ps(S, acc[m][i][half], zx));
-          }
-        }
+        for (int half = 0; half < 2; ++half)
+          apply_group16<MR>(c, n0, g, m0, (c0 + i) * 16 + half * 32, c.mult, c.half, idx, &acc[0][i][half], W * 2, res);
     }
   }
 };
@@ -271,10 +284,7 @@ struct Bf16Consts {
   static constexpr int32_t kMask = BITS == 8 ? 0x000F000F : ((0xF << (4 - BITS)) & 0xF) * 0x00010001;
 };
 
-struct Bf16Avx512 {
-  static constexpr int kRows = 8;
-  template <int MR>
-  static constexpr int kChunks = MR <= 4 ? 2 : 1;
+struct Bf16Avx512 : Avx512Passes {
 
   template <int BITS, int MR>
   CSD_TARGET_AVX512BF16 static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
@@ -326,20 +336,11 @@ struct Bf16Avx512 {
             }
         }
       }
+      // S / U and Z - A S / U (header comment): the offset's share of the sums goes with the zero point
       const float su = c.mult / K8::U, zu = c.half - K8::A * c.mult / K8::U;
       for (int i = 0; i < W; ++i)
-        for (int half = 0; half < 2; ++half) {
-          const int row0 = (c0 + i) * 16 + half * 32;
-          const int64_t at = c.at(n0 + row0, g);
-          const __m512 s = rows16(c.scale + at, c.sn, idx);
-          const __m512 S = _mm512_mul_ps(s, _mm512_set1_ps(su));
-          const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(zu), rows16(c.zero + at, c.sn, idx));
-          for (int m = 0; m < MR; ++m) {
-            float* r = res + (m0 + m) * kBlock + row0;
-            const __m512 zx = _mm512_fmadd_ps(Z, _mm512_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm512_loadu_ps(r));
-            _mm512_storeu_ps(r, _mm512_fmadd_ps(S, acc[m][i][half], zx));
-          }
-        }
+        for (int half = 0; half < 2; ++half)
+          apply_group16<MR>(c, n0, g, m0, (c0 + i) * 16 + half * 32, su, zu, idx, &acc[0][i][half], W * 2, res);
     }
   }
 };
