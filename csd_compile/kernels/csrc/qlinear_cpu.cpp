@@ -285,7 +285,6 @@ struct Bf16Consts {
 };
 
 struct Bf16Avx512 : Avx512Passes {
-
   template <int BITS, int MR>
   CSD_TARGET_AVX512BF16 static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
                                           int64_t m0, float* res) {
