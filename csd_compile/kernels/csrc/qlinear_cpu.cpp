@@ -13,8 +13,9 @@
 // integers), rows in vector lanes: for every k it expands the codes of a row block into float lanes
 // once and feeds every activation row of the pass (up to four, eight with AVX-512, held in
 // registers), then applies S and Z once per group. A verify pass thus reads the weight from memory
-// once and decodes each tile once per pass; past 48 rows (16 with int8 activations, 128 on the bf16
-// dot-product path: kMaxBlockedRows below) the whole weight is dequantized once for a GEMM.
+// once and decodes each tile once per pass; past 24 rows (16 with int8 activations or on the scalar
+// path, 64 on the bf16 dot-product path: kMaxBlockedRows below) the whole weight is dequantized
+// once for a GEMM.
 //
 // Instruction sets. The extension is compiled for baseline x86-64 (no -march=native: one build runs
 // on any CPU) and the inner loops exist three times, chosen at run time with __builtin_cpu_supports
@@ -63,13 +64,14 @@ namespace {
 
 constexpr int64_t kBlock = 64;
 // Past this many activation rows, dequantizing once and calling a dense GEMM is faster: the int8
-// paths' limit (their buffers are sized by it), the float paths' (AMD Zen 4, 1536x576, 4 bits, 2
-// threads: 17 rows 0.38 ms blocked against 1.13 ms dequantize + GEMM, 64 rows 1.16 against about
-// 1.25, 128 rows 2.27 against 1.59) and the bf16 dot products' (half a float FMA's cost per
-// product: 128 rows 1.18 against 1.59 ms, 256 rows 2.47 against 2.11).
+// paths' limit (their buffers are sized by it) and the scalar path's, the SIMD float paths' and the
+// bf16 dot products' (half a float FMA's cost per product). AMD Zen 4, 1536x576, 4 bits, 2 threads,
+// blocked against dequantize + GEMM in alternate calls: avx512vnni 17 rows 0.25 against 0.32 ms,
+// 24 rows 0.34 / 0.38, 32 rows 0.46 / 0.40 (avx2 breaks even near 24); avx512bf16 64 rows 0.57 /
+// 0.63, 96 rows 0.78 / 0.72.
 constexpr int64_t kMaxBlockedRows = 16;
-constexpr int64_t kMaxFloatRows = 48;
-constexpr int64_t kMaxBf16Rows = 128;
+constexpr int64_t kMaxFloatRows = 24;
+constexpr int64_t kMaxBf16Rows = 64;
 // below this much work (weights x rows) a fork/join costs more than it saves
 constexpr int64_t kMinParallelWork = 1 << 15;
 // how far ahead of the inner loop the code bytes are prefetched
@@ -1027,7 +1029,9 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
   };
   std::vector<at::Tensor> outs;
   outs.reserve(nparts);
-  const int64_t max_rows = xb != nullptr ? kMaxBf16Rows : int8_act ? kMaxBlockedRows : kMaxFloatRows;
+  const int64_t max_rows = xb != nullptr                    ? kMaxBf16Rows
+                           : int8_act || isa == kScalar ? kMaxBlockedRows
+                                                        : kMaxFloatRows;
   if (M > max_rows) {  // dequantize once (transposed), then a dense GEMM
     for (const Part& p : parts) {
       const float mult = static_cast<float>(1 << (8 - p.b));
