@@ -198,37 +198,32 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd_lever_undone"}
         lever_options = {shipped: options, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-    elif args.lever == "bf16_dot":
-        from csd_compile.kernels import native
+    else:  # guards, bf16_dot: one decoder, the lever toggled around its calls
+        if args.lever == "bf16_dot":
+            from csd_compile.kernels import native
 
-        native.load()
-        if "avx512bf16" not in native.supported_isas():
-            raise SystemExit(f"--lever bf16_dot needs a CPU with AVX-512 BF16 and VBMI; this one runs "
-                             f"{native.supported_isas()}")
+            native.load()
+            if "avx512bf16" not in native.supported_isas():
+                raise SystemExit(f"--lever bf16_dot needs a CPU with AVX-512 BF16 and VBMI; this one runs "
+                                 f"{native.supported_isas()}")
+            float_path = [isa for isa in native.supported_isas() if isa != "avx512bf16"][-1]
+            settings = {shipped: lambda: native.use_isa("avx512bf16"), undone: lambda: native.use_isa(float_path)}
+        else:
+            @contextlib.contextmanager
+            def every_step_guarded():
+                real = greedy.GuardedOnce
+                greedy.GuardedOnce = lambda compiled: real(False)  # never skips
+                try:
+                    yield
+                finally:
+                    greedy.GuardedOnce = real
+
+            settings = {shipped: contextlib.nullcontext, undone: every_step_guarded}
         model, tokenizer = load_model(dtype="bf16")
         dec = greedy.GreedyDecoder(model, backend="csd", options=options)
         decoders = {shipped: dec, undone: dec}
         backend_names = {shipped: "csd", undone: "csd"}
         lever_options = {shipped: options, undone: options}
-        float_path = [isa for isa in native.supported_isas() if isa != "avx512bf16"][-1]
-        settings = {shipped: lambda: native.use_isa("avx512bf16"), undone: lambda: native.use_isa(float_path)}
-    else:
-        model, tokenizer = load_model(dtype="bf16")
-        dec = greedy.GreedyDecoder(model, backend="csd", options=options)
-        decoders = {shipped: dec, undone: dec}
-        backend_names = {shipped: "csd", undone: "csd"}
-        lever_options = {shipped: options, undone: options}
-
-        @contextlib.contextmanager
-        def every_step_guarded():
-            real = greedy.GuardedOnce
-            greedy.GuardedOnce = lambda compiled: real(False)  # never skips
-            try:
-                yield
-            finally:
-                greedy.GuardedOnce = real
-
-        settings = {shipped: contextlib.nullcontext, undone: every_step_guarded}
 
     for name, dec in decoders.items():
         t = time.perf_counter()

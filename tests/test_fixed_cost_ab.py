@@ -23,3 +23,14 @@ def test_unknown_lever_is_refused(capsys):
     with pytest.raises(SystemExit):
         fixed_cost_ab.main(["--lever", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_bf16_dot_lever_needs_a_cpu_with_the_path(monkeypatch):
+    """Where the kernel has no avx512bf16 path (this CPU or another), the lever says so before loading
+    the model."""
+    from csd_compile.kernels import native
+
+    monkeypatch.setattr(native, "load", lambda: True)
+    monkeypatch.setattr(native, "supported_isas", lambda: ["scalar", "avx2"])
+    with pytest.raises(SystemExit, match=r"needs a CPU with AVX-512 BF16 and VBMI; this one runs \['scalar', 'avx2'\]"):
+        fixed_cost_ab.main(["--lever", "bf16_dot"])
