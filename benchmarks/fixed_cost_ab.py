@@ -1,7 +1,7 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
     python -m benchmarks.fixed_cost_ab --lever size_asserts|guards|direct_qlinear|decode_attention|group_linears|
-        scale_layout|bf16_dot [--options bits=auto] [--rounds 7] [--cache-slots N]
+        scale_layout|bf16_dot|cpu_graph [--options bits=auto] [--rounds 7] [--cache-slots N]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
 it undone, in alternating rounds of one process (the machine's drift hits both alike; which side
@@ -23,7 +23,9 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
   side's quantized copies made under its layout (caches off);
 - ``bf16_dot``: the C++ kernel's ``avx512bf16`` path (bf16 dot products, where the CPU has AVX-512
   BF16 and VBMI) against the best float path without it (``avx512vnni``), one decoder, the path
-  forced in alternate rounds (``native.use_isa``).
+  forced in alternate rounds (``native.use_isa``);
+- ``cpu_graph``: the step replayed as a CPU graph (``mode="reduce-overhead"``, ``csd_compile.cpu_graph``)
+  against Inductor's Python wrapper running it, two decoders of one model.
 
 ``--cache-slots N`` sizes the static KV cache at N slots (a call asks for N - 53 new tokens and is
 stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
@@ -98,7 +100,7 @@ def _compiled_afresh() -> contextlib.ExitStack:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lever", required=True, choices=["size_asserts", "guards", "direct_qlinear", "decode_attention",
-                                                         "group_linears", "scale_layout", "bf16_dot"])
+                                                         "group_linears", "scale_layout", "bf16_dot", "cpu_graph"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
@@ -126,7 +128,15 @@ def main(argv=None) -> None:
     undone = f"{args.lever} undone"
     building = {}  # side -> context its warm-up (compile, quantized copies) runs under
 
-    if args.lever in ("group_linears", "scale_layout"):  # two models, each compiled its own way
+    if args.lever == "cpu_graph":  # one model, two decoders: the step with and without mode="reduce-overhead"
+        model, tokenizer = load_model(dtype="bf16")
+        graphs = {**options, "mode": "reduce-overhead"}
+        decoders = {shipped: greedy.GreedyDecoder(model, backend="csd", options=graphs),
+                    undone: greedy.GreedyDecoder(model, backend="csd", options=options)}
+        backend_names = {shipped: "csd", undone: "csd"}
+        lever_options = {shipped: graphs, undone: options}
+        settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
+    elif args.lever in ("group_linears", "scale_layout"):  # two models, each compiled its own way
         import csd_compile.quant.nested as nested
 
         @contextlib.contextmanager

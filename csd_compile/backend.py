@@ -135,6 +135,10 @@ def csd_backend(
                    if str(n.target) in ("csd.qlinear.default", "csd.qlinear_multi.default"))
     progress.note(f"{ops} ops ({qlinears} quantized linears), Inductor: lowering, C++ code and its build")
     compiled = compile_fx(compiled_gm, example_inputs, config_patches=patches)
+    if cfg.mode == "reduce-overhead" and _all_cpu(example_inputs):
+        from . import cpu_graph
+
+        cpu_graph.replay(compiled)  # CUDA graphs' counterpart on CPU: csd_compile/cpu_graph.py
     if driver is not None:
         compiled = compiled_policy.wrap(compiled, *driver)
     if compiled_gm is gm or not bound:

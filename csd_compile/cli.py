@@ -310,7 +310,11 @@ def _cmd_generate(args, parser) -> int:
         return _generate_speculative(args, parser, model, tokenizer, input_ids, options)
 
     # plain greedy decoding: our own loop around the compiled step (csd_compile.models.greedy), which
-    # the bench measured faster than HF generate's loop around the same step
+    # the bench measured faster than HF generate's loop around the same step; on CPU the step is
+    # replayed as a CPU graph unless -o mode=... says otherwise (csd_compile.cpu_graph: measured
+    # faster, the same tokens)
+    if not args.no_compile and "mode" not in options and not args.tp and input_ids.device.type == "cpu":
+        options = {**options, "mode": "reduce-overhead"}
     decoder = GreedyDecoder(model, backend=None if args.no_compile else "csd", options=None if args.no_compile else options)
     compile_s = 0.0
     with torch.inference_mode():

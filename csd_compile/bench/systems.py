@@ -163,6 +163,21 @@ def csd_int8_self(ctx):
     return _csd_generate_runner(ctx.load("fp32"), ctx, draft="self", draft_bits=4, compile_options=_LOSSLESS_INT8)
 
 
+@system("csd-int8-fp32-graph", "csd-int8-fp32's model and options in our own greedy loop, the step replayed as a "
+        "CPU graph (mode='reduce-overhead': csd_compile.cpu_graph)", default=False, plain="csd-int8-fp32",
+        precision=Precision(bits=8, quantize_lm_head=True, dtype="fp32"))
+def csd_int8_fp32_graph(ctx):
+    return _greedy_loop(ctx, {**_LOSSLESS_INT8, "mode": "reduce-overhead"}, model=ctx.load("fp32"))
+
+
+@system("csd-int8-self-graph", "csd-int8-self with its steps replayed as CPU graphs (mode='reduce-overhead'); "
+        "compared with csd-int8-fp32-graph, the same model's plain decoding replayed the same way", default=False,
+        plain="csd-int8-fp32-graph", precision=Precision(bits=8, quantize_lm_head=True, dtype="fp32", draft="model"))
+def csd_int8_self_graph(ctx):
+    return _csd_generate_runner(ctx.load("fp32"), ctx, draft="self", draft_bits=4,
+                                compile_options={**_LOSSLESS_INT8, "mode": "reduce-overhead"})
+
+
 @system("csd-int8-self-csd", "csd-int8-self with CSD acceptance at its defaults (tau 0.3, lambda 6, memory "
         "learning online from an empty table): lossy; compared with csd-int8-fp32", default=False,
         plain="csd-int8-fp32", precision=Precision(bits=8, quantize_lm_head=True, dtype="fp32", draft="model"))
@@ -191,10 +206,10 @@ def csd_q4_g32(ctx):
     return _static_compiled(ctx, "csd", _Q4_1_GRID)
 
 
-def _greedy_loop(ctx, options):
+def _greedy_loop(ctx, options, model=None):
     from csd_compile.models.greedy import GreedyDecoder
 
-    decoder = GreedyDecoder(ctx.load("bf16"), backend="csd", options=options)
+    decoder = GreedyDecoder(ctx.load("bf16") if model is None else model, backend="csd", options=options)
 
     def run(ids):  # EOS as HF's: the model's generation config
         return {"ids": decoder(ids, max_new_tokens=ctx.max_new_tokens)}
@@ -243,6 +258,18 @@ def csd_auto(ctx):
         "`make demo` run)", default=False, plain="csd-auto", precision=Precision(bits="auto"))
 def csd_auto_loop(ctx):
     return _greedy_loop(ctx, {"bits": "auto"})
+
+
+@system("csd-auto-graph", "csd-auto-loop with its step replayed as a CPU graph (mode='reduce-overhead': "
+        "csd_compile.cpu_graph)", default=False, plain="csd-auto", precision=Precision(bits="auto"))
+def csd_auto_graph(ctx):
+    return _greedy_loop(ctx, {"bits": "auto", "mode": "reduce-overhead"})
+
+
+@system("csd-q4-g32-graph", "csd-q4-g32-loop with its step replayed as a CPU graph (mode='reduce-overhead': "
+        "csd_compile.cpu_graph)", default=False, plain="csd-q4-g32", precision=Precision(bits=4, group_size=32))
+def csd_q4_g32_graph(ctx):
+    return _greedy_loop(ctx, {**_Q4_1_GRID, "mode": "reduce-overhead"})
 
 
 @system("hf-assisted-q4", "HF assisted generation, assistant = the model at 4 bits (csd QLinear), bf16",

@@ -43,7 +43,7 @@ ACTIVATIONS = ("float", "int8")
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("qlinear_cpu.cpp", "attention_cpu.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("qlinear_cpu.cpp", "attention_cpu.cpp", "cpu_graph.cpp")]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -91,6 +91,8 @@ def _build() -> bool:
     _state["direct_qlinear"] = module.qlinear
     _state["direct_qlinear_multi"] = module.qlinear_multi
     _state["direct_attention"] = module.decode_attention
+    _state["CpuGraph"] = module.CpuGraph  # csd_compile/cpu_graph.py's replays
+    _state["cpu_graph_max_words"] = module.cpu_graph_max_words
     qlinear.register_native_fake()
     attention.register_native_fake()
     _register_direct_codegen()
@@ -109,7 +111,7 @@ def __getattr__(name: str):
     # ``direct_qlinear`` / ``direct_attention``: the C++ ops as plain Python functions (no
     # dispatcher), loading the kernels first (a compiled graph read back from Inductor's cache
     # imports them)
-    if name in {attribute for attribute, _ in _DIRECT.values()}:
+    if name in {attribute for attribute, _ in _DIRECT.values()} or name in ("CpuGraph", "cpu_graph_max_words"):
         if not load():
             raise AttributeError(f"csd-compile: the C++ CPU kernels are not available ({name})")
         return _state[name]

@@ -39,7 +39,8 @@ def warn_if_graphs_requested(options, device: torch.device) -> None:
     """One warning when ``options`` ask for CUDA graphs (``mode`` "reduce-overhead" or "max-autotune")
     on a CUDA device: the draft-verify step updates its token, length and cache buffers in place, which
     are not static addresses, so Inductor runs it without a graph. (Plain decoding, ``GreedyDecoder``,
-    is captured.)"""
+    is captured. On CPU, ``csd_compile.cpu_graph`` replays both steps: the buffers are the engine's
+    own, at the same addresses every call.)"""
     from torch._inductor import list_mode_options
 
     from ..config import MODES
@@ -80,6 +81,11 @@ class Engine:
         self.device = p.device
         self.batch_size = batch_size
         self._warm = self.decode_step is None
+        # the token rows and lengths that the steps write, reused by every generation: the same
+        # tensors at every call, so that a CPU graph (mode="reduce-overhead") replays on them
+        # rather than recording the step again for each generation
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.int64, device=p.device)
+        self.length = torch.zeros(batch_size, dtype=torch.int64, device=p.device)
 
     def warm_up(self) -> None:
         """Compile both steps of a host-draft engine before generating, so that the second compile
@@ -220,10 +226,9 @@ def generate(
     dev = eng.device
 
     # internal layout: one extra pad slot on the left so every row has >= 2 slots
-    tokens = torch.zeros(B, args.cache_len, dtype=torch.int64, device=dev)
+    tokens, length = eng.tokens.zero_(), eng.length.fill_(S + 1)
     tokens[:, 1 : S + 1] = args.input_ids.to(dev)
     pad = (1 + (1 - args.attention_mask.to(torch.int64)).sum(dim=1)).to(dev)  # [B]
-    length = torch.full((B,), S + 1, dtype=torch.int64, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     K = args.num_draft_tokens
     k = torch.tensor(K, dtype=torch.int64, device=dev)

@@ -48,8 +48,8 @@ def test_compiled_loop_is_hf_compiled_greedy_with_one_graph_per_cache_length():
 
 
 def test_reduce_overhead_mode_on_cpu_decodes_the_same_tokens():
-    """``mode="reduce-overhead"`` (CUDA graphs) reaches Inductor through the options; on CPU it has
-    nothing to capture and the loop gives the tokens of the same step without it."""
+    """``mode="reduce-overhead"`` reaches the backend through the options; on CPU the step is replayed
+    as a CPU graph (tests/test_cpu_graph.py) and the loop gives the tokens of the same step without it."""
     model = make_tiny_llama(seed=16)
     ids = _prompt(8, 6)
     plain = GreedyDecoder(model, backend="csd", options={"bits": 4})(ids, max_new_tokens=12, eos_token_id=[])

@@ -28,11 +28,14 @@ def _saved_table(model, tmp_path, seed=0, version=1):
     return table, str(path)
 
 
-@pytest.mark.parametrize("version", [1, 2])  # the spread rule, the priced per-entropy plans
-def test_dynamic_plan_follows_the_graphs_own_entropy_without_recompiling(tmp_path, version):
+@pytest.mark.parametrize("version,mode", [(1, None), (2, None), (2, "reduce-overhead")],
+                         ids=["spread", "priced", "priced-cpu-graph"])  # the spread rule, the priced plans
+def test_dynamic_plan_follows_the_graphs_own_entropy_without_recompiling(tmp_path, version, mode):
+    """(With ``mode="reduce-overhead"`` the step is replayed as a CPU graph, which reads the bits each
+    plan writes, and the weight changed in place, at every replay.)"""
     model = make_tiny_llama(seed=11)
     table, path = _saved_table(model, tmp_path, version=version)
-    backend = CountingCSD({"bits": "dynamic", "calibration": path, "avg_bits": 4.0})
+    backend = CountingCSD({"bits": "dynamic", "calibration": path, "avg_bits": 4.0, **({"mode": mode} if mode else {})})
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     expected_policy = DynamicPrecisionPolicy.from_table(table, 4.0)
     g = torch.Generator().manual_seed(2)

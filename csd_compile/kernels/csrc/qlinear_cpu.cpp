@@ -979,8 +979,11 @@ void write_output(const Part& p, int64_t ks, int64_t M, at::Tensor& out) {
 // one pass over x, one parallel loop over every weight's work units (a layer's q/k/v projections,
 // or gate and up, as one call: one fork/join, one conversion of x, and the units balanced over
 // the threads together).
+// ``into``: the outputs to write (a replayed CPU graph's buffers, csd_compile/cpu_graph.py), each of
+// the shape and dtype the call would allocate; nullptr allocates them.
 std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::TensorList qdata,
-                                      at::TensorList scale, at::TensorList zero, at::TensorList bits) {
+                                      at::TensorList scale, at::TensorList zero, at::TensorList bits,
+                                      const std::vector<at::Tensor>* into = nullptr) {
   const size_t nparts = qdata.size();
   TORCH_CHECK_VALUE(nparts > 0 && scale.size() == nparts && zero.size() == nparts && bits.size() == nparts, who,
                     ": qdata, scale, zero and bits must be lists of one length >= 1, got ", qdata.size(), ", ",
@@ -1027,6 +1030,16 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
     shape.back() = p.N;
     return shape;
   };
+  if (into != nullptr) {
+    TORCH_CHECK_VALUE(into->size() == nparts, who, ": ", into->size(), " outputs given for ", nparts, " weights");
+    for (size_t i = 0; i < nparts; ++i) {
+      const at::Tensor& o = (*into)[i];
+      TORCH_CHECK_VALUE(o.sizes() == c10::IntArrayRef(out_shape(parts[i])) && o.scalar_type() == x.scalar_type() &&
+                            o.is_contiguous() && o.device().is_cpu(),
+                        who, ": output ", i, " must be a contiguous ", x.scalar_type(), " CPU tensor of shape ",
+                        c10::IntArrayRef(out_shape(parts[i])), ", got ", o.scalar_type(), " ", o.sizes());
+    }
+  }
   std::vector<at::Tensor> outs;
   outs.reserve(nparts);
   const int64_t max_rows = xb != nullptr                    ? kMaxBf16Rows
@@ -1040,10 +1053,14 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
       auto wt = at::empty({K, p.N}, p.sc.options());
       with_bits(p.b, [&](auto B) { dequant_t<B.value>(wctx, p.hi, p.lo, wt.data_ptr<float>()); });
       outs.push_back(at::linear(x2, wt.to(x.scalar_type()).t()).reshape(out_shape(p)));
+      if (into != nullptr) outs.back() = (*into)[outs.size() - 1].copy_(outs.back());
     }
     return outs;
   }
-  for (const Part& p : parts) outs.push_back(at::empty(out_shape(p), x.options()));
+  if (into != nullptr)
+    outs = *into;
+  else
+    for (const Part& p : parts) outs.push_back(at::empty(out_shape(p), x.options()));
   if (M == 0) return outs;
 
   // Split K (at group boundaries) into ks parts when there are few row blocks, so that every thread
@@ -1170,6 +1187,12 @@ std::string set_activations(const std::string& name) {
 }
 
 }  // namespace
+
+// for a replayed CPU graph (cpu_graph.cpp): the outputs written into the graph's own buffers
+void qlinear_cpu_multi_into(const at::Tensor& x, at::TensorList qdata, at::TensorList scale, at::TensorList zero,
+                            at::TensorList bits, const std::vector<at::Tensor>& outs) {
+  qlinear_parts("csd::qlinear_cpu_multi", x, qdata, scale, zero, bits, &outs);
+}
 }  // namespace csd_cpu
 
 TORCH_LIBRARY_FRAGMENT(csd, m) {
@@ -1196,6 +1219,7 @@ TORCH_LIBRARY_IMPL(csd, CPU, m) {
 namespace csd_cpu {
 at::Tensor decode_attention_direct(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                    const c10::optional<at::Tensor>& attn_mask, double scale);  // attention_cpu.cpp
+void bind_cpu_graph(pybind11::module& m);                                                        // cpu_graph.cpp
 }  // namespace csd_cpu
 
 namespace {
@@ -1221,4 +1245,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "csd::qlinear_cpu_multi_native(x, qdata, scale, zero, bits) without the dispatcher");
   m.def("decode_attention", &csd_cpu::decode_attention_direct, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "csd::decode_attention_cpu_native(query, key, value, attn_mask, scale) without the dispatcher");
+  csd_cpu::bind_cpu_graph(m);
 }

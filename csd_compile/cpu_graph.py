@@ -1,0 +1,447 @@
+"""CPU graphs: a compiled CPU step recorded once and replayed from C++ (``mode="reduce-overhead"`` on CPU).
+
+A decode step of a small model runs about 270 kernels a token, most of a few microseconds. Inductor's
+Python wrapper around them (argument parsing, views, allocations and frees, ~125 statements a layer)
+adds a few microseconds to each, while the other thread waits (about 0.5 ms of a 7 ms step of the
+embedded model). CUDA graphs remove the same kind of cost on a GPU; this is their CPU counterpart,
+for the graphs this backend compiles with ``mode="reduce-overhead"``:
+
+1. The first call runs the wrapper as usual, but through a copy of its code whose kernels are
+   recording shims. The step becomes a list of calls (``csrc/cpu_graph.cpp``): Inductor's generated
+   C++ kernels by their address with their argument words (pointers and sizes), this package's
+   quantized linears and decode attention writing into the outputs the recording call allocated,
+   and any other kernel as a Python call with its recorded arguments.
+2. Later calls check the inputs and replay that list from C++: no Python between the kernels, no
+   allocation, the same buffers.
+
+Inputs. Parameters, buffers marked static (HF's static KV cache) and every input the graph writes to
+are read in place: a replay first checks that each is still at its recorded address, and records
+the step again when one has moved. Other inputs up to 64 KiB (the token, its position) are copied
+into the graph's own buffers before each replay, so the caller may pass new tensors each call.
+Outputs are copies (a replay reuses its buffers), as CUDA graphs' outputs are after a copy.
+
+What is not replayed, with one warning: a wrapper that calls anything but Inductor's C++ kernels,
+this package's CPU kernels, allocations and views (an ATen fallback, an extern GEMM, a nested
+region's subgraph), non-tensor inputs (symbolic sizes), and a graph whose inputs keep moving (more
+than ``MAX_RECORDINGS`` recordings, fewer than four replays each). Such a graph runs Inductor's own
+wrapper, as without the mode. Under ``torch.profiler`` the wrapper runs too (the profile keeps its
+per-kernel rows).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dis
+import logging
+import threading
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["CpuGraphWarning", "CpuGraphStep", "replay", "live_steps", "SMALL_INPUT_BYTES", "MAX_RECORDINGS"]
+
+log = logging.getLogger(__name__)
+
+SMALL_INPUT_BYTES = 1 << 16  # inputs up to this size that are neither static nor written are copied in
+MAX_RECORDINGS = 8  # then: give up unless the recordings are replayed four times each on average
+
+# wrapper globals that only make buffers and views (their results reach the recorded kernels) or
+# check the inputs' alignment, sizes and strides (which a replay's checks of its inputs imply)
+_PASS_THROUGH = frozenset({"empty_strided_cpu", "reinterpret_tensor", "assert_alignment", "assert_size_stride"})
+
+
+class CpuGraphWarning(UserWarning):
+    """A graph compiled with ``mode="reduce-overhead"`` on CPU runs without a CPU graph."""
+
+
+class _NotReplayable(Exception):
+    pass
+
+
+def replay(compiled: Callable) -> None:
+    """Makes the Inductor graphs behind ``compiled`` (what ``compile_fx`` returned: AOT Autograd's
+    wrappers around one ``CompiledFxGraph`` for an inference graph) record and replay their steps.
+    Whether Inductor compiled the graph or read it from AOT Autograd's cache, the graph object is
+    reached through the wrappers' closures; without one, a warning and no CPU graph."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    found = [g for g in _reachable(compiled) if isinstance(g, CompiledFxGraph)]
+    for graph in list(found):
+        runner = getattr(graph, "compiled_fn_runner", None)
+        if isinstance(graph.current_callable, CpuGraphStep):
+            continue
+        if (graph.current_callable is None or runner is None or not hasattr(type(runner), "call")
+                or not graph.fx_kwargs.get("is_inference")):  # (a training graph's forward: left as it is)
+            found.remove(graph)
+            continue
+        static = set(graph.fx_kwargs.get("static_input_idxs") or ())
+        aligned = set(getattr(graph, "inputs_to_check", None) or ())  # inputs its kernels assume aligned
+        graph.current_callable = CpuGraphStep(runner, graph.current_callable, static, set(graph.mutated_input_idxs),
+                                              aligned)
+    if not found:
+        warnings.warn("csd backend: mode='reduce-overhead' on CPU: no Inductor graph with a Python wrapper was found "
+                      f"behind {type(compiled).__name__}; it runs without a CPU graph", CpuGraphWarning, stacklevel=3)
+
+
+def _reachable(fn: Any, limit: int = 400) -> list:
+    """Objects reachable from the callable ``fn`` through closures, ``functools.partial`` and instance
+    attributes that are callables (breadth first, at most ``limit`` objects; modules and classes are
+    not entered)."""
+    out, seen, queue = [], set(), [fn]
+    while queue and len(seen) < limit:
+        obj = queue.pop(0)
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, torch.nn.Module, torch.Tensor)):
+            continue
+        seen.add(id(obj))
+        out.append(obj)
+        nxt = []
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                nxt.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        nxt.extend(getattr(obj, name) for name in ("func", "__self__", "__wrapped__") if hasattr(obj, name))
+        if not isinstance(obj, (types.FunctionType, types.MethodType)) and hasattr(obj, "__dict__"):
+            nxt.extend(vars(obj).values())
+        queue.extend(o for o in nxt if callable(o) or type(o).__name__ == "CompiledFxGraph")
+    return out
+
+
+_LIVE: "weakref.WeakSet[CpuGraphStep]" = weakref.WeakSet()
+
+
+def live_steps() -> list["CpuGraphStep"]:
+    """The compiled graphs of this process that record and replay CPU graphs (their ``recordings``,
+    ``replays`` and ``given_up`` say how it went)."""
+    return list(_LIVE)
+
+
+def _profiling() -> bool:
+    return torch.autograd.profiler._is_profiler_enabled
+
+
+class CpuGraphStep:
+    """The boxed callable of one compiled graph (``call(args)``): records the step at its first call,
+    then replays it (see the module docstring)."""
+
+    def __init__(self, runner: Any, plain: Callable[[list], Any], static: set[int], written: set[int],
+                 aligned: set[int] = frozenset()) -> None:
+        self._runner = runner
+        self._plain = plain  # Inductor's callable (input realignment included)
+        self._static, self._written, self._aligned = static, written, aligned
+        self._graph = None  # csd_compile_cpu_kernels.CpuGraph
+        self._outputs: Any = None
+        self._keep: list = []  # every tensor the recorded calls use (their addresses are in the graph)
+        self._lock = threading.Lock()
+        self.recordings = 0
+        self.replays = 0
+        self.given_up: str | None = None  # why this graph runs without a CPU graph
+        _LIVE.add(self)
+
+    def __call__(self, args: list) -> Any:
+        graph = self._graph
+        if graph is not None and not _profiling():
+            with self._lock:  # one replay at a time: they share the graph's buffers
+                if graph.run(args):
+                    self.replays += 1
+                    args.clear()
+                    return _copies(self._outputs)
+        if self.given_up is not None or _profiling():
+            return self._plain(args)
+        if self.recordings >= MAX_RECORDINGS and self.replays < 4 * self.recordings:
+            self._give_up(f"its inputs moved between calls ({self.recordings} recordings, {self.replays} replays)")
+            return self._plain(args)
+        with self._lock:
+            try:
+                cap, graph = self._prepare(args)
+            except _NotReplayable as e:
+                self._give_up(str(e))
+                return self._plain(args)
+            self.recordings += 1
+            self._graph = None
+            outputs, records = self._record(cap)
+            try:
+                keep = _add_steps(graph, records)
+            except _NotReplayable as e:
+                self._give_up(str(e))
+            else:
+                self._graph, self._keep, self._outputs = graph, keep, outputs
+            args.clear()
+            return _copies(outputs)
+
+    def _give_up(self, why: str) -> None:
+        self.given_up = why
+        self._graph, self._keep, self._outputs = None, [], None
+        warnings.warn(f"csd backend: mode='reduce-overhead' on CPU: this graph runs without a CPU graph: {why}",
+                      CpuGraphWarning, stacklevel=3)
+
+    def _prepare(self, args: list) -> tuple[list, Any]:
+        """The inputs the recording runs on (small ones replaced by the graph's buffers) and a new
+        graph that checks or copies each."""
+        from .kernels import native
+
+        _kernels(type(self._runner).call)  # raises for a wrapper that calls anything else
+        graph = native.CpuGraph()
+        graph.set_num_inputs(len(args))
+        cap = list(args)
+        for i, t in enumerate(args):
+            if not isinstance(t, torch.Tensor):
+                raise _NotReplayable(f"input {i} is a {type(t).__name__}, not a tensor (a symbolic size)")
+            if t.device.type != "cpu" or t.is_sparse or t.layout != torch.strided:
+                raise _NotReplayable(f"input {i} is not a dense CPU tensor ({t.device}, {t.layout})")
+            if (i not in self._static and i not in self._written and t.is_contiguous()
+                    and t.numel() * t.element_size() <= SMALL_INPUT_BYTES):
+                buf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t)  # the same strides
+                cap[i] = buf
+                graph.copy_input(i, buf)
+            else:
+                if i in self._aligned and t.data_ptr() % 16:  # Inductor's callable would copy it to align it
+                    raise _NotReplayable(f"input {i} is not 16-byte aligned, as its kernels assume")
+                graph.pin_input(i, t.data_ptr())
+        return cap, graph
+
+    def _record(self, cap: list) -> tuple[Any, list]:
+        """Runs the wrapper's code once with recording shims in place of its kernels; its outputs and
+        the calls it made, in order."""
+        call = type(self._runner).call
+        records: list = []
+        shims = {name: _shim(fn, records) for name, fn in _kernels(call).items()}
+        recording = types.FunctionType(call.__code__, {**call.__globals__, **shims}, call.__name__,
+                                       call.__defaults__, call.__closure__)
+        return recording(self._runner, cap), records
+
+
+def _copies(outputs: Any) -> Any:
+    return type(outputs)(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
+
+
+def _kernel_address(fn: Any) -> int | None:
+    """The address of the ``kernel`` C function behind one of Inductor's C++ kernel bindings."""
+    module = getattr(fn, "__self__", None)
+    path = getattr(module, "__file__", None)
+    if getattr(fn, "__name__", None) != "kernel" or not isinstance(path, str) or not path.endswith(".so"):
+        return None
+    address = _ADDRESSES.get(path)
+    if address is None:
+        try:
+            address = ctypes.cast(ctypes.CDLL(path).kernel, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            return None
+        _ADDRESSES[path] = address
+    return address
+
+
+_ADDRESSES: dict[str, int] = {}
+
+
+_SCANNED: "weakref.WeakKeyDictionary[types.FunctionType, dict[str, Any] | str]" = weakref.WeakKeyDictionary()
+
+
+def _kernels(call: types.FunctionType) -> dict[str, Any]:
+    """The kernels the wrapper function ``call`` calls, by their global names; raises
+    ``_NotReplayable`` when it uses a global that is not a kernel this module replays, an
+    allocation, a view, or a dtype (``torch.float32``). Read from its bytecode once (a large step's
+    wrapper is ~150k instructions, about half a second)."""
+    found = _SCANNED.get(call)
+    if found is None:
+        try:
+            found = _scan(call)
+        except _NotReplayable as e:
+            found = str(e)
+        _SCANNED[call] = found
+    if isinstance(found, str):
+        raise _NotReplayable(found)
+    return found
+
+
+def _scan(call: types.FunctionType) -> dict[str, Any]:
+    module = call.__globals__
+    kernels = {}
+    code = list(dis.get_instructions(call))
+    for i, ins in enumerate(code):
+        if ins.opname != "LOAD_GLOBAL":
+            continue
+        name = ins.argval
+        if name not in module or name in _PASS_THROUGH:
+            continue  # builtins; allocations, views and checks run as they are
+        fn = module[name]
+        if fn is torch:  # every use is checked: a dtype, or an op
+            attrs = []  # the attribute chain read from it: torch.float32, torch.ops.aten.sort.default, ...
+            for nxt in code[i + 1:]:
+                if nxt.opname not in ("LOAD_ATTR", "LOAD_METHOD"):
+                    break
+                attrs.append(str(nxt.argval))
+            if len(attrs) == 1 and isinstance(getattr(torch, attrs[0], None), torch.dtype):
+                continue
+            if attrs[:1] == ["ops"]:  # an ATen fallback or custom op: replayed from Python
+                kernels[name] = fn
+                continue
+            raise _NotReplayable(f"its wrapper calls {'.'.join(['torch', *attrs])}, which is not an Inductor C++ "
+                                 "kernel or a csd CPU kernel")
+        if fn is torch.device or name in kernels:
+            continue
+        if isinstance(fn, torch._ops._OpNamespace):  # aten = torch.ops.aten: its ops, replayed from Python
+            kernels[name] = fn
+            continue
+        if name == "extern_kernels":  # e.g. extern_kernels.mm(a, b, out=buf): replayed from Python
+            kernels[name] = fn
+            continue
+        if _replayable(fn):
+            kernels[name] = fn
+            continue
+        raise _NotReplayable(f"its wrapper calls {name} ({type(fn).__name__}), which is not an Inductor C++ "
+                             "kernel or a csd CPU kernel")
+    return kernels
+
+
+def _replayable(fn: Any) -> bool:
+    from .kernels import native
+
+    return (fn is native.direct_qlinear or fn is native.direct_qlinear_multi or fn is native.direct_attention
+            or _kernel_address(fn) is not None)
+
+
+class _ExternKernels:
+    """Recording stand-in for the wrapper's ``extern_kernels`` namespace: a call that writes into an
+    ``out=`` buffer is replayed as a Python call; one that returns a new tensor cannot be (the
+    recording is then dropped, after the call ran as usual)."""
+
+    def __init__(self, namespace: Any, records: list) -> None:
+        self._namespace, self._records = namespace, records
+
+    def __getattr__(self, name: str) -> Callable:
+        fn = getattr(self._namespace, name)
+        records = self._records
+
+        def extern(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            records.append(_python_record(fn, args, kwargs, None if kwargs.get("out") is not None else result,
+                                          f"extern_kernels.{name}"))
+            return result
+        return extern
+
+
+class _TorchOps:
+    """Recording stand-in for ``torch`` in the wrapper's code: dtypes read through, and a call of an
+    op reached through ``torch.ops`` (an ATen fallback: ``torch.ops.aten.cumprod.default(...)``) is
+    recorded as a Python call whose new tensors are copied into the recorded ones at each replay."""
+
+    def __init__(self, target: Any, records: list, path: str) -> None:
+        self._target, self._records, self._path = target, records, path
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if self._path == "torch" and name != "ops":
+            return value
+        return _TorchOps(value, self._records, f"{self._path}.{name}")
+
+    def __call__(self, *args, **kwargs):
+        result = self._target(*args, **kwargs)
+        self._records.append(_python_record(self._target, args, kwargs, result, self._path))
+        return result
+
+
+def _python_record(fn: Any, args: tuple, kwargs: dict, result: Any, what: str) -> tuple:
+    """The record of a Python call: its new tensors (``result``: None, a tensor, or a tuple or list of
+    tensors) are copied into the recorded ones at each replay."""
+    if result is None:
+        return ("python", fn, args, kwargs)
+    outs = [result] if isinstance(result, torch.Tensor) else list(result) if isinstance(result, (tuple, list)) else None
+    if not outs or not all(isinstance(o, torch.Tensor) for o in outs):
+        return ("unreplayable", f"{what} returned {type(result).__name__}, not tensors")
+    return ("python_into", fn, args, kwargs, outs)
+
+
+def _shim(fn: Any, records: list) -> Any:
+    """A recording stand-in for the wrapper's kernel ``fn``."""
+    from torch._inductor.select_algorithm import extern_kernels
+
+    from .kernels import native
+
+    if fn is extern_kernels:
+        return _ExternKernels(fn, records)
+    if fn is torch:
+        return _TorchOps(torch, records, "torch")
+    if isinstance(fn, torch._ops._OpNamespace):
+        return _TorchOps(fn, records, fn.name if hasattr(fn, "name") else "torch.ops")
+
+    if fn is native.direct_qlinear:
+        def qlinear(x, qdata, scale, zero, bits):
+            out = fn(x, qdata, scale, zero, bits)
+            records.append(("qlinear", x, [qdata], [scale], [zero], [bits], [out]))
+            return out
+        return qlinear
+    if fn is native.direct_qlinear_multi:
+        def qlinear_multi(x, qdata, scale, zero, bits):
+            outs = fn(x, qdata, scale, zero, bits)
+            records.append(("qlinear", x, list(qdata), list(scale), list(zero), list(bits), list(outs)))
+            return outs
+        return qlinear_multi
+    if fn is native.direct_attention:
+        def attention(query, key, value, attn_mask, scale):
+            out = fn(query, key, value, attn_mask, scale)
+            records.append(("attention", query, key, value, attn_mask, scale, out))
+            return out
+        return attention
+    address = _kernel_address(fn)
+
+    def kernel(*args):
+        records.append(("kernel", fn, address, args))
+        return fn(*args)
+    return kernel
+
+
+def _add_steps(graph: Any, records: list) -> list:
+    """The recorded calls into ``graph``; the tensors they use (to be kept alive with it)."""
+    from .kernels import native
+
+    keep: list = []
+    max_words = native.cpu_graph_max_words
+    for rec in records:
+        kind = rec[0]
+        if kind == "qlinear":
+            _, x, qdata, scale, zero, bits, outs = rec
+            graph.add_qlinear(x, qdata, scale, zero, bits, outs)
+            keep.append(rec)
+        elif kind == "attention":
+            _, q, k, v, mask, scale, out = rec
+            graph.add_attention(q, k, v, mask, float(scale), out)
+            keep.append(rec)
+        elif kind == "python":
+            _, fn, args, kwargs = rec
+            graph.add_python(fn, tuple(args), dict(kwargs))
+            keep.append(rec)
+        elif kind == "python_into":
+            _, fn, args, kwargs, outs = rec
+            graph.add_python_into(fn, tuple(args), dict(kwargs), outs)
+            keep.append(rec)
+        elif kind == "unreplayable":
+            raise _NotReplayable(rec[1])
+        else:
+            _, fn, address, args = rec
+            words = _words(args)
+            if words is not None and len(words) <= max_words:
+                graph.add_kernel(address, words)
+            else:  # floating-point arguments travel in other registers: a Python call
+                graph.add_python(fn, tuple(args), {})
+            keep.append(args)
+    log.debug("csd CPU graph: %d calls recorded", len(records))
+    return keep
+
+
+def _words(args: Sequence[Any]) -> list[int] | None:
+    """A kernel's arguments as 64-bit words (tensors by their data address), or None if one is not
+    a tensor or an integer."""
+    words = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            words.append(a.data_ptr())
+        elif isinstance(a, int) and not isinstance(a, bool) and -(1 << 63) <= a < (1 << 63):
+            words.append(a)
+        else:
+            return None
+    return words

@@ -1,0 +1,252 @@
+// A compiled CPU step replayed from C++: the kernels Inductor's Python wrapper called once, called
+// again in the same order on the same buffers, with no Python in between (csd_compile/cpu_graph.py
+// records them and explains when a step may be replayed).
+//
+// A decode step of a small model runs ~300 kernels a token, each a few microseconds of work; the
+// Python wrapper around them (argument parsing, views, allocations, frees) costs as much again.
+// Recorded once, the step is a list of three kinds of calls:
+//   - Inductor's generated C++ kernels, `extern "C" void kernel(...)` taking pointers (and int64
+//     sizes): called through their address with the recorded argument words;
+//   - this extension's quantized linears and decode attention, writing into the outputs the
+//     recording call allocated;
+//   - Python calls with their recorded arguments: Inductor's extern kernels that write into an
+//     `out=` buffer (a GEMM), C++ kernels with floating-point arguments (which travel in other
+//     registers), and ATen fallbacks that return new tensors (copied into the ones the recording
+//     call returned, which the later steps read).
+// Graph inputs are checked before each replay: the ones read in place must still be at the recorded
+// addresses; small ones are copied into the graph's own buffers (the token, its position).
+
+#include <torch/extension.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <array>
+#include <chrono>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace csd_cpu {
+void qlinear_cpu_multi_into(const at::Tensor& x, at::TensorList qdata, at::TensorList scale, at::TensorList zero,
+                            at::TensorList bits, const std::vector<at::Tensor>& outs);  // qlinear_cpu.cpp
+void decode_attention_into(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                           const c10::optional<at::Tensor>& attn_mask, double scale,
+                           const at::Tensor& out);  // attention_cpu.cpp
+}  // namespace csd_cpu
+
+namespace {
+
+namespace py = pybind11;
+
+// A C function whose arguments are all pointers or 64-bit integers, called with n argument words.
+// Pointers and 64-bit integers are passed alike (the same registers, then 8-byte stack slots) by the
+// x86-64 System V and Windows conventions and by AArch64's, so one signature per arity serves every
+// such kernel.
+using Word = int64_t;
+constexpr size_t kMaxWords = 48;
+
+template <size_t... I>
+void call_words_impl(void* fn, const Word* w, std::index_sequence<I...>) {
+  using Fn = void (*)(decltype((void)I, Word{})...);
+  reinterpret_cast<Fn>(fn)(w[I]...);
+}
+
+template <size_t N>
+void call_words(void* fn, const Word* w) {
+  call_words_impl(fn, w, std::make_index_sequence<N>{});
+}
+
+template <size_t... N>
+constexpr std::array<void (*)(void*, const Word*), sizeof...(N)> word_callers(std::index_sequence<N...>) {
+  return {&call_words<N>...};
+}
+
+constexpr auto kCallers = word_callers(std::make_index_sequence<kMaxWords + 1>{});
+
+struct Step {
+  enum Kind { kKernel, kQlinear, kAttention, kPython, kPythonInto };
+  explicit Step(Kind k) : kind(k) {}
+  Kind kind;
+  // kKernel
+  void* fn = nullptr;
+  std::vector<Word> words;
+  // kQlinear
+  at::Tensor x;
+  std::vector<at::Tensor> qdata, scale, zero, bits, outs;
+  // kAttention
+  at::Tensor q, k, v, out;
+  c10::optional<at::Tensor> mask;
+  double sm_scale = 0.0;
+  // kPython, kPythonInto (whose call returns new tensors: copied into `outs`)
+  py::object pyfn;
+  py::tuple pyargs;
+  py::dict pykwargs;
+};
+
+const at::Tensor& unpack(PyObject* obj);
+
+// A replayed call's result (a tensor, or a tuple or list of them) into the recorded outputs.
+void copy_results(const py::object& result, const std::vector<at::Tensor>& outs) {
+  std::vector<PyObject*> items;
+  if (THPVariable_Check(result.ptr())) {
+    items.push_back(result.ptr());
+  } else if (PyTuple_Check(result.ptr()) || PyList_Check(result.ptr())) {
+    for (const auto& item : result) items.push_back(item.ptr());
+  }
+  TORCH_CHECK(items.size() == outs.size(), "csd CPU graph: a replayed call returned ", items.size(),
+              " tensors where its recording returned ", outs.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    const at::Tensor& t = unpack(items[i]);
+    TORCH_CHECK(t.sizes() == outs[i].sizes(), "csd CPU graph: a replayed call returned a tensor of shape ",
+                t.sizes(), " where its recording returned ", outs[i].sizes());
+    if (!t.is_same(outs[i])) outs[i].copy_(t);
+  }
+}
+
+const at::Tensor& unpack(PyObject* obj) {
+  TORCH_CHECK_TYPE(THPVariable_Check(obj), "csd CPU graph: graph inputs must be tensors");
+  return THPVariable_Unpack(obj);
+}
+
+class CpuGraph {
+ public:
+  void add_kernel(uintptr_t fn, std::vector<Word> words) {
+    TORCH_CHECK_VALUE(fn != 0 && words.size() <= kMaxWords, "csd CPU graph: a kernel needs an address and at most ",
+                      kMaxWords, " argument words, got ", words.size());
+    Step s(Step::kKernel);
+    s.fn = reinterpret_cast<void*>(fn);
+    s.words = std::move(words);
+    steps_.push_back(std::move(s));
+  }
+
+  void add_qlinear(at::Tensor x, std::vector<at::Tensor> qdata, std::vector<at::Tensor> scale,
+                   std::vector<at::Tensor> zero, std::vector<at::Tensor> bits, std::vector<at::Tensor> outs) {
+    Step s(Step::kQlinear);
+    s.x = std::move(x);
+    s.qdata = std::move(qdata), s.scale = std::move(scale), s.zero = std::move(zero), s.bits = std::move(bits);
+    s.outs = std::move(outs);
+    steps_.push_back(std::move(s));
+  }
+
+  void add_attention(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> mask, double scale,
+                     at::Tensor out) {
+    Step s(Step::kAttention);
+    s.q = std::move(q), s.k = std::move(k), s.v = std::move(v), s.mask = std::move(mask), s.out = std::move(out);
+    s.sm_scale = scale;
+    steps_.push_back(std::move(s));
+  }
+
+  void add_python(py::object fn, py::tuple args, py::dict kwargs) {
+    Step s(Step::kPython);
+    s.pyfn = std::move(fn);
+    s.pyargs = std::move(args);
+    s.pykwargs = std::move(kwargs);
+    steps_.push_back(std::move(s));
+  }
+
+  // a call that returns new tensors (an ATen fallback): each replay copies them into `outs`, the
+  // tensors the recording call returned, which the later steps read
+  void add_python_into(py::object fn, py::tuple args, py::dict kwargs, std::vector<at::Tensor> outs) {
+    Step s(Step::kPythonInto);
+    s.pyfn = std::move(fn);
+    s.pyargs = std::move(args);
+    s.pykwargs = std::move(kwargs);
+    s.outs = std::move(outs);
+    steps_.push_back(std::move(s));
+  }
+
+  // inputs read in place: (position, the address recorded)
+  void pin_input(int64_t index, uintptr_t address) { pinned_.emplace_back(index, address); }
+
+  // inputs copied into the graph's buffer before each replay: (position, buffer)
+  void copy_input(int64_t index, at::Tensor buffer) {
+    TORCH_CHECK_VALUE(buffer.is_contiguous(), "csd CPU graph: an input buffer must be contiguous");
+    copied_.emplace_back(index, std::move(buffer));
+  }
+
+  int64_t num_inputs() const { return num_inputs_; }
+  void set_num_inputs(int64_t n) { num_inputs_ = n; }
+  size_t size() const { return steps_.size(); }
+
+  // Replays the step on `args` (the graph's inputs); false, having run nothing, when an input read
+  // in place has moved or one copied in does not match its buffer (the caller records again).
+  bool run(const py::list& args, bool timed) {
+    PyObject* list = args.ptr();
+    if (PyList_GET_SIZE(list) != num_inputs_) return false;
+    for (const auto& [index, address] : pinned_) {
+      PyObject* obj = PyList_GET_ITEM(list, index);
+      if (!THPVariable_Check(obj) ||
+          reinterpret_cast<uintptr_t>(THPVariable_Unpack(obj).const_data_ptr()) != address)
+        return false;
+    }
+    for (const auto& [index, buffer] : copied_) {
+      PyObject* obj = PyList_GET_ITEM(list, index);
+      if (!THPVariable_Check(obj)) return false;
+      const at::Tensor& src = THPVariable_Unpack(obj);
+      if (src.scalar_type() != buffer.scalar_type() || src.sizes() != buffer.sizes() || !src.device().is_cpu())
+        return false;
+    }
+    for (const auto& [index, buffer] : copied_) {
+      const at::Tensor& src = unpack(PyList_GET_ITEM(list, index));
+      if (src.is_contiguous())
+        std::memcpy(buffer.mutable_data_ptr(), src.const_data_ptr(), buffer.nbytes());
+      else
+        buffer.copy_(src);
+    }
+    if (timed && seconds_.size() != steps_.size()) seconds_.assign(steps_.size(), 0.0);
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      Step& s = steps_[i];
+      const auto t0 = timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+      switch (s.kind) {
+        case Step::kKernel:
+          kCallers[s.words.size()](s.fn, s.words.data());
+          break;
+        case Step::kQlinear:
+          csd_cpu::qlinear_cpu_multi_into(s.x, s.qdata, s.scale, s.zero, s.bits, s.outs);
+          break;
+        case Step::kAttention:
+          csd_cpu::decode_attention_into(s.q, s.k, s.v, s.mask, s.sm_scale, s.out);
+          break;
+        case Step::kPython:
+          s.pyfn(*s.pyargs, **s.pykwargs);
+          break;
+        case Step::kPythonInto:
+          copy_results(s.pyfn(*s.pyargs, **s.pykwargs), s.outs);
+          break;
+      }
+      if (timed) seconds_[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    return true;
+  }
+
+  // seconds spent in each step over the timed replays (diagnostics: where a replayed step goes)
+  std::vector<double> step_seconds() const { return seconds_; }
+
+ private:
+  std::vector<Step> steps_;
+  std::vector<std::pair<int64_t, uintptr_t>> pinned_;
+  std::vector<std::pair<int64_t, at::Tensor>> copied_;
+  int64_t num_inputs_ = 0;
+  std::vector<double> seconds_;
+};
+
+}  // namespace
+
+namespace csd_cpu {
+void bind_cpu_graph(py::module& m) {
+  py::class_<CpuGraph>(m, "CpuGraph", "a recorded CPU step, replayed from C++ (csd_compile/cpu_graph.py)")
+      .def(py::init<>())
+      .def("add_kernel", &CpuGraph::add_kernel)
+      .def("add_qlinear", &CpuGraph::add_qlinear)
+      .def("add_attention", &CpuGraph::add_attention)
+      .def("add_python", &CpuGraph::add_python)
+      .def("add_python_into", &CpuGraph::add_python_into)
+      .def("pin_input", &CpuGraph::pin_input)
+      .def("copy_input", &CpuGraph::copy_input)
+      .def("set_num_inputs", &CpuGraph::set_num_inputs)
+      .def_property_readonly("num_inputs", &CpuGraph::num_inputs)
+      .def("__len__", &CpuGraph::size)
+      .def("run", &CpuGraph::run, py::arg("args"), py::arg("timed") = false)
+      .def("step_seconds", &CpuGraph::step_seconds);
+  m.attr("cpu_graph_max_words") = kMaxWords;
+}
+}  // namespace csd_cpu
