@@ -89,28 +89,6 @@ def test_native_matches_reference_on_every_path(b, hkv, group, t, s, d, dtype, k
     _close(torch.ops.csd.decode_attention(q, k, v, mask, scale), ref, dtype)
 
 
-@settings(max_examples=25, deadline=None)
-@given(hkv=st.integers(1, 4), group=st.sampled_from([1, 3, 4]), t=st.integers(1, 6), s=st.sampled_from([64, 256, 300]),
-       threads=st.sampled_from([2, 3, 4]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
-def test_rows_split_over_threads_give_the_one_thread_values_bit_for_bit(hkv, group, t, s, threads, dtype, seed):
-    """Few key/value heads (SmolLM2's 3 on 2 threads): each head's query rows are split over several
-    tasks. Every row is computed by the same arithmetic in the same order whichever task has it."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, hkv * group, t, 64, generator=g).to(dtype)
-    k, v = torch.randn(1, hkv, s, 64, generator=g).to(dtype), torch.randn(1, hkv, s, 64, generator=g).to(dtype)
-    mask = torch.rand(1, 1, t, s, generator=g) < 0.7
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = native.direct_attention(q, k, v, mask, 0.125)
-        torch.set_num_threads(threads)
-        many = native.direct_attention(q, k, v, mask, 0.125)
-    finally:
-        torch.set_num_threads(before)
-    assert one.abs().max() > 0 and torch.equal(one.nan_to_num(7.0), many.nan_to_num(7.0))
-    _close(many, _reference(q, k, v, mask, 0.125), dtype)
-
-
 def test_matches_sdpa_for_a_decode_step_over_a_static_cache():
     # SmolLM2's attention: 9 query heads over 3 cache heads of 64, one query, a cache of 256 slots
     # of which 100 are written, HF's boolean mask

@@ -15,12 +15,10 @@
 // read: the same result, since its probability is exactly zero. (A cache slot holding inf or NaN
 // behind a closed mask therefore does not poison the output, where the tensor-op form gives NaN.)
 //
-// Work: the rows of one (batch row, key/value head) are the T queries of each query head that reads
-// that cache head; a task takes a share of them, so that each cache row it reads is converted to fp32
-// once for its rows. One task per head where there are enough heads to keep the threads busy; with
-// fewer (a small model's 3 key/value heads on 2 threads would run 2 tasks on one thread and 1 on the
-// other) each head's rows are split over up to 4 * threads / heads tasks. Per task: the query rows in
-// fp32, one pass over K computing the scores of the open slots, a softmax per row, one pass over V.
+// Work: one task per (batch row, key/value head), whose rows are the T queries of each query head
+// that reads that cache head: each cache row is read and converted to fp32 once for all of them. Per
+// task: the query rows in fp32, one pass over K computing the scores of the open slots, a softmax
+// per row, one pass over V.
 // A row whose every slot is closed gives NaN, as softmax over nothing does in the reference.
 // The loops are plain C++ on GCC/Clang vector types of each path's width (16, 8 or 4 floats),
 // compiled three times (AVX-512, AVX2+FMA, baseline) with target attributes and chosen at run time
@@ -65,7 +63,6 @@ struct Problem {
   int64_t vs[3];
   int64_t ms[4];  // strides of the mask expanded to [B, Hq, T, S]
   float scale;
-  int64_t parts;  // tasks per (batch row, key/value head): each takes a share of its rows
 };
 
 // One row of n values as fp32: a pointer to the row itself for fp32 input, else `buf` filled.
@@ -208,9 +205,8 @@ CSD_INLINE void mask_row(const Problem& pr, int64_t base, float* dst) {
   }
 }
 
-// Tasks [task0, task1): task = (b * Hkv + key/value head) * parts + part; the head's rows are the T
-// queries of each of the Hq / Hkv query heads that read this cache head (row r = g * T + t, query head
-// hk * group + g), and the task computes rows [part * R / parts, (part + 1) * R / parts).
+// Tasks [task0, task1): task = b * Hkv + key/value head; its rows are the T queries of each of the
+// Hq / Hkv query heads that read this cache head (row r = g * T + t, query head hk * group + g).
 template <typename scalar_t, typename mask_t, typename Vec>
 CSD_INLINE void attend(const Problem& pr, int64_t task0, int64_t task1, float* buf, uint8_t* open) {
   const int64_t T = pr.T, S = pr.S, D = pr.D, group = pr.Hq / pr.Hkv, R = group * T;
@@ -224,17 +220,15 @@ CSD_INLINE void attend(const Problem& pr, int64_t task0, int64_t task1, float* b
   const scalar_t* V = static_cast<const scalar_t*>(pr.v);
   scalar_t* O = static_cast<scalar_t*>(pr.out);
   for (int64_t task = task0; task < task1; ++task) {
-    const int64_t head = task / pr.parts, part = task % pr.parts;
-    const int64_t b = head / pr.Hkv, hk = head % pr.Hkv, h0 = hk * group;
-    const int64_t r0 = part * R / pr.parts, r1 = (part + 1) * R / pr.parts;
-    for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = task / pr.Hkv, hk = task % pr.Hkv, h0 = hk * group;
+    for (int64_t r = 0; r < R; ++r) {
       const scalar_t* src = Q + b * pr.qs[0] + (h0 + r / T) * pr.qs[1] + (r % T) * pr.qs[2];
       const float* f = as_float(src, qf + r * D, D);
       if (f != qf + r * D) std::memcpy(qf + r * D, f, D * sizeof(float));
     }
     // the mask's terms, and the slots open for some row; a slot closed for every row is not read
     std::memset(open, 0, S);
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = 0; r < R; ++r) {
       float* x = sc + r * S;
       mask_row<mask_t>(pr, b * pr.ms[0] + (h0 + r / T) * pr.ms[1] + (r % T) * pr.ms[2], x);
       for (int64_t s = 0; s < S; ++s) open[s] |= x[s] != kNegInf;
@@ -243,10 +237,10 @@ CSD_INLINE void attend(const Problem& pr, int64_t task0, int64_t task1, float* b
     for (int64_t s = 0; s < S; ++s) {
       if (!open[s]) continue;
       const float* kr = as_float(Kh + s * pr.ks[2], row, D);
-      for (int64_t r = r0; r < r1; ++r)
+      for (int64_t r = 0; r < R; ++r)
         if (sc[r * S + s] != kNegInf) sc[r * S + s] += dot<Vec>(qf + r * D, kr, D) * pr.scale;
     }
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = 0; r < R; ++r) {
       float* x = sc + r * S;
       const float mx = max_of(x, S);
       if (mx == kNegInf) {  // nothing open: softmax over nothing
@@ -257,17 +251,17 @@ CSD_INLINE void attend(const Problem& pr, int64_t task0, int64_t task1, float* b
       for (int64_t s = 0; s < S; ++s) x[s] = exp_nonpositive(x[s] - mx);  // closed: exp(-inf) = 0
       inv[r] = 1.f / sum_of<Vec>(x, S);
     }
-    std::memset(acc + r0 * D, 0, (r1 - r0) * D * sizeof(float));
+    std::memset(acc, 0, R * D * sizeof(float));
     const scalar_t* Vh = V + b * pr.vs[0] + hk * pr.vs[1];
     for (int64_t s = 0; s < S; ++s) {
       if (!open[s]) continue;
       const float* vr = as_float(Vh + s * pr.vs[2], row, D);
-      for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t r = 0; r < R; ++r) {
         const float e = sc[r * S + s];
         if (e != 0.f) axpy(acc + r * D, e, vr, D);
       }
     }
-    for (int64_t r = r0; r < r1; ++r) {  // out [B, Hq, T, D]: rows of one head are consecutive
+    for (int64_t r = 0; r < R; ++r) {  // out [B, Hq, T, D]: rows of one head are consecutive
       scalar_t* dst = O + ((b * pr.Hq + h0 + r / T) * T + r % T) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[r * D + d] * inv[r]);
     }
@@ -299,7 +293,7 @@ struct Avx512 {
 #endif
 
 template <typename scalar_t, typename mask_t>
-void run(Problem pr) {
+void run(const Problem& pr) {
   using Fn = void (*)(const Problem&, int64_t, int64_t, float*, uint8_t*);
   Fn fn = &Scalar::attend_tasks<scalar_t, mask_t>;
 #if CSD_X86
@@ -309,11 +303,8 @@ void run(Problem pr) {
   else if (isa == kAvx2)
     fn = &Avx2::attend_tasks<scalar_t, mask_t>;
 #endif
-  const int64_t heads = pr.B * pr.Hkv, rows = pr.Hq / pr.Hkv * pr.T;
-  const int64_t per_head = std::max<int64_t>(1, 2 * rows * pr.S * pr.D);
-  const int64_t threads = heads * per_head < kMinParallelWork ? 1 : at::get_num_threads();
-  pr.parts = threads == 1 ? 1 : std::min(rows, (4 * threads + heads - 1) / heads);  // >= 1
-  const int64_t tasks = heads * pr.parts, per_task = std::max<int64_t>(1, per_head / pr.parts);
+  const int64_t tasks = pr.B * pr.Hkv, rows = pr.Hq / pr.Hkv * pr.T;
+  const int64_t per_task = std::max<int64_t>(1, 2 * rows * pr.S * pr.D);
   const int64_t grain = std::max<int64_t>(1, kMinParallelWork / per_task);
   const int64_t floats = 2 * rows * pr.D + rows * pr.S + pr.D + rows;
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
