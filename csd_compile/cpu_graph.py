@@ -10,7 +10,9 @@ for the graphs this backend compiles with ``mode="reduce-overhead"``:
    recording shims. The step becomes a list of calls (``csrc/cpu_graph.cpp``): Inductor's generated
    C++ kernels by their address with their argument words (pointers and sizes), this package's
    quantized linears and decode attention writing into the outputs the recording call allocated,
-   and any other kernel as a Python call with its recorded arguments.
+   and from Python with their recorded arguments: Inductor's extern kernels (a GEMM into ``out=``),
+   C++ kernels with floating-point arguments, and ops reached through ``torch.ops`` (ATen fallbacks,
+   random seeds), whose new tensors are copied into the ones the recording call returned.
 2. Later calls check the inputs and replay that list from C++: no Python between the kernels, no
    allocation, the same buffers.
 
@@ -20,11 +22,11 @@ the step again when one has moved. Other inputs up to 64 KiB (the token, its pos
 into the graph's own buffers before each replay, so the caller may pass new tensors each call.
 Outputs are copies (a replay reuses its buffers), as CUDA graphs' outputs are after a copy.
 
-What is not replayed, with one warning: a wrapper that calls anything but Inductor's C++ kernels,
-this package's CPU kernels, allocations and views (an ATen fallback, an extern GEMM, a nested
-region's subgraph), non-tensor inputs (symbolic sizes), and a graph whose inputs keep moving (more
-than ``MAX_RECORDINGS`` recordings, fewer than four replays each). Such a graph runs Inductor's own
-wrapper, as without the mode. Under ``torch.profiler`` the wrapper runs too (the profile keeps its
+What is not replayed, with one warning: a wrapper that calls anything else (a nested region's
+subgraph function, an op returning something other than tensors), non-tensor inputs (symbolic
+sizes), and a graph whose inputs keep moving (more than ``MAX_RECORDINGS`` recordings, fewer than
+four replays each). Such a graph runs Inductor's own wrapper, as without the mode; so does a
+training graph's forward. Under ``torch.profiler`` the wrapper runs too (the profile keeps its
 per-kernel rows).
 """
 
@@ -307,8 +309,8 @@ def _replayable(fn: Any) -> bool:
 
 class _ExternKernels:
     """Recording stand-in for the wrapper's ``extern_kernels`` namespace: a call that writes into an
-    ``out=`` buffer is replayed as a Python call; one that returns a new tensor cannot be (the
-    recording is then dropped, after the call ran as usual)."""
+    ``out=`` buffer is replayed as a Python call; one that returns a new tensor too, its result then
+    copied into the recorded one."""
 
     def __init__(self, namespace: Any, records: list) -> None:
         self._namespace, self._records = namespace, records

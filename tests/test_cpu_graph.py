@@ -148,6 +148,24 @@ def test_aten_fallbacks_that_return_new_tensors_are_replayed():
     assert len(steps) == 1 and steps[0].given_up is None and steps[0].recordings == 1 and steps[0].replays == 3
 
 
+def test_random_ops_draw_new_numbers_at_every_replay():
+    """Inductor's random kernels take seeds from ``torch.ops.prims.inductor_seeds`` at every call: a
+    replay draws new seeds from the generator, so calls differ and a reseeded generator repeats."""
+    f = _compiled(lambda x: (x + torch.rand_like(x), torch.randn(5)))
+    x = torch.randn(6, generator=torch.Generator().manual_seed(9))
+    steps = _steps_of(lambda: f(x))
+    outs = [f(x) for _ in range(3)]
+    for u, n in outs:
+        assert ((u - x) >= 0).all() and ((u - x) < 1).all() and n.std() > 0
+    assert not torch.equal(outs[0][0], outs[1][0]) and not torch.equal(outs[1][1], outs[2][1])
+    torch.manual_seed(11)
+    first = f(x)
+    torch.manual_seed(11)
+    again = f(x)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert len(steps) == 1 and steps[0].given_up is None and steps[0].replays == 5
+
+
 def test_a_wrapper_calling_a_nested_region_runs_as_before_with_one_warning():
     @torch.compiler.nested_compile_region
     def inner(x):

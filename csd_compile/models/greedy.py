@@ -17,7 +17,9 @@ Guards: only the first decode step of a call checks all of Dynamo's guards (``cs
 CUDA graphs (``options={"mode": "reduce-overhead"}``): on a CUDA model every compiled step starts a
 new graph replay (``torch.compiler.cudagraph_mark_step_begin``) and each token is copied out of the
 graph's output memory, which the next replay overwrites. (HF's static cache marks its tensors as
-static addresses, so the step's cache writes do not stop Inductor from capturing it.)
+static addresses, so the step's cache writes do not stop Inductor from capturing it.) On CPU the
+same mode replays the step as a CPU graph (``csd_compile.cpu_graph``): the token and its position
+are copied into the graph's buffers, the cache is read in place.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ void copy_results(const py::object& result, const std::vector<at::Tensor>& outs)
 }
 
 const at::Tensor& unpack(PyObject* obj) {
-  TORCH_CHECK_TYPE(THPVariable_Check(obj), "csd CPU graph: graph inputs must be tensors");
+  TORCH_CHECK_TYPE(THPVariable_Check(obj), "csd CPU graph: expected a tensor, got ", Py_TYPE(obj)->tp_name);
   return THPVariable_Unpack(obj);
 }
 
