@@ -30,6 +30,12 @@ def _entry(rank: int, fn, world: int, port: int, out_dir: str, args: tuple) -> N
     result = fn(rank, *args)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    # a process that exits with its gloo group alive can abort in the group's teardown ("terminate
+    # called without an active exception", seen once in CI): close it first
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_ranks(fn, *args, world: int = 2) -> list:
