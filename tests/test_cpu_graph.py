@@ -57,6 +57,34 @@ def test_a_replayed_decode_step_gives_the_tokens_of_the_plain_one(options, dtype
     assert steps[0].recordings == 1 and steps[0].replays == 3 * 13 - 1
 
 
+@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 8}], ids=["bits4", "bits8"])
+def test_replayed_logits_equal_the_plain_steps_bit_for_bit(options):
+    """Teacher-forced over random tokens on a static cache: every position's logits from the replay
+    are the plain step's, bit for bit (the same kernels on the same values)."""
+    from transformers import StaticCache
+
+    model = make_tiny_llama(seed=24)
+    ids = _prompt(9, 12)
+    runs = {}
+    for mode in (None, "reduce-overhead"):
+        torch._dynamo.reset()
+        step = torch.compile(lambda **kw: model(**kw).logits[:, -1], backend="csd", fullgraph=True,
+                             options={**options, **({"mode": mode} if mode else {})})
+        cache = StaticCache(config=model.config, max_cache_len=16)
+
+        def run():
+            with torch.inference_mode():
+                runs[mode] = [step(input_ids=ids[:, i:i + 1], position_ids=torch.tensor([[i]]), cache=cache,
+                                   use_cache=True) for i in range(ids.shape[1])]
+
+        steps = _steps_of(run)
+    # (the first call, on an empty cache, may be a graph of its own)
+    assert all(s.given_up is None and s.recordings == 1 for s in steps)
+    assert sum(s.replays for s in steps) == ids.shape[1] - len(steps) and max(s.replays for s in steps) >= 10
+    assert all(a.abs().max() > 0 and torch.equal(a, b) for a, b in zip(runs[None], runs["reduce-overhead"]))
+    assert len({tuple(r.argmax(-1).tolist()) for r in runs[None]}) > 1  # the positions differ
+
+
 @pytest.mark.parametrize("caches", ["off", "warm"])
 def test_a_graph_compiled_afresh_or_read_from_the_caches_is_replayed(caches):
     """Inductor compiles the graph, or AOT Autograd's cache returns it without compiling: either way
