@@ -71,6 +71,12 @@ def replay(compiled: Callable) -> None:
     reached through the wrappers' closures; without one, a warning and no CPU graph."""
     from torch._inductor.output_code import CompiledFxGraph
 
+    from .kernels import native
+
+    if not native.load():  # (no compiler, or native.disable()): the replay is C++
+        warnings.warn("csd backend: mode='reduce-overhead' on CPU: the C++ CPU kernels are not available; the graph "
+                      "runs without a CPU graph", CpuGraphWarning, stacklevel=3)
+        return
     found = [g for g in _reachable(compiled) if isinstance(g, CompiledFxGraph)]
     for graph in list(found):
         runner = getattr(graph, "compiled_fn_runner", None)

@@ -342,3 +342,31 @@ def test_no_warning_for_a_plain_replayed_graph():
         for s in range(3):
             x = torch.randn(5, generator=torch.Generator().manual_seed(s))
             torch.testing.assert_close(f(x), x.exp() - 1)
+
+
+_WITHOUT_KERNELS = r"""
+import warnings, torch
+from csd_compile import cpu_graph
+from csd_compile.kernels import native
+native.disable()
+f = torch.compile(lambda x: x.sin() * 2 + 1, backend="csd", mode="reduce-overhead")
+g = torch.Generator().manual_seed(0)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        x = torch.randn(7, generator=g)
+        torch.testing.assert_close(f(x), x.sin() * 2 + 1)
+ours = [str(w.message) for w in caught if issubclass(w.category, cpu_graph.CpuGraphWarning)]
+assert len(ours) == 1 and "C++ CPU kernels are not available" in ours[0], ours
+assert cpu_graph.live_steps() == []
+print("ok")
+"""
+
+
+def test_without_the_cpp_kernels_the_mode_warns_once_and_runs_inductors_wrapper():
+    """(In a fresh process: ``native.disable()`` must come before the kernels load.)"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_KERNELS], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
