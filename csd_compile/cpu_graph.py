@@ -22,10 +22,15 @@ the step again when one has moved. Other inputs up to 64 KiB (the token, its pos
 into the graph's own buffers before each replay, so the caller may pass new tensors each call.
 Outputs are copies (a replay reuses its buffers), as CUDA graphs' outputs are after a copy.
 
+Symbolic sizes (int inputs: Dynamo recompiles a step with a dynamic cache length once it has seen
+a second cache size) fix every kernel argument of a call, so such a graph keeps one recording per
+value of its int inputs (at most ``MAX_SIZES``, the least recently replayed dropped first).
+
 What is not replayed, with one warning: a wrapper that calls anything else (a nested region's
-subgraph function, an op returning something other than tensors), non-tensor inputs (symbolic
-sizes), and a graph whose inputs keep moving (more than ``MAX_RECORDINGS`` recordings, fewer than
-four replays each). Such a graph runs Inductor's own wrapper, as without the mode; so does a
+subgraph function, an op returning something other than tensors), inputs that are neither tensors
+nor ints, a graph whose inputs keep moving (more than ``MAX_RECORDINGS`` recordings, fewer than
+four replays each), and every graph when the C++ kernels are not available (no compiler,
+``native.disable()``). Such a graph runs Inductor's own wrapper, as without the mode; so does a
 training graph's forward. Under ``torch.profiler`` the wrapper runs too (the profile keeps its
 per-kernel rows).
 """
@@ -44,12 +49,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["CpuGraphWarning", "CpuGraphStep", "replay", "live_steps", "SMALL_INPUT_BYTES", "MAX_RECORDINGS"]
+__all__ = [
+    "CpuGraphWarning", "CpuGraphStep", "replay", "live_steps", "SMALL_INPUT_BYTES", "MAX_RECORDINGS", "MAX_SIZES",
+]
 
 log = logging.getLogger(__name__)
 
 SMALL_INPUT_BYTES = 1 << 16  # inputs up to this size that are neither static nor written are copied in
 MAX_RECORDINGS = 8  # then: give up unless the recordings are replayed four times each on average
+MAX_SIZES = 8  # recordings kept at once, one per value of a graph's symbolic sizes (least recently replayed goes)
 
 # wrapper globals that only make buffers and views (their results reach the recorded kernels) or
 # check the inputs' alignment, sizes and strides (which a replay's checks of its inputs imply)
@@ -141,9 +149,9 @@ class CpuGraphStep:
         self._runner = runner
         self._plain = plain  # Inductor's callable (input realignment included)
         self._static, self._written, self._aligned = static, written, aligned
-        self._graph = None  # csd_compile_cpu_kernels.CpuGraph
-        self._outputs: Any = None
-        self._keep: list = []  # every tensor the recorded calls use (their addresses are in the graph)
+        self._sizes: tuple[int, ...] = ()  # positions of the int inputs (symbolic sizes), found at the first call
+        self._recorded: dict[tuple, _Recording] = {}  # by the values of those inputs
+        self._calls = 0
         self._lock = threading.Lock()
         self.recordings = 0
         self.replays = 0
@@ -151,13 +159,16 @@ class CpuGraphStep:
         _LIVE.add(self)
 
     def __call__(self, args: list) -> Any:
-        graph = self._graph
-        if graph is not None and not _profiling():
-            with self._lock:  # one replay at a time: they share the graph's buffers
-                if graph.run(args):
-                    self.replays += 1
-                    args.clear()
-                    return _copies(self._outputs)
+        self._calls += 1
+        if self._recorded and not _profiling():
+            rec = self._recorded.get(tuple([args[i] for i in self._sizes]) if self._sizes else ())
+            if rec is not None:
+                with self._lock:  # one replay at a time: they share the graph's buffers
+                    if rec.graph.run(args):
+                        self.replays += 1
+                        rec.used = self._calls
+                        args.clear()
+                        return _copies(rec.outputs)
         if self.given_up is not None or _profiling():
             return self._plain(args)
         if self.recordings >= MAX_RECORDINGS and self.replays < 4 * self.recordings:
@@ -165,40 +176,46 @@ class CpuGraphStep:
             return self._plain(args)
         with self._lock:
             try:
-                cap, graph = self._prepare(args)
+                cap, graph, key = self._prepare(args)
             except _NotReplayable as e:
                 self._give_up(str(e))
                 return self._plain(args)
             self.recordings += 1
-            self._graph = None
+            self._recorded.pop(key, None)
             outputs, records = self._record(cap)
             try:
                 keep = _add_steps(graph, records)
             except _NotReplayable as e:
                 self._give_up(str(e))
             else:
-                self._graph, self._keep, self._outputs = graph, keep, outputs
+                if len(self._recorded) >= MAX_SIZES:  # the least recently replayed one goes
+                    del self._recorded[min(self._recorded, key=lambda k: self._recorded[k].used)]
+                self._recorded[key] = _Recording(graph, keep, outputs, self._calls)
             args.clear()
             return _copies(outputs)
 
     def _give_up(self, why: str) -> None:
         self.given_up = why
-        self._graph, self._keep, self._outputs = None, [], None
+        self._recorded.clear()
         warnings.warn(f"csd backend: mode='reduce-overhead' on CPU: this graph runs without a CPU graph: {why}",
                       CpuGraphWarning, stacklevel=3)
 
-    def _prepare(self, args: list) -> tuple[list, Any]:
-        """The inputs the recording runs on (small ones replaced by the graph's buffers) and a new
-        graph that checks or copies each."""
+    def _prepare(self, args: list) -> tuple[list, Any, tuple]:
+        """The inputs the recording runs on (small ones replaced by the graph's buffers), a new graph
+        that checks or copies each, and the values of the int inputs the recording is for."""
         from .kernels import native
 
         _kernels(type(self._runner).call)  # raises for a wrapper that calls anything else
         graph = native.CpuGraph()
         graph.set_num_inputs(len(args))
         cap = list(args)
+        sizes = []
         for i, t in enumerate(args):
+            if type(t) is int:  # a symbolic size: this recording serves calls with the same value
+                sizes.append(i)
+                continue
             if not isinstance(t, torch.Tensor):
-                raise _NotReplayable(f"input {i} is a {type(t).__name__}, not a tensor (a symbolic size)")
+                raise _NotReplayable(f"input {i} is a {type(t).__name__}, not a tensor or an int")
             if t.device.type != "cpu" or t.is_sparse or t.layout != torch.strided:
                 raise _NotReplayable(f"input {i} is not a dense CPU tensor ({t.device}, {t.layout})")
             if (i not in self._static and i not in self._written and t.is_contiguous()
@@ -210,7 +227,10 @@ class CpuGraphStep:
                 if i in self._aligned and t.data_ptr() % 16:  # Inductor's callable would copy it to align it
                     raise _NotReplayable(f"input {i} is not 16-byte aligned, as its kernels assume")
                 graph.pin_input(i, t.data_ptr())
-        return cap, graph
+        if self._recorded and tuple(sizes) != self._sizes:
+            raise _NotReplayable(f"its int inputs moved (positions {list(self._sizes)}, then {sizes})")
+        self._sizes = tuple(sizes)
+        return cap, graph, tuple(args[i] for i in sizes)
 
     def _record(self, cap: list) -> tuple[Any, list]:
         """Runs the wrapper's code once with recording shims in place of its kernels; its outputs and
@@ -221,6 +241,16 @@ class CpuGraphStep:
         recording = types.FunctionType(call.__code__, {**call.__globals__, **shims}, call.__name__,
                                        call.__defaults__, call.__closure__)
         return recording(self._runner, cap), records
+
+
+class _Recording:
+    """One recorded step: the C++ graph, the tensors its calls use (their addresses are in the graph),
+    the outputs it writes, and the call that last replayed it."""
+
+    __slots__ = ("graph", "keep", "outputs", "used")
+
+    def __init__(self, graph: Any, keep: list, outputs: Any, used: int) -> None:
+        self.graph, self.keep, self.outputs, self.used = graph, keep, outputs, used
 
 
 def _copies(outputs: Any) -> Any:

@@ -212,14 +212,55 @@ def test_a_wrapper_calling_a_nested_region_runs_as_before_with_one_warning():
         torch.testing.assert_close(o, fn(x))
 
 
-def test_symbolic_sizes_run_as_before_with_one_warning():
-    f = torch.compile(lambda x: x.cos() + 1, backend="csd", mode="reduce-overhead", dynamic=True)
+def test_symbolic_sizes_are_recorded_once_per_value_and_replayed():
+    f = torch.compile(lambda x, y: (x.cos() + 1) * y.sum(), backend="csd", mode="reduce-overhead", dynamic=True)
     g = torch.Generator().manual_seed(4)
-    xs = [torch.randn(n, generator=g) for n in (5, 8, 11)]
-    with pytest.warns(cpu_graph.CpuGraphWarning, match="not a tensor"):
-        outs = [f(x) for x in xs]
+    sizes = (5, 8, 5, 11, 8, 5, 11)
+    xs = [(torch.randn(n, generator=g), torch.randn(3 * n, generator=g)) for n in sizes]
+    outs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cpu_graph.CpuGraphWarning)
+        steps = _steps_of(lambda: outs.extend(f(*x) for x in xs))
+    for o, (x, y) in zip(outs, xs):
+        torch.testing.assert_close(o, (x.cos() + 1) * y.sum())
+    assert len(steps) == 1 and steps[0].given_up is None  # dynamic=True: one graph for every size
+    assert steps[0].recordings == 3 and steps[0].replays == len(sizes) - 3
+
+
+def test_a_recording_per_size_beyond_the_limit_drops_the_least_recently_replayed(monkeypatch):
+    monkeypatch.setattr(cpu_graph, "MAX_SIZES", 2)
+    f = torch.compile(lambda x: x.sin() * 3, backend="csd", mode="reduce-overhead", dynamic=True)
+    g = torch.Generator().manual_seed(6)
+    sizes = (4, 6, 4, 9, 4, 6, 6, 4)  # 6 is dropped when 9 comes (4 was replayed later), then recorded again
+    xs = [torch.randn(n, generator=g) for n in sizes]
+    outs = []
+    steps = _steps_of(lambda: outs.extend(f(x) for x in xs))
     for o, x in zip(outs, xs):
-        torch.testing.assert_close(o, x.cos() + 1)
+        torch.testing.assert_close(o, x.sin() * 3)
+    assert len(steps) == 1 and len(steps[0]._recorded) == 2
+    assert steps[0].recordings == 4 and steps[0].replays == len(sizes) - 4
+
+
+def test_a_decoder_whose_prompts_need_a_larger_cache_replays_both_sizes():
+    """A longer prompt needs the next cache bucket: Dynamo recompiles the step with a symbolic cache
+    length, and that graph is recorded per cache size and replayed, with the plain step's tokens."""
+    model = make_tiny_llama(seed=23, max_position_embeddings=1024)
+    prompts = [_prompt(s, n) for s, n in ((1, 40), (2, 300), (3, 20), (4, 290), (5, 600))]
+    plain = GreedyDecoder(model, backend="csd", options={"bits": 4})
+    expected = [plain(ids, max_new_tokens=9, eos_token_id=[]) for ids in prompts]
+    torch._dynamo.reset()
+    dec = GreedyDecoder(model, backend="csd", options={"bits": 4, "mode": "reduce-overhead"})
+    got = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cpu_graph.CpuGraphWarning)
+        steps = _steps_of(lambda: got.extend(dec(ids, max_new_tokens=9, eos_token_id=[]) for ids in prompts))
+    assert [g.tolist() for g in got] == [e.tolist() for e in expected]
+    assert all(s.given_up is None for s in steps)
+    # a static graph (the first cache) and a symbolic one, recorded once per cache size it serves
+    # (Dynamo tries its newest graph first, so the symbolic one may serve the first size too)
+    assert len(steps) == 2 and max(s.recordings for s in steps) >= 2
+    recordings = sum(s.recordings for s in steps)
+    assert recordings in (3, 4) and sum(s.replays for s in steps) == 5 * 8 - recordings
 
 
 def test_an_extern_gemm_and_a_kernel_of_many_arguments_are_replayed():
