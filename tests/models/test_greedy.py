@@ -149,3 +149,15 @@ def test_bad_construction_is_refused():
         GreedyDecoder(make_tiny_llama(), backend=None, options={"bits": 4})
     with pytest.raises(TypeError, match="mapping"):
         GreedyDecoder(make_tiny_llama(), options=[("bits", 4)])
+
+
+def test_more_decoders_of_one_model_than_dynamos_recompile_limit():
+    """Each decoder compiles its own copy of the step function: on one shared code object the
+    decoder past Dynamo's recompile limit failed (fullgraph). The limit is lowered to 2 so that four
+    decoders of one model (two backends, two cache lengths) cross it."""
+    model = make_tiny_llama(seed=14, max_position_embeddings=1024)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for seed, length, backend in ((1, 9, "eager"), (2, 300, "aot_eager"), (3, 5, "aot_eager"), (4, 600, "eager")):
+            ids = _prompt(seed, length)
+            dec = GreedyDecoder(model, backend=backend)
+            assert dec(ids, max_new_tokens=6, eos_token_id=[]).tolist() == _hf(model, ids, 6).tolist()

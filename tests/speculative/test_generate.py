@@ -294,3 +294,16 @@ def test_cuda_graph_modes_warn_that_the_draft_verify_step_runs_without_them():
         warn_if_graphs_requested({"mode": "reduce-overhead"}, cpu)  # nothing to capture on CPU
         warn_if_graphs_requested({"mode": "max-autotune-no-cudagraphs"}, cuda)
         warn_if_graphs_requested(None, cuda)
+
+
+def test_more_engines_than_dynamos_recompile_limit_each_compile_their_own_step(target):
+    """Every engine (a K, a cache size, a draft) compiles build_step's step function; on one shared
+    code object the engine past Dynamo's recompile limit failed (fullgraph). Each now compiles a copy
+    of its own. The limit is lowered to 2 so that four engines cross it."""
+    ids = _prompt(seed=7)
+    ref = _hf_greedy(target, ids, 9)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for k in (1, 2, 3, 4):
+            out = generate(target, ids, draft="self", num_draft_tokens=k, max_new_tokens=9, eos_token_id=NO_EOS,
+                           compile_backend="eager")
+            assert torch.equal(out, ref)
