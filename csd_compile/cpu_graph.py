@@ -161,7 +161,7 @@ class CpuGraphStep:
     def __call__(self, args: list) -> Any:
         self._calls += 1
         if self._recorded and not _profiling():
-            rec = self._recorded.get(tuple([args[i] for i in self._sizes]) if self._sizes else ())
+            rec = self._recorded.get(self._key(args))
             if rec is not None:
                 with self._lock:  # one replay at a time: they share the graph's buffers
                     if rec.graph.run(args):
@@ -230,7 +230,11 @@ class CpuGraphStep:
         if self._recorded and tuple(sizes) != self._sizes:
             raise _NotReplayable(f"its int inputs moved (positions {list(self._sizes)}, then {sizes})")
         self._sizes = tuple(sizes)
-        return cap, graph, tuple(args[i] for i in sizes)
+        return cap, graph, self._key(args)
+
+    def _key(self, args: list) -> tuple:
+        """The values of the int inputs (symbolic sizes): which recording serves ``args``."""
+        return tuple([args[i] for i in self._sizes]) if self._sizes else ()
 
     def _record(self, cap: list) -> tuple[Any, list]:
         """Runs the wrapper's code once with recording shims in place of its kernels; its outputs and

@@ -9,15 +9,27 @@ first call in the loop has passed every guard, its later calls can run under
 tell the frame's compiled variants apart. The stance is entered around the step call alone:
 other compiled code (a streamer's, another thread's between steps) keeps its guards, and a model
 changed between two calls is seen at the next call's first step.
+
+Also here: :func:`own_code`, which gives each decoding step a code object of its own before it is
+compiled (Dynamo keeps compiled graphs, and counts recompiles, per code object).
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
-__all__ = ["GuardedOnce"]
+__all__ = ["GuardedOnce", "own_code"]
+
+
+def own_code(fn: types.FunctionType) -> types.FunctionType:
+    """``fn`` on a copy of its code object, to compile on its own. Dynamo keeps compiled graphs, and
+    counts recompiles, per code object: every speculative engine's step is ``build_step``'s one
+    function and every ``GreedyDecoder``'s step its one closure, and on that shared code the ninth
+    engine of a process (another K, cache size or draft) failed with the recompile limit."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 class GuardedOnce:

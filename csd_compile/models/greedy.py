@@ -25,14 +25,13 @@ are copied into the graph's buffers, the cache is read in place.
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..stance import GuardedOnce
+from ..stance import GuardedOnce, own_code
 
 __all__ = ["GreedyDecoder"]
 
@@ -64,10 +63,8 @@ class GreedyDecoder:
         def step(**kwargs) -> torch.Tensor:  # the next token [1, 1]
             return model(**kwargs).logits[:, -1].argmax(-1, keepdim=True)
 
-        if backend is not None:  # on a code object of its own: Dynamo counts recompiles per code object
-            step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, None, step.__closure__)
         self._step = step if backend is None else torch.compile(
-            step, backend=backend, fullgraph=True, options=dict(options) if options else None)
+            own_code(step), backend=backend, fullgraph=True, options=dict(options) if options else None)
         self._caches: dict[int, Any] = {}
 
     def _cache(self, length: int):

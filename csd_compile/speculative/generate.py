@@ -9,14 +9,13 @@ tokens once per step. Compiled steps and caches live in an :class:`Engine`, kept
 from __future__ import annotations
 
 import time
-import types
 import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..stance import GuardedOnce
+from ..stance import GuardedOnce, own_code
 from .cache import RowCache
 from .drafts import ModelDraft, NgramDraft, NoDraft, make_self_draft, vocab_size
 from .csd_accept import DEFAULT_LAMBDA, DEFAULT_TAU
@@ -71,12 +70,7 @@ class Engine:
         def compiled(fn):
             if args.backend is None:
                 return fn
-            # on a code object of its own: Dynamo keeps compiled graphs, and counts recompiles, per code
-            # object, and every engine's step is build_step's one function; on the shared code, the ninth
-            # engine of a process (another K, cache size or draft) failed with the recompile limit
-            fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                                    fn.__closure__)
-            return torch.compile(fn, backend=args.backend, fullgraph=True, **extra)
+            return torch.compile(own_code(fn), backend=args.backend, fullgraph=True, **extra)
 
         self.step = compiled(step)
         # a draft that proposes on the host may leave a step with no proposal: plain decoding then
