@@ -1,6 +1,6 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
-    python -m benchmarks.fixed_cost_ab --lever size_asserts|guards|direct_qlinear|decode_attention|group_linears|
+    python -m benchmarks.fixed_cost_ab --lever size_asserts|direct|direct_qlinear|decode_attention|group_linears|
         scale_layout|bf16_dot|cpu_graph [--options bits=auto] [--rounds 7] [--cache-slots N]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
@@ -9,8 +9,9 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 
 - ``size_asserts``: the backend's ``WRAPPER_CONFIG`` (Inductor's ``size_asserts`` off) against a
   backend compiled with it on (a second registered backend, so each decoder has its own graph);
-- ``guards``: ``csd_compile.stance.GuardedOnce`` (guards checked at a call's first step only)
-  against checking them at every step (one decoder, the stance disabled in alternate rounds);
+- ``direct``: ``csd_compile.stance.LoopSteps`` (a call's first step through Dynamo, its later ones
+  straight to the compiled graph) against its later steps through Dynamo too, guards skipped (what it
+  did before: one decoder, direct calls refused in alternate rounds);
 - ``direct_qlinear``: the Python wrapper calling the C++ kernel as a plain function
   (``csd_compile.kernels.native.direct_qlinear``) against calling ``torch.ops.csd.qlinear_cpu_native``
   through the dispatcher (a second backend compiling without that codegen, Inductor's caches off);
@@ -29,7 +30,7 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 
 ``--cache-slots N`` sizes the static KV cache at N slots (a call asks for N - 53 new tokens and is
 stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
-(levers that change values: not guards) then scores quality: each side's step, compiled the same way but returning
+(levers that change values: not direct) then scores quality: each side's step, compiled the same way but returning
 logits, reads N tokens of shipped text (Britannica, HumanEval) one at a time over a static cache
 (teacher forcing), and the mean negative log-likelihood per token is printed for both, with how
 often the two steps' argmax (the greedy token) agree at the same position.
@@ -99,7 +100,7 @@ def _compiled_afresh() -> contextlib.ExitStack:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lever", required=True, choices=["size_asserts", "guards", "direct_qlinear", "decode_attention",
+    ap.add_argument("--lever", required=True, choices=["size_asserts", "direct", "direct_qlinear", "decode_attention",
                                                          "group_linears", "scale_layout", "bf16_dot", "cpu_graph"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
@@ -109,8 +110,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.threads < 1:
         raise SystemExit("--rounds and --threads must be >= 1")
-    if args.nll_tokens and (args.nll_tokens < 2 or args.lever == "guards"):
-        raise SystemExit("--nll-tokens must be >= 2, for a lever that changes the values (not guards)")
+    if args.nll_tokens and (args.nll_tokens < 2 or args.lever == "direct"):
+        raise SystemExit("--nll-tokens must be >= 2, for a lever that changes the values (not direct)")
     prompt, tokens = 53, 96
     if args.cache_slots is not None and args.cache_slots < prompt + tokens + 1:
         raise SystemExit(f"--cache-slots must be >= {prompt + tokens + 1} (prompt {prompt} + {tokens + 1} tokens)")
@@ -208,7 +209,7 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd_lever_undone"}
         lever_options = {shipped: options, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-    else:  # guards, bf16_dot: one decoder, the lever toggled around its calls
+    else:  # direct, bf16_dot: one decoder, the lever toggled around its calls
         if args.lever == "bf16_dot":
             from csd_compile.kernels import native
 
@@ -220,15 +221,17 @@ def main(argv=None) -> None:
             settings = {shipped: lambda: native.use_isa("avx512bf16"), undone: lambda: native.use_isa(float_path)}
         else:
             @contextlib.contextmanager
-            def every_step_guarded():
-                real = greedy.GuardedOnce
-                greedy.GuardedOnce = lambda compiled: real(False)  # never skips
+            def through_dynamo():
+                from csd_compile import stance
+
+                real = stance._Direct.of
+                stance._Direct.of = classmethod(lambda cls, *a: None)  # every step then skips only the guards
                 try:
                     yield
                 finally:
-                    greedy.GuardedOnce = real
+                    stance._Direct.of = real
 
-            settings = {shipped: contextlib.nullcontext, undone: every_step_guarded}
+            settings = {shipped: contextlib.nullcontext, undone: through_dynamo}
         model, tokenizer = load_model(dtype="bf16")
         dec = greedy.GreedyDecoder(model, backend="csd", options=options)
         decoders = {shipped: dec, undone: dec}

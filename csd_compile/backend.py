@@ -19,6 +19,7 @@ from torch import fx
 from . import progress
 from .config import MODES, CSDConfig, OptionError
 from .passes import BOUND_INPUTS, clone_graph_module, node_value, pre_aot_passes
+from .stance import Recorded
 
 __all__ = ["csd_backend", "CSDFallbackWarning"]
 
@@ -57,6 +58,21 @@ def csd_backend(
         mode: ``torch.compile``'s ``mode=`` (which it passes instead of ``options``): the same as
             the ``mode`` option, Inductor's settings for that mode.
     """
+    compiled = _compile(gm, example_inputs, options=options, mode=mode)
+    # recorded: a decoding loop calls the graph directly after a step's first call (csd_compile/stance.py)
+    if isinstance(compiled, _BoundToWeights):
+        return Recorded(compiled, compiled.graph_for)
+    return Recorded(compiled)
+
+
+def _compile(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: Mapping[str, Any] | None,
+    mode: str | None,
+) -> Any:
+    """:func:`csd_backend`'s work: the compiled graph, before it is wrapped for recording."""
     try:
         cfg = CSDConfig.from_options(options)
         if mode is not None:
@@ -145,7 +161,7 @@ def csd_backend(
         return compiled
 
     def rebuild(inputs: list[Any]) -> Callable:
-        again = csd_backend(gm, inputs, options=options, mode=mode)
+        again = _compile(gm, inputs, options=options, mode=mode)
         return next(iter(again._graphs.values())) if isinstance(again, _BoundToWeights) else again
 
     return _BoundToWeights(compiled, sorted(bound), example_inputs, rebuild)
@@ -179,12 +195,16 @@ class _BoundToWeights:
         for t in set(self._pick(inputs)):  # a freed tensor's id may be reused: forget its graphs
             weakref.finalize(t, _forget, me, key)
 
-    def __call__(self, *args: Any) -> Any:
+    def graph_for(self, args: Sequence[Any]) -> Callable:
+        """The graph compiled for the tensors at the bound inputs of ``args`` (compiled now if new)."""
         compiled = self._graphs.get(self._key(args))
         if compiled is None:
             compiled = self._rebuild(list(args))
             self._add(compiled, args)
-        return compiled(*args)
+        return compiled
+
+    def __call__(self, *args: Any) -> Any:
+        return self.graph_for(args)(*args)
 
 
 def _forget(ref: "weakref.ref[_BoundToWeights]", key: tuple[int, ...]) -> None:

@@ -8,7 +8,7 @@ from benchmarks import fixed_cost_ab
 @pytest.mark.parametrize("argv, match", [
     (["--lever", "decode_attention", "--rounds", "0"], "--rounds and --threads must be >= 1"),
     (["--lever", "decode_attention", "--cache-slots", "100"], "--cache-slots must be >= 150"),
-    (["--lever", "guards", "--nll-tokens", "50"], "--nll-tokens must be >= 2, for a lever that changes the values"),
+    (["--lever", "direct", "--nll-tokens", "50"], "--nll-tokens must be >= 2, for a lever that changes the values"),
     (["--lever", "decode_attention", "--nll-tokens", "1"], "--nll-tokens must be >= 2"),
     (["--lever", "group_linears", "--threads", "0"], "--rounds and --threads must be >= 1"),
     (["--lever", "scale_layout", "--rounds", "0"], "--rounds and --threads must be >= 1"),

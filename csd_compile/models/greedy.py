@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..stance import GuardedOnce, own_code
+from ..stance import LoopSteps, own_code
 
 __all__ = ["GreedyDecoder"]
 
@@ -116,7 +116,10 @@ class GreedyDecoder:
         token = logits[:, -1].argmax(-1, keepdim=True)
         new = [token]
         position = torch.tensor([[ids.shape[1]]], device=device)
-        guards = GuardedOnce(self._compiled)
+        # the step's token and position are one tensor each for the whole call, updated in place: its
+        # later calls then go straight to the compiled graph (csd_compile/stance.py)
+        step_input = token.clone()
+        steps = LoopSteps(self._compiled)
         graphs = self._compiled and device.type == "cuda"  # replays of a CUDA graph, if the mode made one
         while True:
             if streamer is not None:
@@ -125,9 +128,9 @@ class GreedyDecoder:
                 break
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            with guards(self._step):
-                token = self._step(input_ids=token, position_ids=position, cache=cache, use_cache=True,
-                                   logits_to_keep=1)
+            step_input.copy_(token)
+            token = steps(self._step, input_ids=step_input, position_ids=position, cache=cache, use_cache=True,
+                          logits_to_keep=1)
             if graphs:
                 token = token.clone()
             new.append(token)

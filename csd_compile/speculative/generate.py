@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..stance import GuardedOnce, own_code
+from ..stance import LoopSteps, own_code
 from .cache import RowCache
 from .drafts import ModelDraft, NgramDraft, NoDraft, make_self_draft, vocab_size
 from .csd_accept import DEFAULT_LAMBDA, DEFAULT_TAU
@@ -262,7 +262,7 @@ def generate(
     if eng.decode_step is not None:  # host-side proposals: each row's real tokens, kept as lists
         prompts = [row[int(p) - 1:] for row, p in zip(args.input_ids.tolist(), pad.tolist())]
     steps = accepted = row_steps = 0
-    guards = GuardedOnce(args.backend is not None)  # guards checked at each step's first call only
+    calls = LoopSteps(args.backend is not None)  # Dynamo at each step's first call, its graph directly after
     while True:
         for b in finished:
             done[b] = True
@@ -277,8 +277,7 @@ def generate(
                 eng.draft.buffer.copy_(torch.tensor([r + [-1] * (K - len(r)) for r in proposals]))
             else:
                 step = eng.decode_step
-        with guards(step):
-            out, n = step(tokens, length, pad, active, k)
+        out, n = calls(step, tokens, length, pad, active, k)
         out_l, n_l = out.tolist(), n.tolist()  # the one host read per step
         steps += 1
         finished = []
