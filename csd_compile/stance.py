@@ -200,18 +200,23 @@ def _same_replay_every_call(code: types.CodeType) -> bool:
     result list, and not kept for a second use (COPY, STORE_FAST), goes to one place; the caller
     then checks that it is the step's return value."""
     ins = list(dis.get_instructions(code))
-    results = {i.argval for i in ins if i.opname == "STORE_FAST" and str(i.argval).startswith("graph_out")}
-    if len(results) != 1:
+    stores = [i.argval for i in ins if i.opname == "STORE_FAST" and str(i.argval).startswith("graph_out")]
+    if len(stores) != 1:
         return False
-    result = results.pop()
+    result = stores[0]
     read = []
     for k, i in enumerate(ins):
         name = i.argval if isinstance(i.argval, str) else ""
         if i.opname in ("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL") and any(n in name for n in _NOT_IDEMPOTENT):
             return False
-        if i.opname.startswith("LOAD_FAST") and i.argval == result:
-            after = [j.opname for j in ins[k + 1:k + 4]] + ["", "", ""]
-            if after[:2] != ["LOAD_CONST", "BINARY_SUBSCR"] or after[2] in ("COPY", "DUP_TOP", "STORE_FAST"):
-                return False
-            read.append(ins[k + 1].argval)
+        if result not in (i.argval if isinstance(i.argval, tuple) else (i.argval,)) or i.opname in (
+                "STORE_FAST", "DELETE_FAST"):
+            continue
+        # any other use than LOAD_FAST result; LOAD_CONST j; BINARY_SUBSCR, not kept (another Python's
+        # opcodes included: they fail here, and the step keeps going through Dynamo)
+        after = [j.opname for j in ins[k + 1:k + 4]] + ["", "", ""]
+        if i.opname != "LOAD_FAST" or after[:2] != ["LOAD_CONST", "BINARY_SUBSCR"] or after[2] in (
+                "COPY", "DUP_TOP", "STORE_FAST"):
+            return False
+        read.append(ins[k + 1].argval)
     return len(read) == len(set(read))
