@@ -32,9 +32,9 @@
 //           other CPUs (ARM, ...), where the x86 code is left out (as with -DCSD_NO_X86).
 // Scales and zeros are [N, G], column-major as nested.py stores them (a block's 64 values of a group
 // are one vector load, and the next block's are prefetched) or row-major (gathered; they stay in L1
-// from one group to the next), and the code stream is prefetched ahead by hand: at M = 1 the product
-// is a stream of the weight bytes, and without the prefetches a cold weight ran at half the speed of
-// a cached one.
+// from one group to the next), and on the float paths the code stream is prefetched ahead by hand: at
+// M = 1 the product is a stream of the weight bytes, and without the prefetches a cold weight ran at
+// half the speed of a cached one (the bf16 dot-product path leaves it to the hardware: Bf16Avx512).
 // Work is split over threads in units of (64-row block, range of groups); K is split only when there
 // are few blocks (N = 192 is 3 of them), and those partial sums are added at the end.
 // csd::qlinear_cpu_multi_native runs several weights on one x (a layer's q/k/v, gate/up) as one such
@@ -150,6 +150,7 @@ inline int rung_code(int h, int l, int bits) { return bits == 8 ? (h << 4) | l :
 // Portable path: decode the group's 64 x gs codes one k at a time into floats, FMA per row.
 struct Scalar {
   static constexpr int kRows = 4;
+  static constexpr bool kPrefetchCodes = true;
   template <int BITS, int MR>
   static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g, int64_t m0,
                     float* res) {
@@ -205,6 +206,7 @@ CSD_TARGET_AVX512 inline void decode16(const uint8_t* h, const uint8_t* l, __m51
 // pass of up to 8 rows decodes the codes once.
 struct Avx512Passes {
   static constexpr int kRows = 8;
+  static constexpr bool kPrefetchCodes = true;
   template <int MR>
   static constexpr int kChunks = MR <= 4 ? 2 : 1;
 };
@@ -287,6 +289,12 @@ struct Bf16Consts {
 };
 
 struct Bf16Avx512 : Avx512Passes {
+  // Its loop reads a code line in fewer instructions than the float paths, and the hand prefetches
+  // (prefetch_group) only got in the way: on AMD Zen 4, the embedded model's 121 products of a token
+  // with cold weights took 1.18-1.27x (4 bits) and 1.30x (8 bits) the time with them, the decode
+  // step 1.10x and 1.29x; the float paths there 1.04x (so they keep them: a CPU of an earlier session
+  // ran cold products at half the warm speed without them). The hardware prefetchers fetch its stream.
+  static constexpr bool kPrefetchCodes = false;
   template <int BITS, int MR>
   CSD_TARGET_AVX512BF16 static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
                                           int64_t m0, float* res) {
@@ -371,6 +379,7 @@ CSD_TARGET_AVX2 inline void decode8(const uint8_t* h, const uint8_t* l, __m256& 
 struct Avx2 {
   // 16 ymm registers: 8-byte chunks (16 rows) per pass such that accumulators stay at <= 8.
   static constexpr int kRows = 4;
+  static constexpr bool kPrefetchCodes = true;
   template <int MR>
   static constexpr int kChunks = MR == 1 ? 4 : MR == 2 ? 2 : 1;
 
@@ -697,8 +706,8 @@ inline void rows_pass(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_
   if constexpr (MR <= Path::kRows) Path::template group<BITS, MR>(c, hb, lb, n0, g, m0, res);
 }
 
-// Prefetches ahead of group g of the row block at n0 (codes at hb / lb).
-template <int BITS>
+// Prefetches ahead of group g of the row block at n0 (codes at hb / lb; the codes only with CODES).
+template <int BITS, bool CODES = true>
 __attribute__((always_inline)) inline void prefetch_group(const Ctx& c, const uint8_t* hb, const uint8_t* lb,
                                                           int64_t n0, int64_t g) {
   // The next row block's scales and zeros are one contiguous run of 64 * G floats each (4 G cache
@@ -715,6 +724,7 @@ __attribute__((always_inline)) inline void prefetch_group(const Ctx& c, const ui
   }
   // The codes are one stream, but the hardware prefetcher stops at every 4 KiB page and restarts
   // late; keep kCodesAhead bytes in flight by hand (prefetches past the end never fault).
+  if (!CODES) return;
   for (int64_t off = g * c.gs * 32 + kCodesAhead; off < (g + 1) * c.gs * 32 + kCodesAhead; off += 64) {
     __builtin_prefetch(hb + off);
     if (BITS == 8) __builtin_prefetch(lb + off);
@@ -724,7 +734,7 @@ __attribute__((always_inline)) inline void prefetch_group(const Ctx& c, const ui
 template <class Path, int BITS>
 void run_unit(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g0, int64_t g1, float* res) {
   for (int64_t g = g0; g < g1; ++g) {
-    prefetch_group<BITS>(c, hb, lb, n0, g);
+    prefetch_group<BITS, Path::kPrefetchCodes>(c, hb, lb, n0, g);
     for (int64_t m0 = 0; m0 < c.M; m0 += Path::kRows) {
       switch (std::min<int64_t>(Path::kRows, c.M - m0)) {
         case 1: rows_pass<Path, BITS, 1>(c, hb, lb, n0, g, m0, res); break;
