@@ -32,7 +32,8 @@ from pathlib import Path
 
 
 __all__ = ["load", "available", "disable", "isa", "set_isa", "use_isa", "supported_isas", "ISAS", "ACTIVATIONS",
-           "activations", "set_activations", "use_activations"]
+           "activations", "set_activations", "use_activations", "ATTENTION_LOOPS", "attention_loops",
+           "set_attention_loops", "use_attention_loops"]
 
 # the kernel's paths, slowest first ("auto": the best the CPU has); avx512vnni runs the avx512 float
 # loops and, with int8 activations, VNNI byte-dot products; avx512bf16 adds bf16 dot products
@@ -40,6 +41,8 @@ __all__ = ["load", "available", "disable", "isa", "set_isa", "use_isa", "support
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512bf16")
 # how the blocked (decode / verify) path takes activations
 ACTIVATIONS = ("float", "int8")
+# the decode-attention kernel's loops for head sizes 64 and 128 (other sizes always run "general")
+ATTENTION_LOOPS = ("registers", "general")
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +230,32 @@ def set_activations(mode: str) -> str:
 def use_activations(mode: str) -> Iterator[str]:
     """``with use_activations("int8"):`` runs the block in that mode, then restores the previous one."""
     with _restoring(set_activations, mode):
+        yield mode
+
+
+def attention_loops() -> str | None:
+    """Which loops the C++ decode-attention kernel runs for head sizes 64 and 128 ("registers" or
+    "general"); ``None`` when the C++ kernels are not loaded."""
+    return str(_ops().decode_attention_cpu_loops()) if available() else None
+
+
+def set_attention_loops(mode: str) -> str:
+    """``"registers"`` (the default): for head sizes 64 and 128, a block of query rows' vectors and
+    sums stay in registers while each open cache row is read once; ``"general"``: the loops every
+    other head size runs (each cache row converted through memory, the sums added in memory). Same
+    values either way up to float rounding; for A/B measurements (``benchmarks.fixed_cost_ab``) and
+    tests. Process-wide, read at every call. Returns the previous mode."""
+    if mode not in ATTENTION_LOOPS:
+        raise ValueError(f"csd-compile: attention loops {mode!r} is not one of {list(ATTENTION_LOOPS)}")
+    if not load():
+        raise RuntimeError("csd-compile: the C++ CPU kernels are not available; no attention loops to choose")
+    return str(_ops().decode_attention_cpu_set_loops(mode))
+
+
+@contextlib.contextmanager
+def use_attention_loops(mode: str) -> Iterator[str]:
+    """``with use_attention_loops("general"):`` runs the block with those loops, then restores."""
+    with _restoring(set_attention_loops, mode):
         yield mode
 
 

@@ -81,12 +81,46 @@ def test_native_matches_reference_on_every_path(b, hkv, group, t, s, d, dtype, k
     scale = 1.0 / math.sqrt(d) * float(torch.rand((), generator=g) + 0.5)
     ref = _reference(q, k, v, mask, scale)
     for isa in native.supported_isas():
-        with native.use_isa(isa):
-            out = torch.ops.csd.decode_attention_cpu_native(q, k, v, mask, scale)
-            direct = native.direct_attention(q, k, v, mask, scale)
-        _close(out, ref, dtype)
-        assert torch.equal(out.nan_to_num(7.0), direct.nan_to_num(7.0)), isa
+        for loops in native.ATTENTION_LOOPS:  # head sizes 64 and 128 run either; the others "general"
+            with native.use_isa(isa), native.use_attention_loops(loops):
+                out = torch.ops.csd.decode_attention_cpu_native(q, k, v, mask, scale)
+                direct = native.direct_attention(q, k, v, mask, scale)
+            _close(out, ref, dtype)
+            assert torch.equal(out.nan_to_num(7.0), direct.nan_to_num(7.0)), (isa, loops)
     _close(torch.ops.csd.decode_attention(q, k, v, mask, scale), ref, dtype)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("rows", [(1, 1), (3, 1), (2, 2), (3, 5), (4, 4), (7, 1), (1, 9)])
+def test_register_path_every_row_block_on_every_path(d, rows):
+    # the register path takes query rows (query heads per cache head x queries) by blocks of up to 4
+    # (fewer for wide vectors on narrow paths), the last block narrower: every remainder, decode (3 x
+    # 1: SmolLM2) and verify passes (3 x 5), against the reference and against the general loops
+    group, t = rows
+    g = torch.Generator().manual_seed(group * 100 + t + d)
+    q = torch.randn(1, 2 * group, t, d, generator=g).bfloat16()
+    k, v = (torch.randn(1, 2, 190, d, generator=g).bfloat16() for _ in range(2))
+    causal = torch.arange(190).view(1, 1, 1, 190) < (150 + torch.arange(t)).view(1, 1, t, 1)  # a verify pass
+    ref = _reference(q, k, v, causal, 0.125)
+    for isa in native.supported_isas():
+        with native.use_isa(isa):
+            out = torch.ops.csd.decode_attention_cpu_native(q, k, v, causal, 0.125)
+            with native.use_attention_loops("general"):
+                general = torch.ops.csd.decode_attention_cpu_native(q, k, v, causal, 0.125)
+        _close(out, ref, torch.bfloat16)
+        _close(out, general, torch.bfloat16)
+
+
+def test_attention_loops_switch_is_checked_and_restored():
+    assert native.attention_loops() == "registers"
+    with native.use_attention_loops("general") as mode:
+        assert mode == "general" and native.attention_loops() == "general"
+    assert native.attention_loops() == "registers"
+    with pytest.raises(ValueError, match="'vectorized' is not one of"):
+        native.set_attention_loops("vectorized")
+    with pytest.raises(ValueError, match="unknown loops 'fast'"):
+        torch.ops.csd.decode_attention_cpu_set_loops("fast")
+    assert native.attention_loops() == "registers"
 
 
 def test_matches_sdpa_for_a_decode_step_over_a_static_cache():
@@ -101,22 +135,24 @@ def test_matches_sdpa_for_a_decode_step_over_a_static_cache():
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("d", [32, 64, 128])  # the general loops; the register path (64, 128)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_closed_slots_are_never_read(dtype):
+def test_closed_slots_are_never_read(dtype, d):
     # inf / NaN behind the mask would poison a kernel that reads (or multiplies by) those slots
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(2, 4, 3, 32, generator=g).to(dtype)
-    k, v = (torch.randn(2, 2, 64, 32, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(2, 4, 3, d, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 64, d, generator=g).to(dtype) for _ in range(2))
     mask = torch.arange(64).view(1, 1, 1, 64) < torch.tensor([20, 41]).view(2, 1, 1, 1)
     clean = _reference(q, k, v, mask, 0.2)
     for t in (k, v):
         t[0, :, 20:] = float("nan")
         t[1, :, 41:] = float("inf")
     for isa in native.supported_isas():
-        with native.use_isa(isa):
-            out = torch.ops.csd.decode_attention(q, k, v, mask, 0.2)
-        assert out.isfinite().all(), isa
-        _close(out, clean, dtype)
+        for loops in native.ATTENTION_LOOPS:
+            with native.use_isa(isa), native.use_attention_loops(loops):
+                out = torch.ops.csd.decode_attention(q, k, v, mask, 0.2)
+            assert out.isfinite().all(), (isa, loops)
+            _close(out, clean, dtype)
 
 
 def test_a_row_with_no_open_slot_is_nan_like_the_reference():

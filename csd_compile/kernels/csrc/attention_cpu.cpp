@@ -30,10 +30,12 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -48,6 +50,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kLanes = 16;  // chunk width of max_of's loop (the compiler vectorizes it)
 // below this many multiply-adds (all heads, all open slots counted as open) one thread does the call
 constexpr int64_t kMinParallelWork = 1 << 16;
+// true: the general loops for every head size (csd::decode_attention_cpu_set_loops("general"), for
+// A/B measurements and tests); false (the default): the register path for head sizes 64 and 128
+std::atomic<bool> g_general_loops{false};
 
 using u32_alias = uint32_t __attribute__((__may_alias__));
 
@@ -205,20 +210,115 @@ CSD_INLINE void mask_row(const Problem& pr, int64_t base, float* dst) {
   }
 }
 
+// One cache row of NV vectors (D = NV x the vector width) as fp32, in registers.
+template <typename scalar_t, typename V, int NV>
+CSD_INLINE void load_row(const scalar_t* src, V (&out)[NV]) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  for (int j = 0; j < NV; ++j) {
+    float f[W];
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      const uint16_t* u = reinterpret_cast<const uint16_t*>(src) + j * W;
+      u32_alias* w = reinterpret_cast<u32_alias*>(f);
+      for (int i = 0; i < W; ++i) w[i] = static_cast<uint32_t>(u[i]) << 16;
+    } else {
+      for (int i = 0; i < W; ++i) f[i] = static_cast<float>(src[j * W + i]);
+    }
+    std::memcpy(&out[j], f, sizeof(V));
+  }
+}
+
+// The K and V passes of query rows [r0, r0 + RB) with the head size a whole number NV of vectors:
+// those rows' query vectors (K pass) and output sums (V pass) stay in registers while each open
+// cache row is read once, converted in registers. (The general loops below convert every cache row
+// through memory, reduce each score separately and add into the sums in memory: on AMD Zen 4 a
+// SmolLM2 decode call, 3 x 3 query rows of 64 over 100-1500 open slots, took 2.1-2.4x the time.)
+template <typename scalar_t, typename V, int NV, int RB>
+CSD_INLINE void k_rows(const float* qf, float* sc, const uint8_t* open, const scalar_t* Kh, int64_t kstride,
+                       int64_t S, int64_t r0, float scale) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  V q[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NV; ++j) q[r][j] = load<V>(qf + (r0 + r) * NV * W + j * W);
+  for (int64_t s = 0; s < S; ++s) {
+    if (!open[s]) continue;
+    V k[NV];
+    load_row<scalar_t, V, NV>(Kh + s * kstride, k);
+    for (int r = 0; r < RB; ++r) {
+      V a = q[r][0] * k[0];
+      for (int j = 1; j < NV; ++j) a += q[r][j] * k[j];
+      float& x = sc[(r0 + r) * S + s];
+      if (x != kNegInf) x += hsum(a) * scale;
+    }
+  }
+}
+
+template <typename scalar_t, typename V, int NV, int RB>
+CSD_INLINE void v_rows(const float* sc, const float* inv, const uint8_t* open, const scalar_t* Vh, int64_t vstride,
+                       int64_t S, int64_t r0, float* acc) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  V o[RB][NV] = {};
+  for (int64_t s = 0; s < S; ++s) {
+    if (!open[s]) continue;
+    V v[NV];
+    load_row<scalar_t, V, NV>(Vh + s * vstride, v);
+    for (int r = 0; r < RB; ++r) {
+      const float e = sc[(r0 + r) * S + s];
+      if (e != 0.f)
+        for (int j = 0; j < NV; ++j) o[r][j] += e * v[j];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NV; ++j) {
+      const V scaled = o[r][j] * inv[r0 + r];
+      std::memcpy(acc + (r0 + r) * NV * W + j * W, &scaled, sizeof(V));
+    }
+}
+
+// Query rows by blocks of RB (registers: RB x NV query or sum vectors), the rest as one block.
+template <int N, typename F>
+CSD_INLINE void last_block(int64_t left, int64_t r0, F& f) {
+  if (left == N)
+    f(std::integral_constant<int, N>{}, r0);
+  else if constexpr (N > 1)
+    last_block<N - 1>(left, r0, f);
+}
+
+template <int RB, typename F>
+CSD_INLINE void row_blocks(int64_t R, F&& f) {
+  int64_t r0 = 0;
+  for (; r0 + RB <= R; r0 += RB) f(std::integral_constant<int, RB>{}, r0);
+  if constexpr (RB > 1)
+    if (R > r0) last_block<RB - 1>(R - r0, r0, f);
+}
+
+// query rows per block: rb at up to 4 vectors per row, fewer for wider rows (registers hold ~4 rb)
+constexpr int rows_per_block(int rb, int nv) { return 4 * rb / nv < 1 ? 1 : 4 * rb / nv > rb ? rb : 4 * rb / nv; }
+
 // Tasks [task0, task1): task = b * Hkv + key/value head; its rows are the T queries of each of the
 // Hq / Hkv query heads that read this cache head (row r = g * T + t, query head hk * group + g).
 template <typename scalar_t, typename mask_t, typename Vec>
 CSD_INLINE void attend(const Problem& pr, int64_t task0, int64_t task1, float* buf, uint8_t* open) {
+  constexpr int W = sizeof(Vec) / sizeof(float);
+  // registers: RB query (K pass) or sum (V pass) rows of NV vectors each, NV = D / W
+  constexpr int RB = W == 16 ? 4 : 2;
   const int64_t T = pr.T, S = pr.S, D = pr.D, group = pr.Hq / pr.Hkv, R = group * T;
   float* qf = buf;           // [R, D]  the query rows in fp32
   float* sc = qf + R * D;    // [R, S]  scores, then exp(score - max)
   float* row = sc + R * S;   // [D]     one cache row in fp32
-  float* acc = row + D;      // [R, D]  sum of exp * v
+  float* acc = row + D;      // [R, D]  sum of exp * v, then times inv
   float* inv = acc + R * D;  // [R]     1 / sum of exp (NaN for a row with no open slot)
   const scalar_t* Q = static_cast<const scalar_t*>(pr.q);
   const scalar_t* K = static_cast<const scalar_t*>(pr.k);
   const scalar_t* V = static_cast<const scalar_t*>(pr.v);
   scalar_t* O = static_cast<scalar_t*>(pr.out);
+  // the register path for the common head sizes 64 and 128; other sizes run the general loops
+  const int nv = (D == 64 || D == 128) && !g_general_loops.load(std::memory_order_relaxed) ? static_cast<int>(D / W) : 0;
+  auto with_nv = [&](auto&& f) {
+    if (D == 64)
+      f(std::integral_constant<int, 64 / W>{});
+    else
+      f(std::integral_constant<int, 128 / W>{});
+  };
   for (int64_t task = task0; task < task1; ++task) {
     const int64_t b = task / pr.Hkv, hk = task % pr.Hkv, h0 = hk * group;
     for (int64_t r = 0; r < R; ++r) {
@@ -234,11 +334,21 @@ CSD_INLINE void attend(const Problem& pr, int64_t task0, int64_t task1, float* b
       for (int64_t s = 0; s < S; ++s) open[s] |= x[s] != kNegInf;
     }
     const scalar_t* Kh = K + b * pr.ks[0] + hk * pr.ks[1];
-    for (int64_t s = 0; s < S; ++s) {
-      if (!open[s]) continue;
-      const float* kr = as_float(Kh + s * pr.ks[2], row, D);
-      for (int64_t r = 0; r < R; ++r)
-        if (sc[r * S + s] != kNegInf) sc[r * S + s] += dot<Vec>(qf + r * D, kr, D) * pr.scale;
+    const scalar_t* Vh = V + b * pr.vs[0] + hk * pr.vs[1];
+    if (nv != 0) {
+      with_nv([&](auto NV) {
+        row_blocks<rows_per_block(RB, NV.value)>(
+            R, [&](auto rb, int64_t r0) {
+              k_rows<scalar_t, Vec, NV.value, rb.value>(qf, sc, open, Kh, pr.ks[2], S, r0, pr.scale);
+            });
+      });
+    } else {
+      for (int64_t s = 0; s < S; ++s) {
+        if (!open[s]) continue;
+        const float* kr = as_float(Kh + s * pr.ks[2], row, D);
+        for (int64_t r = 0; r < R; ++r)
+          if (sc[r * S + s] != kNegInf) sc[r * S + s] += dot<Vec>(qf + r * D, kr, D) * pr.scale;
+      }
     }
     for (int64_t r = 0; r < R; ++r) {
       float* x = sc + r * S;
@@ -251,19 +361,29 @@ CSD_INLINE void attend(const Problem& pr, int64_t task0, int64_t task1, float* b
       for (int64_t s = 0; s < S; ++s) x[s] = exp_nonpositive(x[s] - mx);  // closed: exp(-inf) = 0
       inv[r] = 1.f / sum_of<Vec>(x, S);
     }
-    std::memset(acc, 0, R * D * sizeof(float));
-    const scalar_t* Vh = V + b * pr.vs[0] + hk * pr.vs[1];
-    for (int64_t s = 0; s < S; ++s) {
-      if (!open[s]) continue;
-      const float* vr = as_float(Vh + s * pr.vs[2], row, D);
-      for (int64_t r = 0; r < R; ++r) {
-        const float e = sc[r * S + s];
-        if (e != 0.f) axpy(acc + r * D, e, vr, D);
+    if (nv != 0) {
+      with_nv([&](auto NV) {
+        row_blocks<rows_per_block(RB, NV.value)>(
+            R, [&](auto rb, int64_t r0) {
+              v_rows<scalar_t, Vec, NV.value, rb.value>(sc, inv, open, Vh, pr.vs[2], S, r0, acc);
+            });
+      });
+    } else {
+      std::memset(acc, 0, R * D * sizeof(float));
+      for (int64_t s = 0; s < S; ++s) {
+        if (!open[s]) continue;
+        const float* vr = as_float(Vh + s * pr.vs[2], row, D);
+        for (int64_t r = 0; r < R; ++r) {
+          const float e = sc[r * S + s];
+          if (e != 0.f) axpy(acc + r * D, e, vr, D);
+        }
       }
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= inv[r];
     }
     for (int64_t r = 0; r < R; ++r) {  // out [B, Hq, T, D]: rows of one head are consecutive
       scalar_t* dst = O + ((b * pr.Hq + h0 + r / T) * T + r % T) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[r * D + d] * inv[r]);
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[r * D + d]);
     }
   }
 }
@@ -397,6 +517,14 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, 
   return decode_attention_impl(query, key, value, attn_mask, scale, nullptr);
 }
 
+std::string loops_name() { return g_general_loops.load() ? "general" : "registers"; }
+
+std::string set_loops(const std::string& name) {
+  TORCH_CHECK_VALUE(name == "registers" || name == "general", "csd::decode_attention_cpu_set_loops: unknown loops '",
+                    name, "', expected 'registers' or 'general'");
+  return g_general_loops.exchange(name == "general") ? "general" : "registers";
+}
+
 }  // namespace
 
 // for the direct (dispatcher-free) entry of the extension module (qlinear_cpu.cpp)
@@ -417,6 +545,8 @@ void decode_attention_into(const at::Tensor& query, const at::Tensor& key, const
 
 TORCH_LIBRARY_FRAGMENT(csd, m) {
   m.def("decode_attention_cpu_native(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale) -> Tensor");
+  m.def("decode_attention_cpu_loops() -> str", &csd_cpu::loops_name);
+  m.def("decode_attention_cpu_set_loops(str loops) -> str", &csd_cpu::set_loops);
 }
 
 TORCH_LIBRARY_IMPL(csd, CPU, m) { m.impl("decode_attention_cpu_native", &csd_cpu::decode_attention_cpu); }
