@@ -1,7 +1,7 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
     python -m benchmarks.fixed_cost_ab --lever size_asserts|direct|direct_qlinear|decode_attention|group_linears|
-        scale_layout|bf16_dot|cpu_graph [--options bits=auto] [--rounds 7] [--cache-slots N]
+        scale_layout|bf16_dot|attention_loops|metadata_prefetch|cpu_graph [--options bits=auto] [--rounds 7] [--cache-slots N]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
 it undone, in alternating rounds of one process (the machine's drift hits both alike; which side
@@ -25,6 +25,12 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 - ``bf16_dot``: the C++ kernel's ``avx512bf16`` path (bf16 dot products, where the CPU has AVX-512
   BF16 and VBMI) against the best float path without it (``avx512vnni``), one decoder, the path
   forced in alternate rounds (``native.use_isa``);
+- ``attention_loops``: the C++ decode-attention kernel's register path for head sizes 64 and 128
+  against its general loops (``native.use_attention_loops``), one decoder, the loops switched in
+  alternate rounds;
+- ``metadata_prefetch``: a replayed CPU graph fetching each call's tensor metadata a call ahead
+  (``csd_compile.cpu_graph``) against fetching it when the call reads it, one decoder, switched in
+  alternate rounds (needs ``mode=reduce-overhead`` in ``--options``);
 - ``cpu_graph``: the step replayed as a CPU graph (``mode="reduce-overhead"``, ``csd_compile.cpu_graph``)
   against Inductor's Python wrapper running it, two decoders of one model.
 
@@ -101,7 +107,8 @@ def _compiled_afresh() -> contextlib.ExitStack:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lever", required=True, choices=["size_asserts", "direct", "direct_qlinear", "decode_attention",
-                                                         "group_linears", "scale_layout", "bf16_dot", "cpu_graph"])
+                                                         "group_linears", "scale_layout", "bf16_dot", "attention_loops",
+                                                         "metadata_prefetch", "cpu_graph"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
@@ -209,8 +216,22 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd_lever_undone"}
         lever_options = {shipped: options, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-    else:  # direct, bf16_dot: one decoder, the lever toggled around its calls
-        if args.lever == "bf16_dot":
+    else:  # direct, bf16_dot, attention_loops, metadata_prefetch: one decoder, the lever toggled around its calls
+        if args.lever == "metadata_prefetch":
+            from csd_compile import cpu_graph
+
+            if options.get("mode") != "reduce-overhead":
+                raise SystemExit("--lever metadata_prefetch acts on CPU graphs: add mode=reduce-overhead to --options")
+            settings = {shipped: lambda: cpu_graph.metadata_prefetch(True),
+                        undone: lambda: cpu_graph.metadata_prefetch(False)}
+        elif args.lever == "attention_loops":
+            from csd_compile.kernels import native
+
+            if not native.load():
+                raise SystemExit("--lever attention_loops needs the C++ kernels, which did not build here")
+            settings = {shipped: lambda: native.use_attention_loops("registers"),
+                        undone: lambda: native.use_attention_loops("general")}
+        elif args.lever == "bf16_dot":
             from csd_compile.kernels import native
 
             native.load()

@@ -37,6 +37,7 @@ per-kernel rows).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dis
 import logging
@@ -44,13 +45,14 @@ import threading
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 __all__ = [
-    "CpuGraphWarning", "CpuGraphStep", "replay", "live_steps", "SMALL_INPUT_BYTES", "MAX_RECORDINGS", "MAX_SIZES",
+    "CpuGraphWarning", "CpuGraphStep", "replay", "live_steps", "metadata_prefetch", "SMALL_INPUT_BYTES",
+    "MAX_RECORDINGS", "MAX_SIZES",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,21 @@ def live_steps() -> list["CpuGraphStep"]:
     """The compiled graphs of this process that record and replay CPU graphs (their ``recordings``,
     ``replays`` and ``given_up`` say how it went)."""
     return list(_LIVE)
+
+
+@contextlib.contextmanager
+def metadata_prefetch(on: bool) -> Iterator[None]:
+    """``with metadata_prefetch(False):`` replays without fetching each call's tensor metadata a call
+    ahead (the default is on; see cpu_graph.cpp), then restores the previous setting. Process-wide;
+    for A/B measurements (``benchmarks.fixed_cost_ab --lever metadata_prefetch``)."""
+    from .kernels import native
+
+    graph_class = native.CpuGraph
+    before = graph_class.set_prefetch(bool(on))
+    try:
+        yield
+    finally:
+        graph_class.set_prefetch(before)
 
 
 def _profiling() -> bool:

@@ -57,10 +57,12 @@ def test_a_replayed_decode_step_gives_the_tokens_of_the_plain_one(options, dtype
     assert steps[0].recordings == 1 and steps[0].replays == 3 * 13 - 1
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["metadata-prefetch", "no-prefetch"])
 @pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 8}], ids=["bits4", "bits8"])
-def test_replayed_logits_equal_the_plain_steps_bit_for_bit(options):
+def test_replayed_logits_equal_the_plain_steps_bit_for_bit(options, prefetch):
     """Teacher-forced over random tokens on a static cache: every position's logits from the replay
-    are the plain step's, bit for bit (the same kernels on the same values)."""
+    are the plain step's, bit for bit (the same kernels on the same values), with the replay's
+    metadata prefetches (a hint: no value may change) and without."""
     from transformers import StaticCache
 
     model = make_tiny_llama(seed=24)
@@ -73,7 +75,7 @@ def test_replayed_logits_equal_the_plain_steps_bit_for_bit(options):
         cache = StaticCache(config=model.config, max_cache_len=16)
 
         def run():
-            with torch.inference_mode():
+            with torch.inference_mode(), cpu_graph.metadata_prefetch(prefetch):
                 runs[mode] = [step(input_ids=ids[:, i:i + 1], position_ids=torch.tensor([[i]]), cache=cache,
                                    use_cache=True) for i in range(ids.shape[1])]
 
@@ -83,6 +85,14 @@ def test_replayed_logits_equal_the_plain_steps_bit_for_bit(options):
     assert sum(s.replays for s in steps) == ids.shape[1] - len(steps) and max(s.replays for s in steps) >= 10
     assert all(a.abs().max() > 0 and torch.equal(a, b) for a, b in zip(runs[None], runs["reduce-overhead"]))
     assert len({tuple(r.argmax(-1).tolist()) for r in runs[None]}) > 1  # the positions differ
+
+
+def test_metadata_prefetch_switch_restores_the_previous_setting():
+    with cpu_graph.metadata_prefetch(False):
+        with cpu_graph.metadata_prefetch(True):
+            assert native.CpuGraph.set_prefetch(True) is True  # on inside (returns the previous)
+        assert native.CpuGraph.set_prefetch(False) is False  # back off
+    assert native.CpuGraph.set_prefetch(True) is True  # the default, restored
 
 
 @pytest.mark.parametrize("caches", ["off", "warm"])

@@ -13,6 +13,8 @@ from benchmarks import fixed_cost_ab
     (["--lever", "group_linears", "--threads", "0"], "--rounds and --threads must be >= 1"),
     (["--lever", "scale_layout", "--rounds", "0"], "--rounds and --threads must be >= 1"),
     (["--lever", "bf16_dot", "--cache-slots", "149"], "--cache-slots must be >= 150"),
+    (["--lever", "attention_loops", "--rounds", "0"], "--rounds and --threads must be >= 1"),
+    (["--lever", "metadata_prefetch", "--options", "bits=4"], "acts on CPU graphs: add mode=reduce-overhead"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):

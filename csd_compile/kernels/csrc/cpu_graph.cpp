@@ -20,6 +20,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <utility>
@@ -62,6 +63,35 @@ constexpr std::array<void (*)(void*, const Word*), sizeof...(N)> word_callers(st
 
 constexpr auto kCallers = word_callers(std::make_index_sequence<kMaxWords + 1>{});
 
+// Metadata prefetch. A decode step streams ~100 MB of weights through the caches, so by the next
+// replay every tensor's TensorImpl and StorageImpl (sizes, strides, dtype, data pointer: what the
+// quantized linear and attention calls check and read) is back in memory, and each call would wait
+// on a chain of misses for them, one tensor after another (~16 tensors per grouped linear). The
+// replay fetches them ahead instead: the step's graph inputs in a few rounds of independent
+// prefetches before checking them, and each call's records and tensors while earlier calls run.
+// (CpuGraph.set_prefetch(False) turns it off, for A/B measurements.)
+std::atomic<bool> g_prefetch{true};
+
+template <typename T>
+inline void prefetch_object(const T* p) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (size_t off = 0; off < sizeof(T); off += 64) __builtin_prefetch(c + off);
+}
+
+
+// The lines a call reads of one tensor's metadata: its TensorImpl and StorageImpl, and (`value`) the
+// first line of its data, for the runtime bit-width tensors a quantized linear reads on the host.
+void add_meta(std::vector<const void*>& meta, const at::Tensor& t, bool value = false) {
+  if (!t.defined()) return;
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  for (size_t off = 0; off < sizeof(c10::TensorImpl); off += 64) meta.push_back(reinterpret_cast<const char*>(impl) + off);
+  if (t.has_storage()) {
+    const c10::StorageImpl* st = t.storage().unsafeGetStorageImpl();
+    for (size_t off = 0; off < sizeof(c10::StorageImpl); off += 64) meta.push_back(reinterpret_cast<const char*>(st) + off);
+    if (value && t.const_data_ptr() != nullptr) meta.push_back(t.const_data_ptr());
+  }
+}
+
 struct Step {
   enum Kind { kKernel, kQlinear, kAttention, kPython, kPythonInto };
   explicit Step(Kind k) : kind(k) {}
@@ -80,7 +110,23 @@ struct Step {
   py::object pyfn;
   py::tuple pyargs;
   py::dict pykwargs;
+  // kQlinear, kAttention: the metadata lines the call reads (fetched while the call before runs)
+  std::vector<const void*> meta;
 };
+
+// A call's record is read in three dependent steps, each fetched a call before the next needs it:
+// the Step itself, then the arrays it points to (metadata addresses, argument words), then the
+// metadata lines those addresses name.
+void prefetch_arrays(const Step& s) {
+  const char* m = reinterpret_cast<const char*>(s.meta.data());
+  for (size_t off = 0; off < s.meta.size() * sizeof(void*); off += 64) __builtin_prefetch(m + off);
+  const char* w = reinterpret_cast<const char*>(s.words.data());
+  for (size_t off = 0; off < s.words.size() * sizeof(Word); off += 64) __builtin_prefetch(w + off);
+}
+
+void prefetch_targets(const Step& s) {
+  for (const void* p : s.meta) __builtin_prefetch(p);
+}
 
 const at::Tensor& unpack(PyObject* obj);
 
@@ -124,6 +170,10 @@ class CpuGraph {
     s.x = std::move(x);
     s.qdata = std::move(qdata), s.scale = std::move(scale), s.zero = std::move(zero), s.bits = std::move(bits);
     s.outs = std::move(outs);
+    add_meta(s.meta, s.x);
+    for (const auto* list : {&s.qdata, &s.scale, &s.zero, &s.outs})
+      for (const at::Tensor& t : *list) add_meta(s.meta, t);
+    for (const at::Tensor& t : s.bits) add_meta(s.meta, t, /*value=*/true);
     steps_.push_back(std::move(s));
   }
 
@@ -132,6 +182,8 @@ class CpuGraph {
     Step s(Step::kAttention);
     s.q = std::move(q), s.k = std::move(k), s.v = std::move(v), s.mask = std::move(mask), s.out = std::move(out);
     s.sm_scale = scale;
+    for (const at::Tensor* t : {&s.q, &s.k, &s.v, &s.out}) add_meta(s.meta, *t);
+    if (s.mask.has_value()) add_meta(s.meta, *s.mask);
     steps_.push_back(std::move(s));
   }
 
@@ -172,6 +224,25 @@ class CpuGraph {
   bool run(const py::list& args, bool timed) {
     PyObject* list = args.ptr();
     if (PyList_GET_SIZE(list) != num_inputs_) return false;
+    const bool prefetch = g_prefetch.load(std::memory_order_relaxed);
+    if (prefetch) {  // the pinned inputs' objects, then their TensorImpls, then their StorageImpls
+      for (const auto& entry : pinned_) prefetch_object(PyList_GET_ITEM(list, entry.first));
+      for (const auto& entry : pinned_) {
+        PyObject* obj = PyList_GET_ITEM(list, entry.first);
+        if (THPVariable_Check(obj)) prefetch_object(THPVariable_Unpack(obj).unsafeGetTensorImpl());
+      }
+      for (const auto& entry : pinned_) {
+        PyObject* obj = PyList_GET_ITEM(list, entry.first);
+        if (THPVariable_Check(obj)) {
+          const at::Tensor& t = THPVariable_Unpack(obj);
+          if (t.has_storage()) prefetch_object(t.storage().unsafeGetStorageImpl());
+        }
+      }
+      const size_t n = steps_.size();
+      for (size_t i = 0; i < n && i < 4; ++i) prefetch_object(&steps_[i]);
+      for (size_t i = 0; i < n && i < 3; ++i) prefetch_arrays(steps_[i]);
+      for (size_t i = 0; i < n && i < 2; ++i) prefetch_targets(steps_[i]);
+    }
     for (const auto& [index, address] : pinned_) {
       PyObject* obj = PyList_GET_ITEM(list, index);
       if (!THPVariable_Check(obj) ||
@@ -195,6 +266,11 @@ class CpuGraph {
     if (timed && seconds_.size() != steps_.size()) seconds_.assign(steps_.size(), 0.0);
     for (size_t i = 0; i < steps_.size(); ++i) {
       Step& s = steps_[i];
+      if (prefetch) {
+        if (i + 4 < steps_.size()) prefetch_object(&steps_[i + 4]);
+        if (i + 3 < steps_.size()) prefetch_arrays(steps_[i + 3]);
+        if (i + 2 < steps_.size()) prefetch_targets(steps_[i + 2]);
+      }
       const auto t0 = timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
       switch (s.kind) {
         case Step::kKernel:
@@ -246,7 +322,10 @@ void bind_cpu_graph(py::module& m) {
       .def_property_readonly("num_inputs", &CpuGraph::num_inputs)
       .def("__len__", &CpuGraph::size)
       .def("run", &CpuGraph::run, py::arg("args"), py::arg("timed") = false)
-      .def("step_seconds", &CpuGraph::step_seconds);
+      .def("step_seconds", &CpuGraph::step_seconds)
+      .def_static(
+          "set_prefetch", [](bool on) { return g_prefetch.exchange(on); }, py::arg("on"),
+          "fetch each call's tensor metadata a call ahead (the default, True); returns the previous setting");
   m.attr("cpu_graph_max_words") = kMaxWords;
 }
 }  // namespace csd_cpu
