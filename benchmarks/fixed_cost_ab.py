@@ -28,9 +28,9 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 - ``attention_loops``: the C++ decode-attention kernel's register path for head sizes 64 and 128
   against its general loops (``native.use_attention_loops``), one decoder, the loops switched in
   alternate rounds;
-- ``metadata_prefetch``: a replayed CPU graph fetching each call's tensor metadata a call ahead
-  (``csd_compile.cpu_graph``) against fetching it when the call reads it, one decoder, switched in
-  alternate rounds (needs ``mode=reduce-overhead`` in ``--options``);
+- ``metadata_prefetch``: a replayed CPU graph fetching each call's record and tensor metadata
+  ahead of the call (``csd_compile.cpu_graph``) against reading them when the call does, one
+  decoder, switched in alternate rounds (needs ``mode=reduce-overhead`` in ``--options``);
 - ``cpu_graph``: the step replayed as a CPU graph (``mode="reduce-overhead"``, ``csd_compile.cpu_graph``)
   against Inductor's Python wrapper running it, two decoders of one model.
 

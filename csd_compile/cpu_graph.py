@@ -140,9 +140,10 @@ def live_steps() -> list["CpuGraphStep"]:
 
 @contextlib.contextmanager
 def metadata_prefetch(on: bool) -> Iterator[None]:
-    """``with metadata_prefetch(False):`` replays without fetching each call's tensor metadata a call
-    ahead (the default is on; see cpu_graph.cpp), then restores the previous setting. Process-wide;
-    for A/B measurements (``benchmarks.fixed_cost_ab --lever metadata_prefetch``)."""
+    """``with metadata_prefetch(False):`` replays without fetching each call's record and tensor
+    metadata ahead of the call (the default is on; see cpu_graph.cpp), then restores the previous
+    setting. Process-wide; for A/B measurements (``benchmarks.fixed_cost_ab --lever
+    metadata_prefetch``)."""
     from .kernels import native
 
     graph_class = native.CpuGraph

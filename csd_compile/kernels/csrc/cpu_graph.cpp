@@ -78,7 +78,6 @@ inline void prefetch_object(const T* p) {
   for (size_t off = 0; off < sizeof(T); off += 64) __builtin_prefetch(c + off);
 }
 
-
 // The lines a call reads of one tensor's metadata: its TensorImpl and StorageImpl, and (`value`) the
 // first line of its data, for the runtime bit-width tensors a quantized linear reads on the host.
 void add_meta(std::vector<const void*>& meta, const at::Tensor& t, bool value = false) {
@@ -110,7 +109,7 @@ struct Step {
   py::object pyfn;
   py::tuple pyargs;
   py::dict pykwargs;
-  // kQlinear, kAttention: the metadata lines the call reads (fetched while the call before runs)
+  // kQlinear, kAttention: the metadata lines the call reads (fetched while earlier calls run)
   std::vector<const void*> meta;
 };
 
@@ -325,7 +324,8 @@ void bind_cpu_graph(py::module& m) {
       .def("step_seconds", &CpuGraph::step_seconds)
       .def_static(
           "set_prefetch", [](bool on) { return g_prefetch.exchange(on); }, py::arg("on"),
-          "fetch each call's tensor metadata a call ahead (the default, True); returns the previous setting");
+          "fetch each call's record and tensor metadata ahead of it (the default, True); returns the previous "
+          "setting");
   m.attr("cpu_graph_max_words") = kMaxWords;
 }
 }  // namespace csd_cpu
