@@ -1,7 +1,8 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
     python -m benchmarks.fixed_cost_ab --lever size_asserts|direct|direct_qlinear|decode_attention|group_linears|
-        scale_layout|bf16_dot|attention_loops|metadata_prefetch|cpu_graph [--options bits=auto] [--rounds 7] [--cache-slots N]
+        scale_layout|bf16_dot|attention_loops|metadata_prefetch|cpu_graph [--options bits=auto] [--rounds 7]
+        [--cache-slots N]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
 it undone, in alternating rounds of one process (the machine's drift hits both alike; which side
@@ -216,12 +217,15 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd_lever_undone"}
         lever_options = {shipped: options, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-    else:  # direct, bf16_dot, attention_loops, metadata_prefetch: one decoder, the lever toggled around its calls
+    else:  # direct, bf16_dot, attention_loops, metadata_prefetch: one decoder, the lever toggled around calls
         if args.lever == "metadata_prefetch":
             from csd_compile import cpu_graph
+            from csd_compile.kernels import native
 
             if options.get("mode") != "reduce-overhead":
                 raise SystemExit("--lever metadata_prefetch acts on CPU graphs: add mode=reduce-overhead to --options")
+            if not native.load():
+                raise SystemExit("--lever metadata_prefetch needs the C++ kernels (CPU graphs), which did not build here")
             settings = {shipped: lambda: cpu_graph.metadata_prefetch(True),
                         undone: lambda: cpu_graph.metadata_prefetch(False)}
         elif args.lever == "attention_loops":
