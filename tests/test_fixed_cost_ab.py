@@ -36,3 +36,17 @@ def test_bf16_dot_lever_needs_a_cpu_with_the_path(monkeypatch):
     monkeypatch.setattr(native, "supported_isas", lambda: ["scalar", "avx2"])
     with pytest.raises(SystemExit, match=r"needs a CPU with AVX-512 BF16 and VBMI; this one runs \['scalar', 'avx2'\]"):
         fixed_cost_ab.main(["--lever", "bf16_dot"])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--lever", "attention_loops"], r"--lever attention_loops needs the C\+\+ kernels, which did not build here"),
+    (["--lever", "metadata_prefetch", "--options", "bits=4,mode=reduce-overhead"],
+     r"--lever metadata_prefetch needs the C\+\+ kernels \(CPU graphs\)"),
+])
+def test_kernel_levers_need_the_cpp_kernels(monkeypatch, argv, match):
+    """Without a C++ compiler there is nothing to switch: the lever says so before loading the model."""
+    from csd_compile.kernels import native
+
+    monkeypatch.setattr(native, "load", lambda: False)
+    with pytest.raises(SystemExit, match=match):
+        fixed_cost_ab.main(argv)
