@@ -1,7 +1,8 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
     python -m benchmarks.fixed_cost_ab --lever size_asserts|direct|direct_qlinear|decode_attention|group_linears|
-        scale_layout|bf16_dot|attention_loops|metadata_prefetch|cpu_graph [--options bits=auto] [--rounds 7]
+        scale_layout|packed_scales|bf16_dot|attention_loops|metadata_prefetch|cpu_graph [--options bits=auto]
+        [--rounds 7] [--dtype bf16|fp32]
         [--cache-slots N]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
@@ -23,6 +24,9 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 - ``scale_layout``: the nested weights' scales and zeros column-major (``nested.column_major``, as
   stored) against row-major copies (what they were before; the C++ kernel gathers them), each
   side's quantized copies made under its layout (caches off);
+- ``packed_scales``: the C++ kernel reading each weight's packed scale/zero copy
+  (``QLinear.kernel_scales``, ``nested.pack_scale_zero``) against the column-major pair, each side
+  compiled with its own (caches off);
 - ``bf16_dot``: the C++ kernel's ``avx512bf16`` path (bf16 dot products, where the CPU has AVX-512
   BF16 and VBMI) against the best float path without it (``avx512vnni``), one decoder, the path
   forced in alternate rounds (``native.use_isa``);
@@ -35,8 +39,9 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 - ``cpu_graph``: the step replayed as a CPU graph (``mode="reduce-overhead"``, ``csd_compile.cpu_graph``)
   against Inductor's Python wrapper running it, two decoders of one model.
 
-``--cache-slots N`` sizes the static KV cache at N slots (a call asks for N - 53 new tokens and is
-stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
+``--dtype fp32`` loads the model in fp32 (fp32 activations: the C++ kernel's float paths, as the
+speculative rows' 8-bit target runs); bf16 by default. ``--cache-slots N`` sizes the static KV
+cache at N slots (a call asks for N - 53 new tokens and is stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
 (levers that change values: not direct) then scores quality: each side's step, compiled the same way but returning
 logits, reads N tokens of shipped text (Britannica, HumanEval) one at a time over a static cache
 (teacher forcing), and the mean negative log-likelihood per token is printed for both, with how
@@ -108,11 +113,12 @@ def _compiled_afresh() -> contextlib.ExitStack:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lever", required=True, choices=["size_asserts", "direct", "direct_qlinear", "decode_attention",
-                                                         "group_linears", "scale_layout", "bf16_dot", "attention_loops",
-                                                         "metadata_prefetch", "cpu_graph"])
+                                                         "group_linears", "scale_layout", "packed_scales", "bf16_dot",
+                                                         "attention_loops", "metadata_prefetch", "cpu_graph"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the model's dtype (its activations)")
     ap.add_argument("--cache-slots", type=int, default=None, help="static KV cache size (default 256)")
     ap.add_argument("--nll-tokens", type=int, default=0, help="score each side's quality on N tokens of text")
     args = ap.parse_args(argv)
@@ -138,15 +144,30 @@ def main(argv=None) -> None:
     building = {}  # side -> context its warm-up (compile, quantized copies) runs under
 
     if args.lever == "cpu_graph":  # one model, two decoders: the step with and without mode="reduce-overhead"
-        model, tokenizer = load_model(dtype="bf16")
+        model, tokenizer = load_model(dtype=args.dtype)
         graphs = {**options, "mode": "reduce-overhead"}
         decoders = {shipped: greedy.GreedyDecoder(model, backend="csd", options=graphs),
                     undone: greedy.GreedyDecoder(model, backend="csd", options=options)}
         backend_names = {shipped: "csd", undone: "csd"}
         lever_options = {shipped: graphs, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-    elif args.lever in ("group_linears", "scale_layout"):  # two models, each compiled its own way
+    elif args.lever in ("group_linears", "scale_layout", "packed_scales"):  # two models, each compiled its own way
         import csd_compile.quant.nested as nested
+        from csd_compile.kernels import native
+        from csd_compile.quant.linear import QLinear
+
+        if args.lever == "packed_scales" and not native.load():
+            raise SystemExit("--lever packed_scales needs the C++ kernels, which did not build here")
+
+        @contextlib.contextmanager
+        def scale_zero_pairs():
+            real = QLinear.kernel_scales
+            QLinear.kernel_scales = lambda self: (self.scale, self.zero)  # the compile pass asks it
+            try:
+                with _compiled_afresh():
+                    yield
+            finally:
+                QLinear.kernel_scales = real
 
         @contextlib.contextmanager
         def row_major_scales():
@@ -158,15 +179,17 @@ def main(argv=None) -> None:
             finally:
                 nested.column_major = real
 
-        model, tokenizer = load_model(dtype="bf16")
+        model, tokenizer = load_model(dtype=args.dtype)
         separate = {**options, "group_linears": False} if args.lever == "group_linears" else options
         decoders = {shipped: greedy.GreedyDecoder(model, backend="csd", options=options),
-                    undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd", options=separate)}
+                    undone: greedy.GreedyDecoder(load_model(dtype=args.dtype)[0], backend="csd", options=separate)}
         backend_names = {shipped: "csd", undone: "csd"}
         lever_options = {shipped: options, undone: separate}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
         if args.lever == "scale_layout":
             building = {undone: row_major_scales}
+        elif args.lever == "packed_scales":
+            building = {undone: scale_zero_pairs}
     elif args.lever in ("size_asserts", "direct_qlinear", "decode_attention"):
         from torch._dynamo import register_backend
 
@@ -210,9 +233,9 @@ def main(argv=None) -> None:
             with lever_undone():
                 return backend.csd_backend(gm, example_inputs, **kw)
 
-        model, tokenizer = load_model(dtype="bf16")
+        model, tokenizer = load_model(dtype=args.dtype)
         decoders = {shipped: greedy.GreedyDecoder(model, backend="csd", options=options),
-                    undone: greedy.GreedyDecoder(load_model(dtype="bf16")[0], backend="csd_lever_undone",
+                    undone: greedy.GreedyDecoder(load_model(dtype=args.dtype)[0], backend="csd_lever_undone",
                                                  options=options)}
         backend_names = {shipped: "csd", undone: "csd_lever_undone"}
         lever_options = {shipped: options, undone: options}
@@ -257,7 +280,7 @@ def main(argv=None) -> None:
                     stance._Direct.of = real
 
             settings = {shipped: contextlib.nullcontext, undone: through_dynamo}
-        model, tokenizer = load_model(dtype="bf16")
+        model, tokenizer = load_model(dtype=args.dtype)
         dec = greedy.GreedyDecoder(model, backend="csd", options=options)
         decoders = {shipped: dec, undone: dec}
         backend_names = {shipped: "csd", undone: "csd"}

@@ -36,7 +36,7 @@ from torch.library import wrap_triton
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from ..quant.nested import check_bits, dequantize, unpack_nibbles
+from ..quant.nested import check_bits, dequantize, unpack_nibbles, unpack_scale_zero
 from . import native
 from ._triton import jit, op, require_triton, tl, triton
 
@@ -106,9 +106,16 @@ def check_qlinear_args(x, qdata, scale, zero, bits) -> tuple[int, int, int]:
     n, k = qdata.shape[1], 2 * qdata.shape[2]
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"qlinear: x has {tuple(x.shape)}; its last dim must be in_features={k}")
-    if scale.dim() != 2 or scale.shape[0] != n or scale.shape != zero.shape or k % max(scale.shape[1], 1):
+    if scale.dim() == 4:  # packed (quant.nested.pack_scale_zero), passed as both scale and zero
+        blocks = -(-n // 64)
+        if (scale.shape[0] != blocks or scale.shape[2:] != (2, 64) or k % max(scale.shape[1], 1)
+                or scale.shape != zero.shape or scale.dtype != torch.float32):
+            raise ValueError(f"qlinear: packed scale/zero must be float32 [ceil(N/64)={blocks}, K/group, 2, 64] (the "
+                             f"same tensor twice), got {scale.dtype} {tuple(scale.shape)} / {tuple(zero.shape)}")
+    elif scale.dim() != 2 or scale.shape[0] != n or scale.shape != zero.shape or k % max(scale.shape[1], 1):
         raise ValueError(
-            f"qlinear: scale {tuple(scale.shape)} / zero {tuple(zero.shape)} must both be [N={n}, K/group]"
+            f"qlinear: scale {tuple(scale.shape)} / zero {tuple(zero.shape)} must both be [N={n}, K/group] "
+            "(or both the packed [ceil(N/64), K/group, 2, 64] tensor)"
         )
     group = k // scale.shape[1]
     if group not in SUPPORTED_GROUP_SIZES:
@@ -125,9 +132,15 @@ def check_qlinear_args(x, qdata, scale, zero, bits) -> tuple[int, int, int]:
     return n, k, group
 
 
+def _canonical(qdata, scale, zero) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` as [N, G] tensors, unpacked if they came packed."""
+    return unpack_scale_zero(scale, qdata.shape[1]) if scale.dim() == 4 else (scale, zero)
+
+
 def qlinear_ref(x, qdata, scale, zero, bits) -> torch.Tensor:
     """Pure-torch reference: dequantize the b-bit rung in fp32, ``F.linear`` in fp32, cast back."""
     check_qlinear_args(x, qdata, scale, zero, bits)
+    scale, zero = _canonical(qdata, scale, zero)
     w = dequantize(qdata, scale, zero, check_bits(int(bits.reshape(()))))
     return F.linear(x.float(), w).to(x.dtype)
 
@@ -139,6 +152,7 @@ def qlinear_ref_int8(x, qdata, scale, zero, bits) -> torch.Tensor:
     quantization error ``d * q - x`` is multiplied by ``S * (c - 2^(b-1))`` only, while the
     zero-point term uses the exact per-group sums of ``x``."""
     check_qlinear_args(x, qdata, scale, zero, bits)
+    scale, zero = _canonical(qdata, scale, zero)
     b = check_bits(int(bits.reshape(())))
     n, k = qdata.shape[1], 2 * qdata.shape[2]
     groups = scale.shape[1]
@@ -161,6 +175,9 @@ def qlinear_triton(x, qdata, scale, zero, bits, *, block_m: int = 16, block_n: i
     """Launch the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
     require_triton("csd.qlinear")
     n, k, group = check_qlinear_args(x, qdata, scale, zero, bits)
+    if scale.dim() == 4:
+        raise ValueError("qlinear: packed scale/zero (quant.nested.pack_scale_zero) are the CPU kernel's layout; the "
+                         "Triton kernel takes scale and zero as [N, K/group] tensors")
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -225,6 +242,7 @@ def _int4_operands(qdata, scale, zero, b) -> list[tuple[torch.Tensor, torch.Tens
 
 def _qlinear_cpu_impl(x, qdata, scale, zero, bits) -> torch.Tensor:
     n, k, group = check_qlinear_args(x, qdata, scale, zero, bits)
+    scale, zero = _canonical(qdata, scale, zero)
     b = int(bits.reshape(()))  # a CPU tensor: reading it is not a device sync
     if b not in SUPPORTED_BITS:
         raise ValueError(f"qlinear: bits={b} is not supported; choose one of {list(SUPPORTED_BITS)}")

@@ -72,7 +72,8 @@ def _group_size(gm: fx.GraphModule, node: fx.Node) -> int | None:
     if len(weight) != 4 or not all(isinstance(a, fx.Node) and a.op in ("get_attr", "placeholder") for a in weight):
         return None
     q, s = _shape(gm, weight[0]), _shape(gm, weight[1])
-    if q is None or s is None or len(q) != 3 or len(s) != 2 or not s[1]:
+    # scale [N, K/g], or packed [ceil(N/64), K/g, 2, 64] on CPU (quant.nested.pack_scale_zero)
+    if q is None or s is None or len(q) != 3 or len(s) not in (2, 4) or not s[1]:
         return None
     return 2 * q[2] // s[1]
 

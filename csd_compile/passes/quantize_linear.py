@@ -9,6 +9,9 @@ After::
     y = torch.ops.csd.qlinear.default(x, _csd_q3_qdata, _csd_q3_scale, _csd_q3_zero, _csd_q3_bits)
     y = y + bias                      # only when the linear had a bias
 
+On CPU (with the C++ kernel) ``_csd_q3_scale`` and ``_csd_q3_zero`` are both the QLinear's packed
+scale/zero copy (``QLinear.kernel_scales``), which the kernel reads faster than the [N, K/g] pair.
+
 The nested weight and the 0-d ``bits`` tensor are the buffers of the weight's one ``QLinear``
 (``quant.registry``: the module owns the quantized copy, the graph is a view of it), keyed by the weight
 Parameter, so all graphs of one model share one quantized copy and ``set_bits(model, ...)``
@@ -266,9 +269,10 @@ def quantize_linear(gm: fx.GraphModule, example_inputs: Sequence[object], cfg: C
             qlin, was_changed = quantized_copy(weight, group, init_bits, static=isinstance(cfg.bits, int))
         changed_bits |= was_changed
         attrs = []
+        # on CPU the packed scale/zero copy (QLinear.kernel_scales), passed as both
+        scale, zero = qlin.kernel_scales()
         with gm.graph.inserting_before(before):
-            for suffix in ("qdata", "scale", "zero", "bits"):
-                t = getattr(qlin, suffix)
+            for suffix, t in zip(("qdata", "scale", "zero", "bits"), (qlin.qdata, scale, zero, qlin.bits)):
                 name = f"_csd_q{count}_{suffix}"
                 gm.register_buffer(name, t)
                 if name_to_source is not None:

@@ -40,6 +40,13 @@ Storage (``NestedWeight``):
     consecutive rows, which the CPU kernel applies at once, are one vector load instead of a gather
     (gathers cost up to 1.5x the whole product on AMD Zen 4). Any strides are accepted everywhere;
     row-major scales only run slower on CPU.
+
+The CPU kernel reads scales and zeros fastest packed (:func:`pack_scale_zero`): one float32 tensor
+[ceil(N/64), K/group_size, 2, 64] holding, per 64-row block and group, the block's 64 scales then its
+64 zeros (rows past N zero), passed as both ``scale`` and ``zero``. A unit of the kernel's work (one
+block, a range of groups) then reads them as one sequential stream beside its codes, where
+column-major puts each group's values N floats from the last. ``QLinear`` keeps such a copy of its
+CPU weights (``scale_zero``, not saved) beside the canonical pair above.
 """
 
 from __future__ import annotations
@@ -60,9 +67,11 @@ __all__ = [
     "nested_codes",
     "pack_codes",
     "pack_nibbles",
+    "pack_scale_zero",
     "quantize",
     "rtn_fake_quantize",
     "unpack_nibbles",
+    "unpack_scale_zero",
 ]
 
 _BLOCK_N = 64  # row block of the plane layout: byte (k, j) holds rows j (low) and j + 32 (high)
@@ -223,6 +232,35 @@ def pack_codes(q8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Nes
 def column_major(t: torch.Tensor) -> torch.Tensor:
     """``t`` [N, G] stored column-major (strides ``(1, N)``), the layout of a nested weight's scales."""
     return t.T.contiguous().T
+
+
+def pack_scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``scale`` and ``zero`` float32 [N, G] (any strides) in the CPU kernel's packed layout: float32
+    [ceil(N/64), G, 2, 64], element ``[b, g, 0, j]`` the scale of row ``64 b + j`` in group ``g``,
+    ``[b, g, 1, j]`` its zero; rows past N hold 0 (see the module docstring). A new tensor on
+    ``scale``'s device; the inputs are not modified."""
+    if (not isinstance(scale, torch.Tensor) or not isinstance(zero, torch.Tensor) or scale.dim() != 2
+            or scale.shape != zero.shape or scale.dtype != torch.float32 or zero.dtype != torch.float32
+            or scale.device != zero.device):
+        raise ValueError(f"pack_scale_zero: scale ({_desc(scale)}) and zero ({_desc(zero)}) must both be float32 "
+                         "[N, G] tensors on one device")
+    n, g = scale.shape
+    blocks = -(-n // _BLOCK_N)
+    packed = scale.new_zeros(blocks * _BLOCK_N, 2, g)
+    packed[:n, 0] = scale
+    packed[:n, 1] = zero
+    # [blocks * 64, 2, G] -> [blocks, 64, 2, G] -> [blocks, G, 2, 64]
+    return packed.reshape(blocks, _BLOCK_N, 2, g).permute(0, 3, 2, 1).contiguous()
+
+
+def unpack_scale_zero(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_scale_zero` for a weight of ``n`` output rows: ``(scale, zero)`` float32
+    [n, G], column-major (new tensors)."""
+    if (not isinstance(packed, torch.Tensor) or packed.dim() != 4 or packed.shape[0] != -(-n // _BLOCK_N)
+            or packed.shape[2] != 2 or packed.shape[3] != _BLOCK_N):
+        raise ValueError(f"unpack_scale_zero: expected a packed [ceil({n}/64), G, 2, 64] tensor, got {_desc(packed)}")
+    rows = packed.permute(0, 3, 2, 1).reshape(-1, 2, packed.shape[1])[:n]  # [n, 2, G]
+    return column_major(rows[:, 0]), column_major(rows[:, 1])
 
 
 def nested_codes(qdata: torch.Tensor, bits: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from csd_compile.kernels import native
 from csd_compile.kernels.qlinear import qlinear_ref, qlinear_ref_int8
-from csd_compile.quant.nested import column_major, dequantize, nested_codes
+from csd_compile.quant.nested import column_major, dequantize, nested_codes, pack_scale_zero, unpack_scale_zero
 
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512bf16")
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "fma"}
@@ -67,7 +67,8 @@ def _tol(dtype):
 # How scale and zero lie in memory: the kernel reads a group's rows with vector loads where adjacent
 # rows are adjacent (stride(0) == 1: column-major as nested.py stores them, or rows sliced out of a
 # larger column-major tensor) and gathers them otherwise (row-major; or the two tensors' strides differ).
-LAYOUTS = ("row-major", "column-major", "column-major slice", "mixed")
+# "packed": both in one [ceil(N/64), G, 2, 64] tensor (nested.pack_scale_zero), passed twice.
+LAYOUTS = ("row-major", "column-major", "column-major slice", "mixed", "packed")
 
 
 def _lay_out(t, layout, gen):
@@ -86,9 +87,18 @@ def _random_nested(n, k, group, gen, layout="row-major"):
     qdata = torch.randint(0, 256, (2, n, k // 2), generator=gen, dtype=torch.uint8)
     scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
     zero = torch.randn(n, k // group, generator=gen) * 0.3
+    if layout == "packed":
+        packed = pack_scale_zero(scale, zero)
+        return qdata, packed, packed
     scale = _lay_out(scale, layout, gen)
     zero = _lay_out(zero, "row-major" if layout == "mixed" else layout, gen)
     return qdata, scale, zero
+
+
+def _scales(nw):
+    """The weight's (scale, zero) as [N, G] tensors, unpacked if they are packed."""
+    qdata, scale, zero = nw
+    return unpack_scale_zero(scale, qdata.shape[1]) if scale.dim() == 4 else (scale, zero)
 
 
 def test_supported_paths_match_the_cpu_and_auto_is_the_best():
@@ -168,7 +178,7 @@ def test_every_path_matches_reference(isa, n, group, k_groups, m, lead, dtype, b
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "packed"])
 @pytest.mark.parametrize("n,k", [(576, 576), (192, 576), (1536, 576), (576, 1536)])
 def test_embedded_model_shapes(isa, n, k, layout):
     """The model's linear shapes at decode (M = 1) and verify (M = 5, 16) rows, 4 and 8 bits."""
@@ -216,7 +226,7 @@ def test_bf16_dot_path_is_the_float_path_up_to_rounding(n, group, k_groups, m, s
     flt = _forced(x, nw, b, isa="avx512vnni", threads=threads).double()
     offset = 2176.0 if bits == 8 else 128.0 / 2 ** (4 - bits)
     group_abs = x.double().abs().reshape(m, k // group, group).sum(-1)  # [m, G]
-    summing = 2.0**-24 * group**0.5 * (offset + 2**bits) * 2.0 ** (8 - bits) * (group_abs @ nw[1].double().T)
+    summing = 2.0**-24 * group**0.5 * (offset + 2**bits) * 2.0 ** (8 - bits) * (group_abs @ _scales(nw)[0].double().T)
     assert summing.min() > 0
     assert ((dot - flt).abs() <= 2**-8 * (dot.abs() + flt.abs()) * 1.001 + summing).all()
     for dtype in (torch.float32, torch.float16):
@@ -264,14 +274,14 @@ def test_int8_activations_match_their_reference(isa, n, group, k_groups, m, dtyp
     assert _rel_err(y, r) < _tol(dtype), (isa, n, k, group, m, dtype, bits)
     # and what it approximates: the float product, within the activations' rounding, which moves
     # each x[k] by at most half a step d = max|x| / 127 of its block, times the centred code's weight
-    qdata, scale, _ = nw
+    qdata, (scale, zero) = nw[0], _scales(nw)
     xf = x.float()
     half_step = (xf.reshape(m, k // 32, 32).abs().amax(-1) / 254).repeat_interleave(32, dim=1)
     weight = (scale * 2.0 ** (8 - bits)).repeat_interleave(group, dim=1) * (nested_codes(qdata, bits) - 2 ** (bits - 1))
     bound = half_step @ weight.abs().T
     r = qlinear_ref(x, *nw, b).float()
     rounding = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
-    slack = rounding * (r.abs() + y.float().abs()) + 1e-5 * (xf.abs() @ dequantize(*nw, bits).abs().T)
+    slack = rounding * (r.abs() + y.float().abs()) + 1e-5 * (xf.abs() @ dequantize(qdata, scale, zero, bits).abs().T)
     assert ((y.float() - r).abs() <= bound * 1.001 + slack).all()
 
 
@@ -410,6 +420,8 @@ def test_scale_layout_changes_no_bit(isa, n, group, k_groups, m, dtype, bits, th
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     b = torch.tensor(bits)
     y = _forced(x, (qdata, scale, zero), b, isa=isa, threads=threads, activations=activations)
+    if layout == "packed":
+        scale, zero = unpack_scale_zero(scale, n)
     y_rows = _forced(x, (qdata, scale.contiguous(), zero.contiguous()), b, isa=isa, threads=threads,
                      activations=activations)
     assert torch.equal(y, y_rows), (isa, n, k, group, m, dtype, bits, layout, activations)
