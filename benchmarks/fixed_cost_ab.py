@@ -2,7 +2,7 @@
 
     python -m benchmarks.fixed_cost_ab --lever size_asserts|direct|direct_qlinear|decode_attention|group_linears|
         scale_layout|packed_scales|bf16_dot|attention_loops|metadata_prefetch|cpu_graph [--options bits=auto]
-        [--rounds 7] [--dtype bf16|fp32]
+        [--rounds 7] [--dtype bf16|fp32] [--isa avx2]
         [--cache-slots N]
 
 Two ``GreedyDecoder`` s decode the same 53-token prompt, one with the lever as shipped and one with
@@ -40,7 +40,8 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
   against Inductor's Python wrapper running it, two decoders of one model.
 
 ``--dtype fp32`` loads the model in fp32 (fp32 activations: the C++ kernel's float paths, as the
-speculative rows' 8-bit target runs); bf16 by default. ``--cache-slots N`` sizes the static KV
+speculative rows' 8-bit target runs); bf16 by default. ``--isa NAME`` forces the C++ kernel's path
+on both sides (``native.use_isa``: e.g. ``avx2`` on an AVX-512 CPU). ``--cache-slots N`` sizes the static KV
 cache at N slots (a call asks for N - 53 new tokens and is stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
 (levers that change values: not direct) then scores quality: each side's step, compiled the same way but returning
 logits, reads N tokens of shipped text (Britannica, HumanEval) one at a time over a static cache
@@ -119,6 +120,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the model's dtype (its activations)")
+    ap.add_argument("--isa", default=None, help="force the C++ kernel's path on both sides (native.use_isa)")
     ap.add_argument("--cache-slots", type=int, default=None, help="static KV cache size (default 256)")
     ap.add_argument("--nll-tokens", type=int, default=0, help="score each side's quality on N tokens of text")
     args = ap.parse_args(argv)
@@ -137,6 +139,12 @@ def main(argv=None) -> None:
     from csd_compile.models.loader import load_model
 
     torch.set_num_threads(args.threads)
+    if args.isa is not None:
+        from csd_compile.kernels import native
+
+        if not native.load() or args.isa not in native.supported_isas():
+            raise SystemExit(f"--isa {args.isa}: this machine's C++ kernels run {native.supported_isas()}")
+        native.set_isa(args.isa)
     options = _parse_options(args.options)
     ids = torch.tensor([[random.Random(0).randrange(100, 20000) for _ in range(prompt)]])
     shipped = f"{args.lever} as shipped"

@@ -41,11 +41,11 @@ def _llama_round(binary: str, gguf: Path, threads: int, n: int, depth: int) -> f
 
 
 def _parse_options(text: str) -> dict:
-    opts: dict = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        opts[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-    return opts
+    """``k=v[,k=v]``, each value read as ``csd-compile generate -o`` reads it (JSON: 4, true, 0.5;
+    else the bare string, e.g. reduce-overhead)."""
+    from csd_compile.cli import _option
+
+    return dict(_option(item.strip()) for item in filter(None, text.split(",")))
 
 
 def main(argv=None) -> None:

@@ -51,3 +51,20 @@ def test_kernel_levers_need_the_cpp_kernels(monkeypatch, argv, match):
     monkeypatch.setattr(native, "load", lambda: False)
     with pytest.raises(SystemExit, match=match):
         fixed_cost_ab.main(argv)
+
+
+def test_options_are_read_as_the_cli_reads_them():
+    """``--options`` values as ``csd-compile generate -o``: numbers and booleans as JSON, else strings."""
+    from benchmarks.llama_cpp_decode import _parse_options
+
+    assert _parse_options("bits=8,quantize_lm_head=true,mode=reduce-overhead, group_size=32") == {
+        "bits": 8, "quantize_lm_head": True, "mode": "reduce-overhead", "group_size": 32}
+    assert _parse_options("bits=auto") == {"bits": "auto"}
+
+
+def test_an_isa_the_machine_cannot_run_is_refused(monkeypatch):
+    from csd_compile.kernels import native
+
+    monkeypatch.setattr(native, "load", lambda: False)
+    with pytest.raises(SystemExit, match="--isa avx2: this machine's C\\+\\+ kernels run"):
+        fixed_cost_ab.main(["--lever", "packed_scales", "--isa", "avx2"])

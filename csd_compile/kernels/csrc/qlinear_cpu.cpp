@@ -35,10 +35,12 @@
 // sequential stream beside its codes), or as [N, G] tensors, column-major as nested.py stores them (a
 // block's 64 values of a group are one vector load, and the next block's are prefetched) or row-major
 // (gathered; they stay in L1 from one group to the next). Packed against column-major, the embedded
-// model's replayed 4-bit decode step took 0.85-0.88x the time (AMD Zen 4, bf16 activations), 0.77x
-// at 8 bits with fp32 activations, 0.85x on the AVX2 path: column-major, a block's groups lie N
-// floats apart, each in another DRAM page, and the hand prefetches of the packed layout only got in
-// the way of the hardware's. On the float paths the code stream is prefetched ahead by hand: at
+// model's decode step took 0.81x the time at 4 bits with bf16 activations (AMD Zen 4), 0.87x at 8
+// bits with fp32 activations, 0.83x on the AVX2 path forced there (README, fixed-cost section).
+// Column-major, a unit's scales and zeros are 256-byte runs N floats apart, one per group; why that
+// costs so much (DRAM pages, the prefetchers' stream tables) was not isolated. Packed, the hand
+// prefetch of the next block's scales (kept for the other layouts) only got in the way of the
+// hardware prefetchers. On the float paths the code stream is prefetched ahead by hand: at
 // M = 1 the product is a stream of the weight bytes, and without the prefetches a cold weight ran at
 // half the speed of a cached one (the bf16 dot-product path leaves it to the hardware: Bf16Avx512).
 // Work is split over threads in units of (64-row block, range of groups); K is split only when there
