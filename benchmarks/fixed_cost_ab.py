@@ -41,12 +41,13 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 
 ``--dtype fp32`` loads the model in fp32 (fp32 activations: the C++ kernel's float paths, as the
 speculative rows' 8-bit target runs); bf16 by default. ``--isa NAME`` forces the C++ kernel's path
-on both sides (``native.use_isa``: e.g. ``avx2`` on an AVX-512 CPU). ``--cache-slots N`` sizes the static KV
-cache at N slots (a call asks for N - 53 new tokens and is stopped after 97), as a longer request would; by default the cache holds 256. ``--nll-tokens N``
-(levers that change values: not direct) then scores quality: each side's step, compiled the same way but returning
-logits, reads N tokens of shipped text (Britannica, HumanEval) one at a time over a static cache
-(teacher forcing), and the mean negative log-likelihood per token is printed for both, with how
-often the two steps' argmax (the greedy token) agree at the same position.
+on both sides (``native.use_isa``: e.g. ``avx2`` on an AVX-512 CPU). ``--cache-slots N`` sizes the
+static KV cache at N slots (a call asks for N - 53 new tokens and is stopped after 97), as a longer
+request would; by default the cache holds 256. ``--nll-tokens N`` (levers that change values: not
+direct) then scores quality: each side's step, compiled the same way but returning logits, reads
+N tokens of shipped text (Britannica, HumanEval) one at a time over a static cache (teacher
+forcing), and the mean negative log-likelihood per token is printed for both, with how often the
+two steps' argmax (the greedy token) agree at the same position.
 
 Decode-only ms/token = (time of a 97-token call - time of a 1-token call) / 96; medians, the ratio
 of the medians and the median of the rounds' own ratios (the two sides of a round run back to

@@ -133,8 +133,13 @@ def check_qlinear_args(x, qdata, scale, zero, bits) -> tuple[int, int, int]:
 
 
 def _canonical(qdata, scale, zero) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero)`` as [N, G] tensors, unpacked if they came packed."""
-    return unpack_scale_zero(scale, qdata.shape[1]) if scale.dim() == 4 else (scale, zero)
+    """``(scale, zero)`` as [N, G] tensors, unpacked if they came packed (real tensors only)."""
+    if scale.dim() != 4:
+        return scale, zero
+    if zero.data_ptr() != scale.data_ptr():
+        raise ValueError("qlinear: with packed scales (quant.nested.pack_scale_zero) pass the packed tensor as zero "
+                         "too")
+    return unpack_scale_zero(scale, qdata.shape[1])
 
 
 def qlinear_ref(x, qdata, scale, zero, bits) -> torch.Tensor:

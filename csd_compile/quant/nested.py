@@ -260,7 +260,11 @@ def unpack_scale_zero(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch
             or packed.shape[2] != 2 or packed.shape[3] != _BLOCK_N):
         raise ValueError(f"unpack_scale_zero: expected a packed [ceil({n}/64), G, 2, 64] tensor, got {_desc(packed)}")
     rows = packed.permute(0, 3, 2, 1).reshape(-1, 2, packed.shape[1])[:n]  # [n, 2, G]
-    return column_major(rows[:, 0]), column_major(rows[:, 1])
+    out = []
+    for part in (rows[:, 0], rows[:, 1]):
+        t = torch.empty_strided(part.shape, (1, n), dtype=part.dtype, device=part.device)  # column-major
+        out.append(t.copy_(part))
+    return out[0], out[1]
 
 
 def nested_codes(qdata: torch.Tensor, bits: int) -> torch.Tensor:

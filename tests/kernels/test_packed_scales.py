@@ -47,7 +47,8 @@ def test_pack_puts_each_value_where_the_layout_says_and_unpacks_back(n, g, cols,
     assert not packed[pad // 64, :, :, pad % 64].any()  # rows past N hold 0
     assert torch.equal(scale, before[0]) and torch.equal(zero, before[1])  # inputs untouched
     s2, z2 = unpack_scale_zero(packed, n)
-    assert torch.equal(s2, scale) and torch.equal(z2, zero) and s2.stride(0) == 1  # column-major
+    assert torch.equal(s2, scale) and torch.equal(z2, zero) and s2.stride() == z2.stride() == (1, n)  # column-major
+    assert s2.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr()  # new tensors
 
 
 def test_pack_and_unpack_refuse_what_they_cannot_read():
@@ -162,3 +163,17 @@ def test_the_compile_pass_hands_the_cpu_kernel_the_packed_copy(built):
     for n in calls:
         scale, zero = (getattr(out, a.target) for a in n.args[2:4])
         assert scale is zero and scale.dim() == 4  # the QLinear's packed copy, twice
+
+
+def test_the_python_paths_refuse_a_zero_that_is_not_the_packed_tensor():
+    """The pure-torch reference and the fallback without the C++ kernels unpack the packed tensor;
+    a different ``zero`` would be ignored there, so it is refused as the C++ kernel refuses it."""
+    nw = _nested(128, 64, seed=2)
+    packed = pack_scale_zero(nw.scale, nw.zero)
+    x, b = torch.randn(2, 64), torch.tensor(4)
+    with pytest.raises(ValueError, match="packed tensor as zero too"):
+        qlinear_ref(x, nw.qdata, packed, packed.clone(), b)
+    with pytest.raises(ValueError, match="packed tensor as zero too"):
+        torch.ops.csd.qlinear_cpu(x, nw.qdata, packed, packed.clone(), b)
+    y = torch.ops.csd.qlinear_cpu(x, nw.qdata, packed, packed, b)  # the fallback on the packed tensor
+    torch.testing.assert_close(y, qlinear_ref(x, nw.qdata, nw.scale, nw.zero, b), rtol=1e-5, atol=1e-5)
