@@ -65,8 +65,9 @@ class QLinear(nn.Module):
                                  persistent=False)
 
     def _apply(self, fn, recurse=True):
+        self.scale_zero = None  # not moved or converted itself: rebuilt from the converted pair below
         super()._apply(fn, recurse)
-        self.repack()  # moved or converted: the packed copy follows scale and zero
+        self.repack()
         return self
 
     def kernel_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
