@@ -45,7 +45,10 @@ def _parse_options(text: str) -> dict:
     else the bare string, e.g. reduce-overhead)."""
     from csd_compile.cli import _option
 
-    return dict(_option(item.strip()) for item in filter(None, text.split(",")))
+    try:
+        return dict(_option(item.strip()) for item in filter(None, text.split(",")))
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"--options {text!r}: {e}") from None
 
 
 def main(argv=None) -> None:

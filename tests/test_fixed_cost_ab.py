@@ -60,6 +60,8 @@ def test_options_are_read_as_the_cli_reads_them():
     assert _parse_options("bits=8,quantize_lm_head=true,mode=reduce-overhead, group_size=32") == {
         "bits": 8, "quantize_lm_head": True, "mode": "reduce-overhead", "group_size": 32}
     assert _parse_options("bits=auto") == {"bits": "auto"}
+    with pytest.raises(SystemExit, match=r"--options 'bits=4,mode': expected KEY=VALUE, got 'mode'"):
+        _parse_options("bits=4,mode")
 
 
 def test_an_isa_the_machine_cannot_run_is_refused(monkeypatch):
