@@ -1,7 +1,8 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
     python -m benchmarks.fixed_cost_ab --lever size_asserts|direct|direct_qlinear|decode_attention|group_linears|
-        scale_layout|packed_scales|bf16_dot|attention_loops|metadata_prefetch|cpu_graph [--options bits=auto]
+        scale_layout|packed_scales|bf16_dot|attention_loops|metadata_prefetch|bound_replay|cpu_graph
+        [--options bits=auto]
         [--rounds 7] [--dtype bf16|fp32] [--isa avx2]
         [--cache-slots N]
 
@@ -36,6 +37,10 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 - ``metadata_prefetch``: a replayed CPU graph fetching each call's record and tensor metadata
   ahead of the call (``csd_compile.cpu_graph``) against reading them when the call does, one
   decoder, switched in alternate rounds (needs ``mode=reduce-overhead`` in ``--options``);
+- ``bound_replay``: a decoding loop replaying its step's CPU graph bound to the step's inputs
+  (``csd_compile.cpu_graph.BoundReplay``: the compiled graph's entry and its list of every input
+  skipped) against calling the compiled graph, one decoder, switched in alternate rounds (needs
+  ``mode=reduce-overhead`` in ``--options``);
 - ``cpu_graph``: the step replayed as a CPU graph (``mode="reduce-overhead"``, ``csd_compile.cpu_graph``)
   against Inductor's Python wrapper running it, two decoders of one model.
 
@@ -116,7 +121,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lever", required=True, choices=["size_asserts", "direct", "direct_qlinear", "decode_attention",
                                                          "group_linears", "scale_layout", "packed_scales", "bf16_dot",
-                                                         "attention_loops", "metadata_prefetch", "cpu_graph"])
+                                                         "attention_loops", "metadata_prefetch", "bound_replay",
+                                                         "cpu_graph"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
@@ -249,17 +255,17 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd_lever_undone"}
         lever_options = {shipped: options, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-    else:  # direct, bf16_dot, attention_loops, metadata_prefetch: one decoder, the lever toggled around calls
-        if args.lever == "metadata_prefetch":
+    else:  # direct, bf16_dot, attention_loops, metadata_prefetch, bound_replay: one decoder, the lever toggled
+        if args.lever in ("metadata_prefetch", "bound_replay"):
             from csd_compile import cpu_graph
             from csd_compile.kernels import native
 
             if options.get("mode") != "reduce-overhead":
-                raise SystemExit("--lever metadata_prefetch acts on CPU graphs: add mode=reduce-overhead to --options")
+                raise SystemExit(f"--lever {args.lever} acts on CPU graphs: add mode=reduce-overhead to --options")
             if not native.load():
-                raise SystemExit("--lever metadata_prefetch needs the C++ kernels (CPU graphs), which did not build here")
-            settings = {shipped: lambda: cpu_graph.metadata_prefetch(True),
-                        undone: lambda: cpu_graph.metadata_prefetch(False)}
+                raise SystemExit(f"--lever {args.lever} needs the C++ kernels (CPU graphs), which did not build here")
+            switch = cpu_graph.metadata_prefetch if args.lever == "metadata_prefetch" else cpu_graph.bound_replays
+            settings = {shipped: lambda: switch(True), undone: lambda: switch(False)}
         elif args.lever == "attention_loops":
             from csd_compile.kernels import native
 

@@ -22,6 +22,11 @@ the step again when one has moved. Other inputs up to 64 KiB (the token, its pos
 into the graph's own buffers before each replay, so the caller may pass new tensors each call.
 Outputs are copies (a replay reuses its buffers), as CUDA graphs' outputs are after a copy.
 
+Bound replays: a caller that passes the same objects at every call (a decoding loop,
+``csd_compile.stance.LoopSteps``) binds a recording to them once (``CpuGraphStep.bind``); a
+:class:`BoundReplay` then replays it with the same checks, from C++, without the Python list of the
+graph's inputs or the compiled graph's entry around it.
+
 Symbolic sizes (int inputs: Dynamo recompiles a step with a dynamic cache length once it has seen
 a second cache size) fix every kernel argument of a call, so such a graph keeps one recording per
 value of its int inputs (at most ``MAX_SIZES``, the least recently replayed dropped first).
@@ -51,8 +56,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "CpuGraphWarning", "CpuGraphStep", "replay", "live_steps", "metadata_prefetch", "SMALL_INPUT_BYTES",
-    "MAX_RECORDINGS", "MAX_SIZES",
+    "CpuGraphWarning", "CpuGraphStep", "BoundReplay", "replay", "live_steps", "metadata_prefetch", "watching",
+    "bound_replays", "SMALL_INPUT_BYTES", "MAX_RECORDINGS", "MAX_SIZES",
 ]
 
 log = logging.getLogger(__name__)
@@ -154,6 +159,36 @@ def metadata_prefetch(on: bool) -> Iterator[None]:
         graph_class.set_prefetch(before)
 
 
+_watch = threading.local()  # .calls: where CpuGraphStep calls are collected while watching() runs
+_BIND = [True]  # CpuGraphStep.bind makes bound replays (bound_replays(False): it does not, for A/Bs)
+
+
+@contextlib.contextmanager
+def watching() -> Iterator[list]:
+    """``with watching() as calls:`` collects the CPU graph calls this thread makes in the block, as
+    (``CpuGraphStep``, its inputs, the outputs it returned)."""
+    before = getattr(_watch, "calls", None)
+    calls: list = []
+    _watch.calls = calls
+    try:
+        yield calls
+    finally:
+        _watch.calls = before
+
+
+@contextlib.contextmanager
+def bound_replays(on: bool) -> Iterator[None]:
+    """``with bound_replays(False):`` steps bound in the block do not replay bound
+    (:class:`BoundReplay`; the default is on), then restores the previous setting. Process-wide;
+    for A/B measurements (``benchmarks.fixed_cost_ab --lever bound_replay``)."""
+    before = _BIND[0]
+    _BIND[0] = bool(on)
+    try:
+        yield
+    finally:
+        _BIND[0] = before
+
+
 def _profiling() -> bool:
     return torch.autograd.profiler._is_profiler_enabled
 
@@ -177,6 +212,26 @@ class CpuGraphStep:
         _LIVE.add(self)
 
     def __call__(self, args: list) -> Any:
+        calls = getattr(_watch, "calls", None)
+        if calls is None:
+            return self._call(args)
+        inputs = tuple(args)  # the call clears args
+        outputs = self._call(args)
+        calls.append((self, inputs, outputs))
+        return outputs
+
+    def bind(self, inputs: Sequence[Any]) -> "BoundReplay | None":
+        """A replay of this graph's recording for ``inputs`` that holds them in C++, for a caller
+        that passes the very same objects at every call (see :class:`BoundReplay`); None when no
+        recording serves them (or bound replays are off: :func:`bound_replays`)."""
+        if not _BIND[0] or self.given_up is not None:
+            return None
+        key = self._key(list(inputs))
+        rec = self._recorded.get(key)
+        binding = rec.graph.bind(list(inputs)) if rec is not None else None
+        return None if binding is None else BoundReplay(self, key, rec, binding)
+
+    def _call(self, args: list) -> Any:
         self._calls += 1
         if self._recorded and not _profiling():
             rec = self._recorded.get(self._key(args))
@@ -263,6 +318,35 @@ class CpuGraphStep:
         recording = types.FunctionType(call.__code__, {**call.__globals__, **shims}, call.__name__,
                                        call.__defaults__, call.__closure__)
         return recording(self._runner, cap), records
+
+
+class BoundReplay:
+    """Called, one more replay of a recording on the inputs it was bound to (``CpuGraphStep.bind``),
+    without passing them again. A decoding loop calls a step's graph on the same objects at every
+    token (csd_compile/stance.py), and the compiled graph's own entry (AOT Autograd's wrapper, the
+    list of every input, ~1200 for the embedded model with its quantized weights lifted) then costs
+    more than the few tensors whose values change: its objects are out of every cache after a step
+    has streamed the weights. The replay still checks what a call checks (each input read in place
+    at its recorded address, each one copied in the size of its buffer) and returns copies of the
+    outputs, or None, having run nothing, when it cannot run: a profiler is on, the recording was
+    replaced or dropped, or an input moved. The caller then calls the graph as usual."""
+
+    __slots__ = ("step", "key", "rec", "binding")
+
+    def __init__(self, step: CpuGraphStep, key: tuple, rec: "_Recording", binding: Any) -> None:
+        self.step, self.key, self.rec, self.binding = step, key, rec, binding
+
+    def __call__(self) -> Any:
+        step, rec = self.step, self.rec
+        if _profiling() or step._recorded.get(self.key) is not rec:
+            return None
+        with step._lock:
+            if not rec.graph.run_bound(self.binding):
+                return None
+            step._calls += 1
+            step.replays += 1
+            rec.used = step._calls
+            return _copies(rec.outputs)
 
 
 class _Recording:

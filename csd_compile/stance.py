@@ -32,6 +32,13 @@ with the guards skipped on its later calls with the same arguments
 (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, which still checks the guards that
 tell the frame's compiled variants apart); a call with other arguments is a first call again.
 
+Where the step's graph replays a CPU graph (``mode="reduce-overhead"`` on CPU), the direct calls go
+one step further: the first two watch what reaches the CPU graph, and when both handed it the same
+objects and the step's outputs are the CPU graph's own, the later calls replay the CPU graph bound
+to those inputs (``cpu_graph.BoundReplay``), without the compiled graph's entry (AOT Autograd's
+wrapper and its list of every input, ~1200 for the embedded model). A bound replay that cannot run
+(an input moved, a profiler is on) hands back to the entry for the rest of the loop.
+
 What a direct call does not see: Python state changed between two steps of one loop by code that
 runs inside it (a streamer's ``put`` swapping a module or replacing a buffer by a new tensor).
 Changes between two decoding calls are seen: each call's first step goes through Dynamo.
@@ -140,12 +147,20 @@ class _Seen:
 
 
 class _Direct:
-    """A step's graph with the inputs its first call gave it, and where its outputs go."""
+    """A step's graph with the inputs its first call gave it, and where its outputs go.
 
-    __slots__ = ("fn", "inputs", "picks", "spec")
+    Where that graph replays a CPU graph (``mode="reduce-overhead"``, csd_compile/cpu_graph.py), its
+    first two direct calls watch what reaches the CPU graph: when both passed it the same objects and
+    it returned exactly the step's outputs, the later calls replay it bound to them
+    (``cpu_graph.BoundReplay``), skipping the compiled graph's own entry."""
+
+    __slots__ = ("fn", "inputs", "picks", "spec", "bound", "bound_picks", "_watched")
 
     def __init__(self, fn: Callable, inputs: tuple, picks: list[int], spec: pytree.TreeSpec) -> None:
         self.fn, self.inputs, self.picks, self.spec = fn, inputs, picks, spec
+        self.bound: Any = None  # a cpu_graph.BoundReplay, once the watched calls allow one
+        self.bound_picks: list[int] = []  # the step's outputs as positions in the CPU graph's outputs
+        self._watched: Any = None  # the first watched call's (CPU graph, inputs); False: not watching
 
     @classmethod
     def of(cls, step: Callable, calls: list, out: Any) -> _Direct | None:
@@ -166,8 +181,45 @@ class _Direct:
         return cls(fn, inputs, picks, spec)
 
     def run(self) -> Any:
-        outputs = self.fn(*self.inputs)
+        if self.bound is not None:
+            outputs = self.bound()
+            if outputs is not None:
+                return pytree.tree_unflatten([outputs[i] for i in self.bound_picks], self.spec)
+            self.bound = None  # it could not run (csd_compile/cpu_graph.py): the graph's own entry from now on
+        if self._watched is False:
+            outputs = self.fn(*self.inputs)
+        else:
+            outputs = self._watch()
         return pytree.tree_unflatten([outputs[i] for i in self.picks], self.spec)
+
+    def _watch(self) -> Any:
+        from . import cpu_graph
+
+        with cpu_graph.watching() as graphs:
+            outputs = self.fn(*self.inputs)
+        self._watched = self._bind(graphs, outputs)
+        return outputs
+
+    def _bind(self, graphs: list, outputs: Any) -> Any:
+        """What to remember after a watched call: this call's CPU graph and inputs (first call), or
+        False (done watching: bound, or not bindable)."""
+        if len(graphs) != 1 or not isinstance(outputs, (list, tuple)):
+            return False
+        graph, inputs, returned = graphs[0]
+        if self._watched is None:
+            return graph, inputs
+        first, first_inputs = self._watched
+        if graph is not first or len(inputs) != len(first_inputs) or not all(map(_same, inputs, first_inputs)):
+            return False  # the compiled graph's entry passed other objects: not the same call each time
+        if not isinstance(returned, (list, tuple)):
+            return False
+        where = {id(o): i for i, o in enumerate(returned)}
+        order = [where.get(id(o)) for o in outputs]
+        if len(where) != len(returned) or None in order or sorted(order) != list(range(len(returned))):
+            return False  # the entry did more with the outputs than hand them on
+        self.bound = graph.bind(inputs)
+        self.bound_picks = [order[i] for i in self.picks]
+        return False
 
 
 def _same(a: Any, b: Any) -> bool:

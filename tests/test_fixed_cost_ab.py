@@ -15,6 +15,7 @@ from benchmarks import fixed_cost_ab
     (["--lever", "bf16_dot", "--cache-slots", "149"], "--cache-slots must be >= 150"),
     (["--lever", "attention_loops", "--rounds", "0"], "--rounds and --threads must be >= 1"),
     (["--lever", "metadata_prefetch", "--options", "bits=4"], "acts on CPU graphs: add mode=reduce-overhead"),
+    (["--lever", "bound_replay", "--options", "bits=4"], "bound_replay acts on CPU graphs: add mode=reduce-overhead"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
@@ -42,6 +43,8 @@ def test_bf16_dot_lever_needs_a_cpu_with_the_path(monkeypatch):
     (["--lever", "attention_loops"], r"--lever attention_loops needs the C\+\+ kernels, which did not build here"),
     (["--lever", "metadata_prefetch", "--options", "bits=4,mode=reduce-overhead"],
      r"--lever metadata_prefetch needs the C\+\+ kernels \(CPU graphs\)"),
+    (["--lever", "bound_replay", "--options", "bits=4,mode=reduce-overhead"],
+     r"--lever bound_replay needs the C\+\+ kernels \(CPU graphs\)"),
     (["--lever", "packed_scales"], r"--lever packed_scales needs the C\+\+ kernels, which did not build here"),
 ])
 def test_kernel_levers_need_the_cpp_kernels(monkeypatch, argv, match):

@@ -14,7 +14,9 @@
 //     registers), and ATen fallbacks that return new tensors (copied into the ones the recording
 //     call returned, which the later steps read).
 // Graph inputs are checked before each replay: the ones read in place must still be at the recorded
-// addresses; small ones are copied into the graph's own buffers (the token, its position).
+// addresses; small ones are copied into the graph's own buffers (the token, its position). A caller
+// that passes the same tensors at every call binds them once (bind, run_bound: a Binding holds them,
+// and a replay then reads no Python object).
 
 #include <torch/extension.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -23,6 +25,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -152,6 +155,15 @@ const at::Tensor& unpack(PyObject* obj) {
   return THPVariable_Unpack(obj);
 }
 
+class CpuGraph;
+
+// A graph's inputs held for CpuGraph::run_bound: the tensors read in place (in the order of
+// CpuGraph::pinned_) and the ones copied in (in the order of CpuGraph::copied_).
+struct Binding {
+  const CpuGraph* graph = nullptr;
+  std::vector<at::Tensor> pinned, sources;
+};
+
 class CpuGraph {
  public:
   void add_kernel(uintptr_t fn, std::vector<Word> words) {
@@ -237,10 +249,7 @@ class CpuGraph {
           if (t.has_storage()) prefetch_object(t.storage().unsafeGetStorageImpl());
         }
       }
-      const size_t n = steps_.size();
-      for (size_t i = 0; i < n && i < 4; ++i) prefetch_object(&steps_[i]);
-      for (size_t i = 0; i < n && i < 3; ++i) prefetch_arrays(steps_[i]);
-      for (size_t i = 0; i < n && i < 2; ++i) prefetch_targets(steps_[i]);
+      prefetch_first_steps();
     }
     for (const auto& [index, address] : pinned_) {
       PyObject* obj = PyList_GET_ITEM(list, index);
@@ -250,18 +259,79 @@ class CpuGraph {
     }
     for (const auto& [index, buffer] : copied_) {
       PyObject* obj = PyList_GET_ITEM(list, index);
-      if (!THPVariable_Check(obj)) return false;
-      const at::Tensor& src = THPVariable_Unpack(obj);
-      if (src.scalar_type() != buffer.scalar_type() || src.sizes() != buffer.sizes() || !src.device().is_cpu())
-        return false;
+      if (!THPVariable_Check(obj) || !fits(THPVariable_Unpack(obj), buffer)) return false;
+    }
+    for (const auto& [index, buffer] : copied_) copy_in(unpack(PyList_GET_ITEM(list, index)), buffer);
+    run_steps(prefetch, timed);
+    return true;
+  }
+
+  // The inputs of `args` held in C++ for run_bound: for a caller that passes the very same tensors at
+  // every call (a decoding loop), which then skips the Python list and the objects in it. None when
+  // `args` would not replay (an input moved or does not fit its buffer).
+  std::optional<Binding> bind(const py::list& args) const {
+    PyObject* list = args.ptr();
+    if (PyList_GET_SIZE(list) != num_inputs_) return std::nullopt;
+    Binding b;
+    b.graph = this;
+    for (const auto& [index, address] : pinned_) {
+      PyObject* obj = PyList_GET_ITEM(list, index);
+      if (!THPVariable_Check(obj)) return std::nullopt;
+      const at::Tensor& t = THPVariable_Unpack(obj);
+      if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) != address) return std::nullopt;
+      b.pinned.push_back(t);
     }
     for (const auto& [index, buffer] : copied_) {
-      const at::Tensor& src = unpack(PyList_GET_ITEM(list, index));
-      if (src.is_contiguous())
-        std::memcpy(buffer.mutable_data_ptr(), src.const_data_ptr(), buffer.nbytes());
-      else
-        buffer.copy_(src);
+      PyObject* obj = PyList_GET_ITEM(list, index);
+      if (!THPVariable_Check(obj) || !fits(THPVariable_Unpack(obj), buffer)) return std::nullopt;
+      b.sources.push_back(THPVariable_Unpack(obj));
     }
+    return b;
+  }
+
+  // Replays the step on the inputs `b` holds, with the same checks as run(); false, having run
+  // nothing, when one fails (or `b` was bound to another graph).
+  bool run_bound(const Binding& b) {
+    if (b.graph != this || b.pinned.size() != pinned_.size() || b.sources.size() != copied_.size()) return false;
+    const bool prefetch = g_prefetch.load(std::memory_order_relaxed);
+    if (prefetch) {  // the inputs' TensorImpls, then their StorageImpls
+      for (const at::Tensor& t : b.pinned) prefetch_object(t.unsafeGetTensorImpl());
+      for (const at::Tensor& t : b.pinned)
+        if (t.has_storage()) prefetch_object(t.storage().unsafeGetStorageImpl());
+      prefetch_first_steps();
+    }
+    for (size_t i = 0; i < pinned_.size(); ++i)
+      if (reinterpret_cast<uintptr_t>(b.pinned[i].const_data_ptr()) != pinned_[i].second) return false;
+    for (size_t i = 0; i < copied_.size(); ++i)
+      if (!fits(b.sources[i], copied_[i].second)) return false;
+    for (size_t i = 0; i < copied_.size(); ++i) copy_in(b.sources[i], copied_[i].second);
+    run_steps(prefetch, /*timed=*/false);
+    return true;
+  }
+
+  // seconds spent in each step over the timed replays (diagnostics: where a replayed step goes)
+  std::vector<double> step_seconds() const { return seconds_; }
+
+ private:
+  static bool fits(const at::Tensor& src, const at::Tensor& buffer) {
+    return src.scalar_type() == buffer.scalar_type() && src.sizes() == buffer.sizes() && src.device().is_cpu();
+  }
+
+  static void copy_in(const at::Tensor& src, const at::Tensor& buffer) {
+    if (src.is_contiguous())
+      std::memcpy(buffer.mutable_data_ptr(), src.const_data_ptr(), buffer.nbytes());
+    else
+      buffer.copy_(src);
+  }
+
+  void prefetch_first_steps() const {
+    const size_t n = steps_.size();
+    for (size_t i = 0; i < n && i < 4; ++i) prefetch_object(&steps_[i]);
+    for (size_t i = 0; i < n && i < 3; ++i) prefetch_arrays(steps_[i]);
+    for (size_t i = 0; i < n && i < 2; ++i) prefetch_targets(steps_[i]);
+  }
+
+  void run_steps(bool prefetch, bool timed) {
     if (timed && seconds_.size() != steps_.size()) seconds_.assign(steps_.size(), 0.0);
     for (size_t i = 0; i < steps_.size(); ++i) {
       Step& s = steps_[i];
@@ -290,13 +360,8 @@ class CpuGraph {
       }
       if (timed) seconds_[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
-    return true;
   }
 
-  // seconds spent in each step over the timed replays (diagnostics: where a replayed step goes)
-  std::vector<double> step_seconds() const { return seconds_; }
-
- private:
   std::vector<Step> steps_;
   std::vector<std::pair<int64_t, uintptr_t>> pinned_;
   std::vector<std::pair<int64_t, at::Tensor>> copied_;
@@ -308,6 +373,7 @@ class CpuGraph {
 
 namespace csd_cpu {
 void bind_cpu_graph(py::module& m) {
+  py::class_<Binding>(m, "CpuGraphBinding", "a CPU graph's inputs, held for CpuGraph.run_bound");
   py::class_<CpuGraph>(m, "CpuGraph", "a recorded CPU step, replayed from C++ (csd_compile/cpu_graph.py)")
       .def(py::init<>())
       .def("add_kernel", &CpuGraph::add_kernel)
@@ -321,6 +387,8 @@ void bind_cpu_graph(py::module& m) {
       .def_property_readonly("num_inputs", &CpuGraph::num_inputs)
       .def("__len__", &CpuGraph::size)
       .def("run", &CpuGraph::run, py::arg("args"), py::arg("timed") = false)
+      .def("bind", &CpuGraph::bind, py::arg("args"))
+      .def("run_bound", &CpuGraph::run_bound, py::arg("binding"))
       .def("step_seconds", &CpuGraph::step_seconds)
       .def_static(
           "set_prefetch", [](bool on) { return g_prefetch.exchange(on); }, py::arg("on"),

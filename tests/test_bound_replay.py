@@ -1,0 +1,203 @@
+"""Bound replays (``csd_compile.cpu_graph.BoundReplay``): inside one decoding loop a step's CPU graph
+is replayed on the inputs it was bound to, skipping the compiled graph's entry. It must compute what
+the plain call computes, check what a call checks, and hand back to the plain call whenever it
+cannot run (an input moved, a profiler is on, the recording was replaced)."""
+
+import pytest
+import torch
+
+from csd_compile import cpu_graph, stance
+from csd_compile.kernels import native
+from csd_compile.models.greedy import GreedyDecoder
+from csd_compile.stance import LoopSteps
+from tests.conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    assert native.load(), "the C++ CPU kernels should build on this machine"
+
+
+@pytest.fixture
+def bound_calls(monkeypatch):
+    """How many bound replays ran ("ran") and how many handed back to the plain call ("declined")."""
+    seen = {"ran": 0, "declined": 0}
+    call = cpu_graph.BoundReplay.__call__
+
+    def counting(self):
+        out = call(self)
+        seen["ran" if out is not None else "declined"] += 1
+        return out
+
+    monkeypatch.setattr(cpu_graph.BoundReplay, "__call__", counting)
+    return seen
+
+
+def _prompt(seed, length, vocab=128):
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 8, "group_linears": False}, {}],
+                         ids=["bits4", "bits8-ungrouped", "unquantized"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_decoding_loop_replays_bound_and_keeps_its_tokens(options, dtype, bound_calls):
+    model = make_tiny_llama(seed=31, dtype=dtype)
+    prompts = [_prompt(s, n) for s, n in ((1, 6), (2, 3), (3, 11))]
+    dec = GreedyDecoder(model, backend="csd", options={**options, "mode": "reduce-overhead"})
+    with cpu_graph.bound_replays(False):
+        expected = [dec(ids, max_new_tokens=15, eos_token_id=[]) for ids in prompts]
+    assert bound_calls == {"ran": 0, "declined": 0}
+    got = [dec(ids, max_new_tokens=15, eos_token_id=[]) for ids in prompts]
+    assert [g.tolist() for g in got] == [e.tolist() for e in expected]
+    assert len({tuple(g[0, -14:].tolist()) for g in got}) == 3  # the prompts decode differently
+    # per call: 14 steps, the first through Dynamo, two direct calls watched, the rest bound
+    assert bound_calls == {"ran": 3 * 11, "declined": 0}
+
+
+def test_without_cpu_graphs_a_loop_calls_its_graph_as_before(bound_calls):
+    """No ``mode``: no CPU graph to bind; the direct calls go on as they did."""
+    model = make_tiny_llama(seed=32)
+    dec = GreedyDecoder(model, backend="csd", options={"bits": 4})
+    ids = _prompt(4, 5)
+    first = dec(ids, max_new_tokens=10, eos_token_id=[])
+    assert dec(ids, max_new_tokens=10, eos_token_id=[]).tolist() == first.tolist()
+    assert bound_calls == {"ran": 0, "declined": 0}
+
+
+def _loop_step():
+    """A step with an input read in place (the cache, written), a small one copied in and a weight."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(32, 32, generator=g)
+
+    def step(cache, x, i):
+        cache.index_copy_(0, i, (x @ w).tanh()[None])
+        return cache.sum(0) * 0.5 + x
+
+    return torch.compile(stance.own_code(step), backend="csd", mode="reduce-overhead", fullgraph=True), w
+
+
+def test_a_moved_input_hands_back_to_the_plain_call_which_records_again(bound_calls):
+    step, w = _loop_step()
+    cache = torch.zeros(600, 32)  # 75 KB: read in place, not copied in
+    x, i = torch.randn(32), torch.tensor([0])
+    steps = LoopSteps(True)
+    before = set(map(id, cpu_graph.live_steps()))
+    ref = torch.zeros(600, 32)
+    g = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        for n in range(9):
+            x.copy_(torch.randn(32, generator=g))
+            i.fill_(n)
+            if n == 6:  # the same tensor object, its data elsewhere: the recorded address is stale
+                cache.data = cache.clone()
+            out = steps(step, cache, x, i)
+            ref[n] = (x @ w).tanh()
+            torch.testing.assert_close(out, ref.sum(0) * 0.5 + x)
+            torch.testing.assert_close(cache, ref)
+    # n = 0 through Dynamo, 1 and 2 watched, 3 to 5 bound; at 6 the bound replay declines and the loop
+    # calls the graph from then on, which records the step again for the new address
+    assert bound_calls == {"ran": 3, "declined": 1}
+    (graph,) = [s for s in cpu_graph.live_steps() if id(s) not in before]
+    assert graph.recordings == 2 and graph.replays == 9 - 2  # 9 calls, 2 of them recorded
+
+
+def test_under_a_profiler_started_inside_the_loop_the_wrapper_runs(bound_calls):
+    """A bound replay declines while a profiler is on (the profile keeps the graph's kernel rows);
+    the loop goes on through the graph's entry, with the same results."""
+    step, w = _loop_step()
+    cache, x, i = torch.zeros(600, 32), torch.randn(32), torch.tensor([0])
+    steps = LoopSteps(True)
+    with torch.inference_mode():
+        for n in range(5):
+            i.fill_(n)
+            steps(step, cache, x, i)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            i.fill_(5)
+            out = steps(step, cache, x, i)
+    torch.testing.assert_close(out, cache[:6].sum(0) * 0.5 + x)
+    torch.testing.assert_close(cache[:6], (x @ w).tanh().expand(6, 32))
+    assert bound_calls == {"ran": 2, "declined": 1}
+    names = {e.name for e in prof.events()}
+    assert "aten::mm" in names and any(n.startswith("## Call CompiledFxGraph") for n in names)  # the wrapper ran
+
+
+def _graph_with_inputs():
+    """A graph of two inputs: 0 copied into a buffer, 1 read in place (no calls: the checks alone)."""
+    graph = native.CpuGraph()
+    graph.set_num_inputs(2)
+    buf = torch.zeros(4, 8)
+    graph.copy_input(0, buf)
+    pinned = torch.randn(16)
+    graph.pin_input(1, pinned.data_ptr())
+    return graph, buf, pinned
+
+
+def test_a_binding_checks_what_a_call_checks():
+    graph, buf, pinned = _graph_with_inputs()
+    x = torch.randn(4, 8)
+    assert graph.bind([x]) is None  # wrong number of inputs
+    assert graph.bind([x, pinned.clone()]) is None  # the pinned input elsewhere
+    assert graph.bind([torch.randn(4, 9), pinned]) is None  # another shape than the buffer's
+    assert graph.bind([x.double(), pinned]) is None  # another dtype
+    assert graph.bind([x, 3]) is None and graph.bind([[1.0], pinned]) is None  # not tensors
+    binding = graph.bind([x, pinned])
+    assert binding is not None and torch.equal(buf, torch.zeros(4, 8))  # binding copies nothing
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # each run copies the bound tensor's values of the moment
+        x.copy_(torch.randn(4, 8, generator=g))
+        assert graph.run_bound(binding)
+        assert torch.equal(buf, x)
+    other, _, _ = _graph_with_inputs()
+    assert not other.run_bound(binding)  # bound to another graph
+    seen = buf.clone()
+    x.resize_(4, 9)  # the bound tensor no longer fits its buffer
+    assert not graph.run_bound(binding) and torch.equal(buf, seen)
+    x.resize_(4, 8)
+    assert graph.run_bound(binding)
+    pinned.data = pinned.clone()  # the same tensor, its data moved
+    x.add_(1.0)
+    assert not graph.run_bound(binding) and torch.equal(buf, seen)  # nothing copied by a refused run
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.bound = []
+
+    def bind(self, inputs):
+        self.bound.append(inputs)
+        return "bound"
+
+
+def _direct(outputs_picked=(0,)):
+    return stance._Direct(lambda *a: None, (), list(outputs_picked), None)
+
+
+def test_a_loop_binds_only_when_both_watched_calls_passed_the_same_objects_and_outputs():
+    graph = _FakeGraph()
+    a, b, c = torch.zeros(1), torch.zeros(2), torch.zeros(3)
+    out1, out2 = torch.ones(1), torch.ones(2)
+
+    d = _direct((1, 0))  # the step returns the graph's outputs swapped
+    d._watched = d._bind([(graph, (a, b, 7), (out1, out2))], [out1, out2])
+    assert d._watched == (graph, (a, b, 7)) and d.bound is None
+    d._watched = d._bind([(graph, (a, b, 7), (out2, out1))], [out1, out2])
+    assert d._watched is False and d.bound == "bound" and graph.bound == [(a, b, 7)]
+    # the step's first output is the entry's second (out2), which the graph returned first
+    assert d.bound_picks == [0, 1]
+
+    refusals = [
+        [(graph, (a, c, 7), (out1,))],  # another object at an input
+        [(graph, (a, b, 8), (out1,))],  # another int
+        [(graph, (a, b), (out1,))],  # fewer inputs
+        [(_FakeGraph(), (a, b, 7), (out1,))],  # another graph
+        [(graph, (a, b, 7), (out1,)), (graph, (a, b, 7), (out1,))],  # two graph calls
+        [],  # no CPU graph
+        [(graph, (a, b, 7), (torch.ones(1),))],  # the entry returned other tensors than the graph's
+        [(graph, (a, b, 7), (out1, out2))],  # the graph returned more than the entry did
+    ]
+    for graphs in refusals:
+        graph.bound.clear()
+        d = _direct()
+        d._watched = (graph, (a, b, 7))
+        d._watched = d._bind(graphs, [out1])
+        assert d._watched is False and d.bound is None and graph.bound == [], graphs
