@@ -1,7 +1,7 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
     python -m benchmarks.fixed_cost_ab --lever size_asserts|direct|direct_qlinear|decode_attention|group_linears|
-        scale_layout|packed_scales|bf16_dot|attention_loops|metadata_prefetch|bound_replay|cpu_graph
+        scale_layout|packed_scales|bf16_dot|attention_loops|metadata_prefetch|bound_replay|native_loop|cpu_graph
         [--options bits=auto]
         [--rounds 7] [--dtype bf16|fp32] [--isa avx2]
         [--cache-slots N]
@@ -40,7 +40,11 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 - ``bound_replay``: a decoding loop replaying its step's CPU graph bound to the step's inputs
   (``csd_compile.cpu_graph.BoundReplay``: the compiled graph's entry and its list of every input
   skipped) against calling the compiled graph, one decoder, switched in alternate rounds (needs
-  ``mode=reduce-overhead`` in ``--options``);
+  ``mode=reduce-overhead`` in ``--options``; both sides decode every token through Python);
+- ``native_loop``: ``GreedyDecoder`` decoding in C++ once its step's CPU graph is bound
+  (``csd_compile.models.greedy.native_loop``, ``BoundReplay.loop``) against every token through
+  Python (bound replays on both sides), one decoder, switched in alternate rounds (needs
+  ``mode=reduce-overhead``);
 - ``cpu_graph``: the step replayed as a CPU graph (``mode="reduce-overhead"``, ``csd_compile.cpu_graph``)
   against Inductor's Python wrapper running it, two decoders of one model.
 
@@ -122,7 +126,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lever", required=True, choices=["size_asserts", "direct", "direct_qlinear", "decode_attention",
                                                          "group_linears", "scale_layout", "packed_scales", "bf16_dot",
                                                          "attention_loops", "metadata_prefetch", "bound_replay",
-                                                         "cpu_graph"])
+                                                         "native_loop", "cpu_graph"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
@@ -255,8 +259,8 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd_lever_undone"}
         lever_options = {shipped: options, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-    else:  # direct, bf16_dot, attention_loops, metadata_prefetch, bound_replay: one decoder, the lever toggled
-        if args.lever in ("metadata_prefetch", "bound_replay"):
+    else:  # direct, bf16_dot, attention_loops, metadata_prefetch, bound_replay, native_loop: one decoder, toggled
+        if args.lever in ("metadata_prefetch", "bound_replay", "native_loop"):
             from csd_compile import cpu_graph
             from csd_compile.kernels import native
 
@@ -264,8 +268,19 @@ def main(argv=None) -> None:
                 raise SystemExit(f"--lever {args.lever} acts on CPU graphs: add mode=reduce-overhead to --options")
             if not native.load():
                 raise SystemExit(f"--lever {args.lever} needs the C++ kernels (CPU graphs), which did not build here")
-            switch = cpu_graph.metadata_prefetch if args.lever == "metadata_prefetch" else cpu_graph.bound_replays
-            settings = {shipped: lambda: switch(True), undone: lambda: switch(False)}
+            if args.lever == "native_loop":
+                settings = {shipped: lambda: greedy.native_loop(True), undone: lambda: greedy.native_loop(False)}
+            elif args.lever == "bound_replay":  # the native loop needs the binding: off on both sides
+                def bound(on: bool) -> contextlib.ExitStack:
+                    stack = contextlib.ExitStack()
+                    stack.enter_context(greedy.native_loop(False))
+                    stack.enter_context(cpu_graph.bound_replays(on))
+                    return stack
+
+                settings = {shipped: lambda: bound(True), undone: lambda: bound(False)}
+            else:
+                settings = {shipped: lambda: cpu_graph.metadata_prefetch(True),
+                            undone: lambda: cpu_graph.metadata_prefetch(False)}
         elif args.lever == "attention_loops":
             from csd_compile.kernels import native
 

@@ -131,6 +131,22 @@ class LoopSteps:
         seen = self._steps.get(id(step))
         return seen is not None and seen.direct is not None
 
+    def bound(self, step: Callable) -> tuple[Any, int] | None:
+        """``step``'s bound replay (``cpu_graph.BoundReplay``) and the position of its one output among
+        the CPU graph's outputs, for a loop whose next calls of ``step`` would pass its last
+        arguments; None unless ``step`` returns one tensor and is bound."""
+        seen = self._steps.get(id(step))
+        direct = seen.direct if seen is not None else None
+        if direct is None or direct.bound is None or len(direct.bound_picks) != 1:
+            return None
+        return direct.bound, direct.bound_picks[0]
+
+    def unbind(self, step: Callable) -> None:
+        """``step``'s later calls go through its graph's entry again (its bound replay failed a check)."""
+        seen = self._steps.get(id(step))
+        if seen is not None and seen.direct is not None:
+            seen.direct.bound = None
+
 
 class _Seen:
     """The arguments of a step's first call in a loop, and its direct call when there is one."""

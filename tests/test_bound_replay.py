@@ -8,6 +8,7 @@ import torch
 
 from csd_compile import cpu_graph, stance
 from csd_compile.kernels import native
+from csd_compile.models import greedy
 from csd_compile.models.greedy import GreedyDecoder
 from csd_compile.stance import LoopSteps
 from tests.conftest import make_tiny_llama
@@ -47,7 +48,8 @@ def test_a_decoding_loop_replays_bound_and_keeps_its_tokens(options, dtype, boun
     with cpu_graph.bound_replays(False):
         expected = [dec(ids, max_new_tokens=15, eos_token_id=[]) for ids in prompts]
     assert bound_calls == {"ran": 0, "declined": 0}
-    got = [dec(ids, max_new_tokens=15, eos_token_id=[]) for ids in prompts]
+    with greedy.native_loop(False):  # every step through Python (the native loop: below)
+        got = [dec(ids, max_new_tokens=15, eos_token_id=[]) for ids in prompts]
     assert [g.tolist() for g in got] == [e.tolist() for e in expected]
     assert len({tuple(g[0, -14:].tolist()) for g in got}) == 3  # the prompts decode differently
     # per call: 14 steps, the first through Dynamo, two direct calls watched, the rest bound
@@ -201,3 +203,169 @@ def test_a_loop_binds_only_when_both_watched_calls_passed_the_same_objects_and_o
         d._watched = (graph, (a, b, 7))
         d._watched = d._bind(graphs, [out1])
         assert d._watched is False and d.bound is None and graph.bound == [], graphs
+
+
+# --- greedy decoding in C++ (GreedyDecoder's native loop, CpuGraph.run_bound_loop) ---------------
+
+
+@pytest.fixture
+def native_runs(monkeypatch):
+    """The replays each native loop ran."""
+    runs = []
+    loop = cpu_graph.BoundReplay.loop
+
+    def counting(self, *args):
+        ran = loop(self, *args)
+        runs.append(ran)
+        return ran
+
+    monkeypatch.setattr(cpu_graph.BoundReplay, "loop", counting)
+    return runs
+
+
+@pytest.mark.parametrize("options", [{"bits": 4}, {}], ids=["bits4", "unquantized"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_native_loop_decodes_the_tokens_of_the_python_loop(options, dtype, native_runs):
+    model = make_tiny_llama(seed=33, dtype=dtype)
+    dec = GreedyDecoder(model, backend="csd", options={**options, "mode": "reduce-overhead"})
+    prompts = [_prompt(s, n) for s, n in ((5, 4), (6, 10), (7, 1))]
+    # 1 to 4 new tokens: the loop never starts (the first steps go through Dynamo and are watched)
+    lengths = [1, 2, 3, 4, 5, 17]
+    with greedy.native_loop(False):
+        expected = {(i, n): dec(ids, max_new_tokens=n, eos_token_id=[]) for i, ids in enumerate(prompts)
+                    for n in lengths}
+    assert native_runs == []
+    for (i, n), want in expected.items():
+        assert dec(prompts[i], max_new_tokens=n, eos_token_id=[]).tolist() == want.tolist(), (i, n)
+    # per call of n tokens: the prefill's, three steps through Python, the rest in one native loop
+    assert native_runs == [n - 4 for _ in prompts for n in lengths if n > 4]
+    assert len({tuple(expected[(i, 17)][0, -16:].tolist()) for i in range(3)}) == 3
+
+
+def test_the_native_loop_stops_right_after_an_eos_token_and_at_stop_after(native_runs):
+    model = make_tiny_llama(seed=34)
+    dec = GreedyDecoder(model, backend="csd", options={"bits": 4, "mode": "reduce-overhead"})
+    ids = _prompt(8, 5)
+    full = dec(ids, max_new_tokens=30, eos_token_id=[])
+    new = full[0, 5:].tolist()
+    assert native_runs == [30 - 4]
+    absent = next(t for t in range(128) if t not in new)
+    for at in (1, 3, 9, 20, 29):  # the Python steps' part, then the native loop's
+        eos = new[at]
+        first = new.index(eos)  # (the token may come earlier too)
+        native_runs.clear()
+        out = dec(ids, max_new_tokens=30, eos_token_id=[absent, eos])
+        assert out.tolist() == full[:, : 5 + first + 1].tolist(), at
+        assert native_runs == ([first + 1 - 4] if first >= 4 else []), at
+    # warm_up's _stop_after ends the call early too
+    native_runs.clear()
+    assert dec(ids, max_new_tokens=30, eos_token_id=[], _stop_after=12).tolist() == full[:, : 5 + 12].tolist()
+    assert native_runs == [12 - 4]
+
+
+def test_a_streamer_keeps_the_python_loop(native_runs):
+    """A streamer is handed each token as it comes: no native loop."""
+    model = make_tiny_llama(seed=35)
+    dec = GreedyDecoder(model, backend="csd", options={"bits": 4, "mode": "reduce-overhead"})
+    ids = _prompt(9, 3)
+    want = dec(ids, max_new_tokens=12, eos_token_id=[])
+    native_runs.clear()
+
+    class Streamer:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.calls.append("end")
+
+    s = Streamer()
+    assert dec(ids, max_new_tokens=12, eos_token_id=[], streamer=s).tolist() == want.tolist()
+    assert s.calls == [ids[0].tolist()] + [[t] for t in want[0, 3:].tolist()] + ["end"]
+    assert native_runs == []
+
+
+def _loop_graph(moves_after=None):
+    """A graph of three inputs (the fed token and the position, copied in; a weight read in place)
+    whose one call, from Python, writes (token * 3 + position) % 50 to its output; after
+    ``moves_after`` calls it moves the weight's data."""
+    graph = native.CpuGraph()
+    graph.set_num_inputs(3)
+    tok_buf, pos_buf = torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64)
+    graph.copy_input(0, tok_buf)
+    graph.copy_input(1, pos_buf)
+    weight = torch.randn(64)
+    graph.pin_input(2, weight.data_ptr())
+    out = torch.zeros(1, 1, dtype=torch.int64)
+    calls = []
+
+    def call():
+        calls.append(1)
+        out.copy_((tok_buf * 3 + pos_buf) % 50)
+        if moves_after is not None and len(calls) == moves_after:
+            weight.data = weight.clone()
+
+    graph.add_python(call, (), {})
+    return graph, weight, out, calls
+
+
+def _expected_tokens(token, position, n, stop=()):
+    got = []
+    for _ in range(n):
+        token = (token * 3 + position) % 50
+        position += 1
+        got.append(token)
+        if token in stop:
+            break
+    return got, position
+
+
+@pytest.mark.parametrize("n, stop", [(1, []), (7, []), (40, []), (40, "third"), (40, "first")])
+def test_the_cpp_loop_feeds_each_token_back_and_counts_positions(n, stop):
+    graph, weight, out, calls = _loop_graph()
+    feed, count = torch.tensor([[7]]), torch.tensor([[11]])
+    binding = graph.bind([feed, count, weight])
+    free, _ = _expected_tokens(7, 11, 40)
+    stop = {"third": [free[2]], "first": [free[0], 1000]}[stop] if isinstance(stop, str) else stop
+    want, end = _expected_tokens(7, 11, n, stop)
+    tokens = torch.full((n,), -1, dtype=torch.int64)
+    assert graph.run_bound_loop(binding, tokens, out, feed, count, stop) == len(want)
+    assert tokens[:len(want)].tolist() == want and len(calls) == len(want)
+    assert int(count) == end  # advanced once per replay
+    assert int(feed) == (want[-2] if len(want) > 1 else 7)  # each token fed to the next replay only
+
+
+def test_the_cpp_loop_stops_when_an_input_moves_and_refuses_bad_arguments():
+    graph, weight, out, calls = _loop_graph(moves_after=3)
+    feed, count = torch.tensor([[2]]), torch.tensor([[0]])
+    binding = graph.bind([feed, count, weight])
+    tokens = torch.zeros(10, dtype=torch.int64)
+    assert graph.run_bound_loop(binding, tokens, out, feed, count, []) == 3  # the 4th replay's check fails
+    assert tokens[:3].tolist() == _expected_tokens(2, 0, 3)[0] and int(count) == 3
+    graph, weight, out, _ = _loop_graph()
+    feed, count = torch.tensor([[2]]), torch.tensor([[0]])
+    binding = graph.bind([feed, count, weight])
+    with pytest.raises(ValueError, match="feed and count must be inputs copied in from the binding"):
+        graph.run_bound_loop(binding, tokens, out, torch.tensor([[2]]), count, [])
+    with pytest.raises(ValueError, match="one-element int64 CPU tensors"):
+        graph.run_bound_loop(binding, tokens, out.float(), feed, count, [])
+    with pytest.raises(ValueError, match="tokens must be a contiguous 1-d int64 CPU tensor"):
+        graph.run_bound_loop(binding, tokens.view(2, 5), out, feed, count, [])
+    assert int(count) == 0  # nothing ran
+
+
+def test_an_exception_inside_the_cpp_loop_reaches_the_caller():
+    graph, weight, out, calls = _loop_graph()
+    feed, count = torch.tensor([[2]]), torch.tensor([[0]])
+    binding = graph.bind([feed, count, weight])
+
+    def interrupt():
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    graph.add_python(interrupt, (), {})
+    with pytest.raises(KeyboardInterrupt):
+        graph.run_bound_loop(binding, torch.zeros(10, dtype=torch.int64), out, feed, count, [])
+    assert len(calls) == 4

@@ -16,6 +16,7 @@ from benchmarks import fixed_cost_ab
     (["--lever", "attention_loops", "--rounds", "0"], "--rounds and --threads must be >= 1"),
     (["--lever", "metadata_prefetch", "--options", "bits=4"], "acts on CPU graphs: add mode=reduce-overhead"),
     (["--lever", "bound_replay", "--options", "bits=4"], "bound_replay acts on CPU graphs: add mode=reduce-overhead"),
+    (["--lever", "native_loop", "--options", "bits=4"], "native_loop acts on CPU graphs: add mode=reduce-overhead"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):

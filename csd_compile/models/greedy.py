@@ -19,13 +19,19 @@ new graph replay (``torch.compiler.cudagraph_mark_step_begin``) and each token i
 graph's output memory, which the next replay overwrites. (HF's static cache marks its tensors as
 static addresses, so the step's cache writes do not stop Inductor from capturing it.) On CPU the
 same mode replays the step as a CPU graph (``csd_compile.cpu_graph``): the token and its position
-are copied into the graph's buffers, the cache is read in place.
+are copied into the graph's buffers, the cache is read in place. Once the loop has bound the step's
+CPU graph to its inputs (``cpu_graph.BoundReplay``, after the step's first three calls), a call
+without a streamer decodes the remaining tokens in C++ (``BoundReplay.loop``): each replay's token
+is stored, checked against the EOS tokens and fed to the next replay, the position advanced, with
+no Python between the tokens (about 0.1 ms of Python a token, on objects the step's weights had
+evicted from the caches). With a streamer every token goes through Python, to reach it at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,9 +39,23 @@ from torch import nn
 
 from ..stance import LoopSteps, own_code
 
-__all__ = ["GreedyDecoder"]
+__all__ = ["GreedyDecoder", "native_loop"]
 
 _CACHE_QUANTUM = 256  # cache lengths are rounded up to this: fewer distinct shapes, fewer recompiles
+_NATIVE_LOOP = [True]  # decode in C++ once the step is bound (native_loop(False): never, for A/Bs)
+
+
+@contextlib.contextmanager
+def native_loop(on: bool) -> Iterator[None]:
+    """``with native_loop(False):`` decoders decode every token through Python, as before the loop in
+    C++ (module docstring), then restores the previous setting. For A/B measurements
+    (``benchmarks.fixed_cost_ab --lever native_loop``)."""
+    before = _NATIVE_LOOP[0]
+    _NATIVE_LOOP[0] = bool(on)
+    try:
+        yield
+    finally:
+        _NATIVE_LOOP[0] = before
 
 
 class GreedyDecoder:
@@ -121,20 +141,46 @@ class GreedyDecoder:
         step_input = token.clone()
         steps = LoopSteps(self._compiled)
         graphs = self._compiled and device.type == "cuda"  # replays of a CUDA graph, if the mode made one
+        limit = max_new_tokens if _stop_after is None else min(max_new_tokens, _stop_after)
+        produced = 1
         while True:
             if streamer is not None:
                 streamer.put(token.cpu())
-            if len(new) in (max_new_tokens, _stop_after) or int(token) in eos:
+            if produced >= limit or int(token) in eos:
                 break
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             step_input.copy_(token)
+            if streamer is None and _NATIVE_LOOP[0]:
+                ran = self._native_loop(steps, new, limit - produced, step_input, position, eos)
+                if ran:
+                    produced += ran
+                    token = new[-1][:, -1:]
+                    continue
             token = steps(self._step, input_ids=step_input, position_ids=position, cache=cache, use_cache=True,
                           logits_to_keep=1)
             if graphs:
                 token = token.clone()
             new.append(token)
+            produced += 1
             position += 1
         if streamer is not None:
             streamer.end()
         return torch.cat([ids, *new], dim=1)
+
+    def _native_loop(self, steps: LoopSteps, new: list, remaining: int, step_input: torch.Tensor,
+                     position: torch.Tensor, eos: set[int]) -> int:
+        """Up to ``remaining`` tokens decoded by the step's CPU graph in a loop of its own, in C++
+        (``cpu_graph.BoundReplay.loop``), once ``steps`` has bound it: appended to ``new`` as one
+        ``[1, n]`` tensor, the position advanced. Returns n; 0 when the step is not bound."""
+        bound = steps.bound(self._step)
+        if bound is None:
+            return 0
+        replay, output = bound
+        tokens = torch.empty(remaining, dtype=torch.int64)
+        ran = replay.loop(tokens, output, step_input, position, sorted(eos))
+        if ran:
+            new.append(tokens[:ran].view(1, ran))
+        if ran < remaining and (ran == 0 or int(tokens[ran - 1]) not in eos):
+            steps.unbind(self._step)  # a replay could not run: the step's graph is called from now on
+        return ran

@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -309,6 +310,46 @@ class CpuGraph {
     return true;
   }
 
+  // A greedy decoding loop on the inputs `b` holds: up to tokens.numel() replays, each followed by
+  // reading the token the replay wrote to `out` (one int64) into `tokens`, adding 1 to the bound
+  // input `count` (the position) and, unless the token is one of `stop` or the last asked for,
+  // writing it to the bound input `feed` for the next replay. Each replay checks its inputs as
+  // run_bound does; between replays other threads may take the GIL and pending signals are raised
+  // (Ctrl-C). Returns how many replays ran: fewer than asked, without a stop token, when a check
+  // failed (the caller goes on without the binding).
+  int64_t run_bound_loop(const Binding& b, const at::Tensor& tokens, const at::Tensor& out, const at::Tensor& feed,
+                         const at::Tensor& count, const std::vector<int64_t>& stop) {
+    auto int64_scalar = [](const at::Tensor& t) {
+      return t.scalar_type() == at::kLong && t.numel() == 1 && t.device().is_cpu();
+    };
+    auto bound_source = [&](const at::Tensor& t) {
+      for (const at::Tensor& src : b.sources)
+        if (src.is_same(t)) return true;
+      return false;
+    };
+    TORCH_CHECK_VALUE(int64_scalar(out) && int64_scalar(feed) && int64_scalar(count),
+                      "csd CPU graph loop: the output, feed and count must be one-element int64 CPU tensors");
+    TORCH_CHECK_VALUE(bound_source(feed) && bound_source(count),
+                      "csd CPU graph loop: feed and count must be inputs copied in from the binding");
+    TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong && tokens.dim() == 1 && tokens.is_contiguous() &&
+                          tokens.device().is_cpu(),
+                      "csd CPU graph loop: tokens must be a contiguous 1-d int64 CPU tensor");
+    int64_t* dst = tokens.mutable_data_ptr<int64_t>();
+    const int64_t n = tokens.numel();
+    for (int64_t t = 0; t < n; ++t) {
+      if (!run_bound(b)) return t;
+      const int64_t token = *out.const_data_ptr<int64_t>();
+      dst[t] = token;
+      *count.mutable_data_ptr<int64_t>() += 1;
+      if (std::find(stop.begin(), stop.end(), token) != stop.end()) return t + 1;
+      if (t + 1 == n) return n;
+      *feed.mutable_data_ptr<int64_t>() = token;
+      { py::gil_scoped_release let_others_run; }
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    }
+    return n;
+  }
+
   // seconds spent in each step over the timed replays (diagnostics: where a replayed step goes)
   std::vector<double> step_seconds() const { return seconds_; }
 
@@ -389,6 +430,8 @@ void bind_cpu_graph(py::module& m) {
       .def("run", &CpuGraph::run, py::arg("args"), py::arg("timed") = false)
       .def("bind", &CpuGraph::bind, py::arg("args"))
       .def("run_bound", &CpuGraph::run_bound, py::arg("binding"))
+      .def("run_bound_loop", &CpuGraph::run_bound_loop, py::arg("binding"), py::arg("tokens"), py::arg("out"),
+           py::arg("feed"), py::arg("count"), py::arg("stop"))
       .def("step_seconds", &CpuGraph::step_seconds)
       .def_static(
           "set_prefetch", [](bool on) { return g_prefetch.exchange(on); }, py::arg("on"),
