@@ -349,17 +349,18 @@ class BoundReplay:
             return _copies(rec.outputs)
 
     def loop(self, tokens: torch.Tensor, output: int, feed: torch.Tensor, count: torch.Tensor,
-             stop: Sequence[int]) -> int:
+             stop: Sequence[int], each: Callable[[int], Any] | None = None) -> int:
         """Greedy decoding from C++ (``CpuGraph.run_bound_loop``): up to ``len(tokens)`` replays, each
         one's token (the graph's output ``output``, one int64) stored in ``tokens``, 1 added to
         ``count`` and the token written to ``feed`` (both inputs this replay was bound to) for the
-        next replay, stopping after a token in ``stop``. Returns how many replays ran; fewer than
-        asked without a stop token when one could not run (as ``__call__`` returning None)."""
+        next replay, stopping after a token in ``stop``; ``each(token)`` is called as each comes.
+        Returns how many replays ran; fewer than asked without a stop token when one could not run
+        (as ``__call__`` returning None)."""
         step, rec = self.step, self.rec
         if _profiling() or step._recorded.get(self.key) is not rec:
             return 0
         with step._lock:
-            ran = rec.graph.run_bound_loop(self.binding, tokens, rec.outputs[output], feed, count, list(stop))
+            ran = rec.graph.run_bound_loop(self.binding, tokens, rec.outputs[output], feed, count, list(stop), each)
             step._calls += ran
             step.replays += ran
             rec.used = step._calls

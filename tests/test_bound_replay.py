@@ -263,28 +263,52 @@ def test_the_native_loop_stops_right_after_an_eos_token_and_at_stop_after(native
     assert native_runs == [12 - 4]
 
 
-def test_a_streamer_keeps_the_python_loop(native_runs):
-    """A streamer is handed each token as it comes: no native loop."""
+class _Streamer:
+    def __init__(self, model=None, move_at=None):
+        self.calls = []
+        self.model, self.move_at = model, move_at
+
+    def put(self, value):
+        self.calls.append(value.reshape(-1).tolist())
+        if self.move_at is not None and len(self.calls) == self.move_at:  # a weight's data moved
+            p = self.model.model.norm.weight
+            p.data = p.data.clone()
+
+    def end(self):
+        self.calls.append("end")
+
+
+def test_a_streamer_gets_each_token_from_the_native_loop(native_runs):
     model = make_tiny_llama(seed=35)
     dec = GreedyDecoder(model, backend="csd", options={"bits": 4, "mode": "reduce-overhead"})
     ids = _prompt(9, 3)
-    want = dec(ids, max_new_tokens=12, eos_token_id=[])
-    native_runs.clear()
-
-    class Streamer:
-        def __init__(self):
-            self.calls = []
-
-        def put(self, value):
-            self.calls.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.calls.append("end")
-
-    s = Streamer()
+    with greedy.native_loop(False):
+        want = dec(ids, max_new_tokens=12, eos_token_id=[])
+    s = _Streamer()
     assert dec(ids, max_new_tokens=12, eos_token_id=[], streamer=s).tolist() == want.tolist()
-    assert s.calls == [ids[0].tolist()] + [[t] for t in want[0, 3:].tolist()] + ["end"]
-    assert native_runs == []
+    assert s.calls == [ids[0].tolist()] + [[t] for t in want[0, 3:].tolist()] + ["end"]  # each once, in order
+    assert native_runs == [12 - 4]
+    eos = want[0, 3 + 9].item()  # stopping at an EOS token inside the native loop: it is streamed, then end
+    first = want[0, 3:].tolist().index(eos)
+    s = _Streamer()
+    assert dec(ids, max_new_tokens=12, eos_token_id=eos, streamer=s).tolist() == want[:, : 3 + first + 1].tolist()
+    assert s.calls == [ids[0].tolist()] + [[t] for t in want[0, 3:3 + first + 1].tolist()] + ["end"]
+
+
+def test_a_streamer_that_moves_a_weight_ends_the_native_loop_and_the_call_goes_on(native_runs):
+    """Not allowed (module docstring of csd_compile.models.greedy), but not unsafe: the next replay's
+    check sees the weight moved and the call goes on through Python, recording the step again."""
+    model = make_tiny_llama(seed=36)
+    dec = GreedyDecoder(model, backend="csd", options={"bits": 4, "mode": "reduce-overhead"})
+    ids = _prompt(10, 4)
+    want = dec(ids, max_new_tokens=14, eos_token_id=[])
+    native_runs.clear()
+    recorded = sum(st.recordings for st in cpu_graph.live_steps())
+    s = _Streamer(model, move_at=8)  # the prompt, then 7 tokens: the native loop's third
+    assert dec(ids, max_new_tokens=14, eos_token_id=[], streamer=s).tolist() == want.tolist()
+    assert s.calls == [ids[0].tolist()] + [[t] for t in want[0, 4:].tolist()] + ["end"]
+    assert native_runs == [3]  # its fourth replay saw the weight moved; the rest through Python
+    assert sum(st.recordings for st in cpu_graph.live_steps()) == recorded + 1  # for the weight's new address
 
 
 def _loop_graph(moves_after=None):
@@ -369,3 +393,13 @@ def test_an_exception_inside_the_cpp_loop_reaches_the_caller():
     with pytest.raises(KeyboardInterrupt):
         graph.run_bound_loop(binding, torch.zeros(10, dtype=torch.int64), out, feed, count, [])
     assert len(calls) == 4
+
+
+def test_the_cpp_loop_hands_each_token_to_a_callback_as_it_comes():
+    graph, weight, out, calls = _loop_graph()
+    feed, count = torch.tensor([[4]]), torch.tensor([[1]])
+    binding = graph.bind([feed, count, weight])
+    seen = []
+    tokens = torch.zeros(9, dtype=torch.int64)
+    assert graph.run_bound_loop(binding, tokens, out, feed, count, [], lambda t: seen.append((t, len(calls)))) == 9
+    assert seen == [(t, i + 1) for i, t in enumerate(tokens.tolist())]  # right after each replay

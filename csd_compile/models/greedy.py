@@ -20,11 +20,11 @@ graph's output memory, which the next replay overwrites. (HF's static cache mark
 static addresses, so the step's cache writes do not stop Inductor from capturing it.) On CPU the
 same mode replays the step as a CPU graph (``csd_compile.cpu_graph``): the token and its position
 are copied into the graph's buffers, the cache is read in place. Once the loop has bound the step's
-CPU graph to its inputs (``cpu_graph.BoundReplay``, after the step's first three calls), a call
-without a streamer decodes the remaining tokens in C++ (``BoundReplay.loop``): each replay's token
-is stored, checked against the EOS tokens and fed to the next replay, the position advanced, with
-no Python between the tokens (about 0.1 ms of Python a token, on objects the step's weights had
-evicted from the caches). With a streamer every token goes through Python, to reach it at once.
+CPU graph to its inputs (``cpu_graph.BoundReplay``, after the step's first three calls), the call
+decodes its remaining tokens in C++ (``BoundReplay.loop``): each replay's token is stored, checked
+against the EOS tokens and fed to the next replay, the position advanced, with no Python between
+the tokens (about 0.1 ms of Python a token, on objects the step's weights had evicted from the
+caches) but a streamer's ``put``, called with each token as it comes.
 """
 
 from __future__ import annotations
@@ -142,20 +142,22 @@ class GreedyDecoder:
         steps = LoopSteps(self._compiled)
         graphs = self._compiled and device.type == "cuda"  # replays of a CUDA graph, if the mode made one
         limit = max_new_tokens if _stop_after is None else min(max_new_tokens, _stop_after)
-        produced = 1
+        produced, streamed = 1, False  # streamed: the streamer already has `token`
         while True:
-            if streamer is not None:
+            if streamer is not None and not streamed:
                 streamer.put(token.cpu())
+            streamed = False
             if produced >= limit or int(token) in eos:
                 break
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             step_input.copy_(token)
-            if streamer is None and _NATIVE_LOOP[0]:
-                ran = self._native_loop(steps, new, limit - produced, step_input, position, eos)
+            if _NATIVE_LOOP[0]:
+                ran = self._native_loop(steps, new, limit - produced, step_input, position, eos, streamer)
                 if ran:
                     produced += ran
                     token = new[-1][:, -1:]
+                    streamed = True
                     continue
             token = steps(self._step, input_ids=step_input, position_ids=position, cache=cache, use_cache=True,
                           logits_to_keep=1)
@@ -169,16 +171,18 @@ class GreedyDecoder:
         return torch.cat([ids, *new], dim=1)
 
     def _native_loop(self, steps: LoopSteps, new: list, remaining: int, step_input: torch.Tensor,
-                     position: torch.Tensor, eos: set[int]) -> int:
+                     position: torch.Tensor, eos: set[int], streamer) -> int:
         """Up to ``remaining`` tokens decoded by the step's CPU graph in a loop of its own, in C++
         (``cpu_graph.BoundReplay.loop``), once ``steps`` has bound it: appended to ``new`` as one
-        ``[1, n]`` tensor, the position advanced. Returns n; 0 when the step is not bound."""
+        ``[1, n]`` tensor, each handed to ``streamer`` as it comes, the position advanced. Returns n;
+        0 when the step is not bound."""
         bound = steps.bound(self._step)
         if bound is None:
             return 0
         replay, output = bound
         tokens = torch.empty(remaining, dtype=torch.int64)
-        ran = replay.loop(tokens, output, step_input, position, sorted(eos))
+        each = None if streamer is None else (lambda t: streamer.put(torch.tensor([[t]])))
+        ran = replay.loop(tokens, output, step_input, position, sorted(eos), each)
         if ran:
             new.append(tokens[:ran].view(1, ran))
         if ran < remaining and (ran == 0 or int(tokens[ran - 1]) not in eos):

@@ -313,12 +313,13 @@ class CpuGraph {
   // A greedy decoding loop on the inputs `b` holds: up to tokens.numel() replays, each followed by
   // reading the token the replay wrote to `out` (one int64) into `tokens`, adding 1 to the bound
   // input `count` (the position) and, unless the token is one of `stop` or the last asked for,
-  // writing it to the bound input `feed` for the next replay. Each replay checks its inputs as
-  // run_bound does; between replays other threads may take the GIL and pending signals are raised
-  // (Ctrl-C). Returns how many replays ran: fewer than asked, without a stop token, when a check
-  // failed (the caller goes on without the binding).
+  // writing it to the bound input `feed` for the next replay; `each` (unless None) is called with
+  // each token as it comes (a streamer). Each replay checks its inputs as run_bound does; between
+  // replays other threads may take the GIL and pending signals are raised (Ctrl-C). Returns how many
+  // replays ran: fewer than asked, without a stop token, when a check failed (the caller goes on
+  // without the binding).
   int64_t run_bound_loop(const Binding& b, const at::Tensor& tokens, const at::Tensor& out, const at::Tensor& feed,
-                         const at::Tensor& count, const std::vector<int64_t>& stop) {
+                         const at::Tensor& count, const std::vector<int64_t>& stop, const py::object& each) {
     auto int64_scalar = [](const at::Tensor& t) {
       return t.scalar_type() == at::kLong && t.numel() == 1 && t.device().is_cpu();
     };
@@ -341,6 +342,7 @@ class CpuGraph {
       const int64_t token = *out.const_data_ptr<int64_t>();
       dst[t] = token;
       *count.mutable_data_ptr<int64_t>() += 1;
+      if (!each.is_none()) each(token);
       if (std::find(stop.begin(), stop.end(), token) != stop.end()) return t + 1;
       if (t + 1 == n) return n;
       *feed.mutable_data_ptr<int64_t>() = token;
@@ -431,7 +433,7 @@ void bind_cpu_graph(py::module& m) {
       .def("bind", &CpuGraph::bind, py::arg("args"))
       .def("run_bound", &CpuGraph::run_bound, py::arg("binding"))
       .def("run_bound_loop", &CpuGraph::run_bound_loop, py::arg("binding"), py::arg("tokens"), py::arg("out"),
-           py::arg("feed"), py::arg("count"), py::arg("stop"))
+           py::arg("feed"), py::arg("count"), py::arg("stop"), py::arg("each") = py::none())
       .def("step_seconds", &CpuGraph::step_seconds)
       .def_static(
           "set_prefetch", [](bool on) { return g_prefetch.exchange(on); }, py::arg("on"),
