@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from csd_compile import cpu_graph
 from csd_compile.kernels import native
 from csd_compile.models.greedy import GreedyDecoder
+from csd_compile.quant import nested
 from csd_compile.quant.nested import quantize
 from tests.conftest import make_tiny_llama
 
@@ -351,6 +352,65 @@ def test_a_recorded_quantized_linear_writes_what_the_direct_call_returns(ns, row
                                            [w[2] for w in weights], [b] * len(ns))
     for o, e in zip(outs, expected):
         assert e.abs().max() > 0 and torch.equal(o, e)
+
+
+@settings(max_examples=12, deadline=None)
+@given(ns=st.lists(st.sampled_from([64, 96, 192]), min_size=1, max_size=3), rows=st.sampled_from([1, 5, 70]),
+       layout=st.sampled_from(["packed", "column-major", "strided"]), seed=st.integers(0, 2**16))
+def test_later_replays_of_a_quantized_linear_read_every_value_of_the_moment(ns, rows, layout, seed):
+    """Every replay of a quantized-linear call reads the bit-widths, x, the codes and the scales as
+    they are at that replay (whatever it keeps between replays), follows the thread count, and
+    refuses a bit-width that is not supported."""
+    k, group = 128, 32
+    g = torch.Generator().manual_seed(seed)
+    weights = [list(_weight(n, k, group, seed + i)) for i, n in enumerate(ns)]
+    if layout == "packed":
+        scales = [nested.pack_scale_zero(w[1], w[2]) for w in weights]
+        scale_args, zero_args = scales, scales
+    elif layout == "column-major":
+        scale_args, zero_args = [w[1] for w in weights], [w[2] for w in weights]
+    else:  # every other column of wider tensors: the kernel reads contiguous copies
+        wide = [(torch.randn(n, 2 * (k // group), generator=g), torch.randn(n, 2 * (k // group), generator=g))
+                for n in ns]
+        for (ws, wz), w in zip(wide, weights):
+            ws[:, ::2].copy_(w[1])
+            wz[:, ::2].copy_(w[2])
+        scale_args, zero_args = [ws[:, ::2] for ws, _ in wide], [wz[:, ::2] for _, wz in wide]
+    bits = [torch.tensor(4) for _ in ns]
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    outs = [torch.empty(rows, n, dtype=torch.bfloat16) for n in ns]
+    graph = native.CpuGraph()
+    graph.set_num_inputs(0)
+    graph.add_qlinear(x, [w[0] for w in weights], scale_args, zero_args, bits, outs)
+
+    def check():
+        assert graph.run([])
+        expected = native.direct_qlinear_multi(x, [w[0] for w in weights], scale_args, zero_args, bits)
+        for o, e in zip(outs, expected):
+            assert e.abs().max() > 0 and torch.equal(o, e)
+
+    check()
+    bits[-1].fill_(8)  # another bit-width for one weight
+    check()
+    x.copy_(torch.randn(rows, k, generator=g))  # new activations, in place
+    check()
+    fresh = _weight(ns[0], k, group, seed + 77)
+    weights[0][0].copy_(fresh[0])  # new codes and scales, in place
+    if layout == "packed":
+        scale_args[0].copy_(nested.pack_scale_zero(fresh[1], fresh[2]))
+    else:
+        scale_args[0].copy_(fresh[1])
+        zero_args[0].copy_(fresh[2])
+    check()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check()
+    finally:
+        torch.set_num_threads(threads)
+    bits[0].fill_(5)
+    with pytest.raises(ValueError, match="bits=5 is not supported; choose one of"):
+        graph.run([])
 
 
 def test_a_graph_refuses_inputs_it_was_not_recorded_for():
