@@ -13,6 +13,12 @@ machine slows both alike, and medians are reported with their ratio.
   with a bf16 LM head), decode-only ms/token = (time of P-prompt + N-token call - time of the
   P-prompt + 1-token call) / (N - 1), median over ``--inner`` call pairs per round.
 
+After the rounds, the same run measures the memory bandwidth (the bench's streaming read, same
+thread count) and prints each side's roofline: bandwidth / bytes per decoded token
+(``csd_compile.bench.roofline``; ours at the options' precision, the KV cache at the mean position,
+llama.cpp at the file's Q4_1 linears and Q8_0 head with its fp16 cache), and each median as a
+fraction of ours (the issue's figure) and of its own.
+
 llama-bench is not built by this project: build llama.cpp yourself (for the CPUs of the development
 machines, see the README's kernel section for the cmake flags that run there).
 """
@@ -106,6 +112,36 @@ def main(argv=None) -> None:
     print(f"llama.cpp (llama-bench tg{args.tokens} @ d{args.prompt}): median {lm:.1f} tok/s  {sorted(round(v, 1) for v in llama)}")
     print(f"ours (GreedyDecoder, csd {args.options}): median {om:.1f} tok/s  {sorted(round(v, 1) for v in mine)}")
     print(f"ours / llama.cpp: {om / lm:.2f}x")
+    roofline(model, options, args, {"ours": om, "llama.cpp": lm})
+
+
+def _precision(options: dict):
+    """The bench's precision of a decoder compiled with ``options`` on the bf16 model."""
+    from csd_compile.bench.roofline import Precision
+    from csd_compile.config import CSDConfig
+
+    cfg = CSDConfig.from_options({k: v for k, v in options.items() if k in ("bits", "group_size",
+                                                                             "quantize_lm_head")})
+    return Precision(bits=cfg.bits, group_size=cfg.group_size, dtype="bf16", quantize_lm_head=cfg.quantize_lm_head)
+
+
+def roofline(model, options: dict, args, tok_s: dict) -> dict:
+    """Bandwidth measured now, each side's roofline and each median's fraction of it (module doc)."""
+    from csd_compile.bench.roofline import GGUF_Q4_1, GGUF_Q8_0, Precision, measure_bandwidth, roofline_row
+
+    bw = measure_bandwidth(threads=args.threads)
+    context = args.prompt + (args.tokens - 1) / 2
+    llama = Precision(dtype="fp32", weight_format=GGUF_Q4_1, head_format=GGUF_Q8_0, kv_dtype="fp16")
+    rows = {name: roofline_row(precision, model, context_len=context, gb_s=bw["gb_s"], tok_s=tok_s[name])
+            for name, precision in (("ours", _precision(options)), ("llama.cpp", llama))}
+    limit = rows["ours"]["roofline_tok_s"]
+    print(f"\nmemory bandwidth (streaming read of {bw['bytes'] / 2**20:.0f} MiB, {bw['threads']} threads, median of "
+          f"{bw['repeats']}): {bw['gb_s']:.1f} GB/s")
+    for name, row in rows.items():
+        print(f"{name}: {row['weights']}, {row['bytes_per_token'] / 1e6:.1f} MB/token, roofline "
+              f"{row['roofline_tok_s']:.0f} tok/s; median {tok_s[name]:.1f} tok/s = {tok_s[name] / limit:.0%} of ours, "
+              f"{row['roofline_fraction']:.0%} of its own")
+    return rows
 
 
 if __name__ == "__main__":

@@ -74,3 +74,31 @@ def test_an_isa_the_machine_cannot_run_is_refused(monkeypatch):
     monkeypatch.setattr(native, "load", lambda: False)
     with pytest.raises(SystemExit, match="--isa avx2: this machine's C\\+\\+ kernels run"):
         fixed_cost_ab.main(["--lever", "packed_scales", "--isa", "avx2"])
+
+
+def test_llama_cpp_decode_prints_both_rooflines_from_the_bandwidth_of_the_same_run(monkeypatch, capsys):
+    """Each side's limit is the bandwidth over its bytes per decoded token (ours at the options'
+    precision, llama.cpp at the file's formats), and each median is given as a fraction of ours."""
+    import argparse
+
+    from benchmarks import llama_cpp_decode
+    from csd_compile.bench import roofline as rl
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=3)
+    bw = {"gb_s": 12.5, "gb_s_best": 13.0, "bytes": 1 << 28, "threads": 2, "repeats": 5, "llc_bytes": None}
+    monkeypatch.setattr(rl, "measure_bandwidth", lambda threads=None: bw)
+    args = argparse.Namespace(threads=2, prompt=53, tokens=96)
+    rows = llama_cpp_decode.roofline(model, {"bits": 4, "group_size": 32, "mode": "reduce-overhead"}, args,
+                                     {"ours": 200.0, "llama.cpp": 120.0})
+    context = 53 + 95 / 2
+    ours = rl.step_bytes(model, bits=4, group_size=32, dtype="bf16", context_len=context)["total"]
+    theirs = rl.step_bytes(model, dtype="fp32", weight_format=rl.GGUF_Q4_1, head_format=rl.GGUF_Q8_0,
+                           kv_dtype="fp16", context_len=context)["total"]
+    assert ours != theirs
+    assert rows["ours"]["roofline_tok_s"] == pytest.approx(12.5e9 / ours)
+    assert rows["llama.cpp"]["roofline_tok_s"] == pytest.approx(12.5e9 / theirs)
+    assert rows["llama.cpp"]["roofline_fraction"] == pytest.approx(120.0 * theirs / 12.5e9)
+    out = capsys.readouterr().out
+    assert "12.5 GB/s" in out
+    assert f"= {200.0 * ours / 12.5e9:.0%} of ours" in out and f"= {120.0 * ours / 12.5e9:.0%} of ours" in out
