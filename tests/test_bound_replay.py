@@ -12,6 +12,7 @@ from csd_compile.models import greedy
 from csd_compile.models.greedy import GreedyDecoder
 from csd_compile.stance import LoopSteps
 from tests.conftest import make_tiny_llama
+from tests.test_cpu_graph import _graph_with_inputs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,17 +122,6 @@ def test_under_a_profiler_started_inside_the_loop_the_wrapper_runs(bound_calls):
     assert bound_calls == {"ran": 2, "declined": 1}
     names = {e.name for e in prof.events()}
     assert "aten::mm" in names and any(n.startswith("## Call CompiledFxGraph") for n in names)  # the wrapper ran
-
-
-def _graph_with_inputs():
-    """A graph of two inputs: 0 copied into a buffer, 1 read in place (no calls: the checks alone)."""
-    graph = native.CpuGraph()
-    graph.set_num_inputs(2)
-    buf = torch.zeros(4, 8)
-    graph.copy_input(0, buf)
-    pinned = torch.randn(16)
-    graph.pin_input(1, pinned.data_ptr())
-    return graph, buf, pinned
 
 
 def test_a_binding_checks_what_a_call_checks():

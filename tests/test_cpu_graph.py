@@ -413,14 +413,20 @@ def test_later_replays_of_a_quantized_linear_read_every_value_of_the_moment(ns, 
         graph.run([])
 
 
-def test_a_graph_refuses_inputs_it_was_not_recorded_for():
-    x = torch.randn(4, 8)
+def _graph_with_inputs():
+    """A graph of two inputs: 0 copied into a buffer, 1 read in place (no calls: the checks alone)."""
     graph = native.CpuGraph()
     graph.set_num_inputs(2)
     buf = torch.zeros(4, 8)
     graph.copy_input(0, buf)
     pinned = torch.randn(16)
     graph.pin_input(1, pinned.data_ptr())
+    return graph, buf, pinned
+
+
+def test_a_graph_refuses_inputs_it_was_not_recorded_for():
+    x = torch.randn(4, 8)
+    graph, buf, pinned = _graph_with_inputs()
     assert not graph.run([x])  # wrong number of inputs
     assert not graph.run([x, pinned.clone()])  # the pinned input moved
     assert not graph.run([torch.randn(4, 9), pinned])  # another shape than the buffer's
