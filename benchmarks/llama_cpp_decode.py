@@ -116,10 +116,13 @@ def main(argv=None) -> None:
 
 
 def _precision(options: dict):
-    """The bench's precision of a decoder compiled with ``options`` on the bf16 model."""
+    """The bench's precision of a decoder compiled with ``options`` on the bf16 model; None for
+    ``bits="dynamic"`` (its bytes per token change with every token)."""
     from csd_compile.bench.roofline import Precision
     from csd_compile.config import CSDConfig
 
+    if options.get("bits") == "dynamic":
+        return None
     cfg = CSDConfig.from_options({k: v for k, v in options.items() if k in ("bits", "group_size",
                                                                              "quantize_lm_head")})
     return Precision(bits=cfg.bits, group_size=cfg.group_size, dtype="bf16", quantize_lm_head=cfg.quantize_lm_head)
@@ -134,12 +137,18 @@ def roofline(model, options: dict, args, tok_s: dict) -> dict:
     llama = Precision(dtype="fp32", weight_format=GGUF_Q4_1, head_format=GGUF_Q8_0, kv_dtype="fp16")
     rows = {name: roofline_row(precision, model, context_len=context, gb_s=bw["gb_s"], tok_s=tok_s[name])
             for name, precision in (("ours", _precision(options)), ("llama.cpp", llama))}
+    if _precision(options) is None:
+        rows["ours"]["roofline_note"] = "bits=dynamic: its bytes change from token to token"
     limit = rows["ours"]["roofline_tok_s"]
     print(f"\nmemory bandwidth (streaming read of {bw['bytes'] / 2**20:.0f} MiB, {bw['threads']} threads, median of "
           f"{bw['repeats']}): {bw['gb_s']:.1f} GB/s")
     for name, row in rows.items():
+        if row["roofline_tok_s"] is None:
+            print(f"{name}: no roofline ({row.get('roofline_note')})")
+            continue
+        ours = f" = {tok_s[name] / limit:.0%} of ours," if limit else ""
         print(f"{name}: {row['weights']}, {row['bytes_per_token'] / 1e6:.1f} MB/token, roofline "
-              f"{row['roofline_tok_s']:.0f} tok/s; median {tok_s[name]:.1f} tok/s = {tok_s[name] / limit:.0%} of ours, "
+              f"{row['roofline_tok_s']:.0f} tok/s; median {tok_s[name]:.1f} tok/s{ours} "
               f"{row['roofline_fraction']:.0%} of its own")
     return rows
 

@@ -102,3 +102,9 @@ def test_llama_cpp_decode_prints_both_rooflines_from_the_bandwidth_of_the_same_r
     out = capsys.readouterr().out
     assert "12.5 GB/s" in out
     assert f"= {200.0 * ours / 12.5e9:.0%} of ours" in out and f"= {120.0 * ours / 12.5e9:.0%} of ours" in out
+
+    # bits="dynamic" reads other bytes at every token: no roofline of ours, llama.cpp's still printed
+    rows = llama_cpp_decode.roofline(model, {"bits": "dynamic"}, args, {"ours": 200.0, "llama.cpp": 120.0})
+    out = capsys.readouterr().out
+    assert rows["ours"]["roofline_tok_s"] is None and "ours: no roofline (bits=dynamic: its bytes change" in out
+    assert f"{120.0 * theirs / 12.5e9:.0%} of its own" in out and "of ours" not in out
