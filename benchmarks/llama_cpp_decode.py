@@ -135,9 +135,10 @@ def roofline(model, options: dict, args, tok_s: dict) -> dict:
     bw = measure_bandwidth(threads=args.threads)
     context = args.prompt + (args.tokens - 1) / 2
     llama = Precision(dtype="fp32", weight_format=GGUF_Q4_1, head_format=GGUF_Q8_0, kv_dtype="fp16")
+    ours = _precision(options)
     rows = {name: roofline_row(precision, model, context_len=context, gb_s=bw["gb_s"], tok_s=tok_s[name])
-            for name, precision in (("ours", _precision(options)), ("llama.cpp", llama))}
-    if _precision(options) is None:
+            for name, precision in (("ours", ours), ("llama.cpp", llama))}
+    if ours is None:
         rows["ours"]["roofline_note"] = "bits=dynamic: its bytes change from token to token"
     limit = rows["ours"]["roofline_tok_s"]
     print(f"\nmemory bandwidth (streaming read of {bw['bytes'] / 2**20:.0f} MiB, {bw['threads']} threads, median of "
@@ -146,9 +147,9 @@ def roofline(model, options: dict, args, tok_s: dict) -> dict:
         if row["roofline_tok_s"] is None:
             print(f"{name}: no roofline ({row.get('roofline_note')})")
             continue
-        ours = f" = {tok_s[name] / limit:.0%} of ours," if limit else ""
+        of_ours = f" = {tok_s[name] / limit:.0%} of ours," if limit else ""
         print(f"{name}: {row['weights']}, {row['bytes_per_token'] / 1e6:.1f} MB/token, roofline "
-              f"{row['roofline_tok_s']:.0f} tok/s; median {tok_s[name]:.1f} tok/s{ours} "
+              f"{row['roofline_tok_s']:.0f} tok/s; median {tok_s[name]:.1f} tok/s{of_ours} "
               f"{row['roofline_fraction']:.0%} of its own")
     return rows
 

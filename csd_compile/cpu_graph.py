@@ -336,17 +336,25 @@ class BoundReplay:
     def __init__(self, step: CpuGraphStep, key: tuple, rec: "_Recording", binding: Any) -> None:
         self.step, self.key, self.rec, self.binding = step, key, rec, binding
 
+    def _stale(self) -> bool:
+        """Whether it may not run now: a profiler is on, or its recording was replaced or dropped."""
+        return _profiling() or self.step._recorded.get(self.key) is not self.rec
+
+    def _ran(self, n: int) -> None:
+        """The step's bookkeeping for ``n`` replays of the recording (under the step's lock)."""
+        step = self.step
+        step._calls += n
+        step.replays += n
+        self.rec.used = step._calls
+
     def __call__(self) -> Any:
-        step, rec = self.step, self.rec
-        if _profiling() or step._recorded.get(self.key) is not rec:
+        if self._stale():
             return None
-        with step._lock:
-            if not rec.graph.run_bound(self.binding):
+        with self.step._lock:
+            if not self.rec.graph.run_bound(self.binding):
                 return None
-            step._calls += 1
-            step.replays += 1
-            rec.used = step._calls
-            return _copies(rec.outputs)
+            self._ran(1)
+            return _copies(self.rec.outputs)
 
     def loop(self, tokens: torch.Tensor, output: int, feed: torch.Tensor, count: torch.Tensor,
              stop: Sequence[int], each: Callable[[int], Any] | None = None) -> int:
@@ -356,14 +364,12 @@ class BoundReplay:
         next replay, stopping after a token in ``stop``; ``each(token)`` is called as each comes.
         Returns how many replays ran; fewer than asked without a stop token when one could not run
         (as ``__call__`` returning None)."""
-        step, rec = self.step, self.rec
-        if _profiling() or step._recorded.get(self.key) is not rec:
+        if self._stale():
             return 0
-        with step._lock:
-            ran = rec.graph.run_bound_loop(self.binding, tokens, rec.outputs[output], feed, count, list(stop), each)
-            step._calls += ran
-            step.replays += ran
-            rec.used = step._calls
+        with self.step._lock:
+            ran = self.rec.graph.run_bound_loop(self.binding, tokens, self.rec.outputs[output], feed, count,
+                                                list(stop), each)
+            self._ran(ran)
         return ran
 
 
