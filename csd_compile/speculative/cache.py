@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RowCache", "attention_masks", "encode_mask", "row_mask", "sliding_window"]
+__all__ = ["RowCache", "attention_masks", "encode_mask", "row_mask", "sliding_window", "slot_index"]
 
 
 class RowCache:
@@ -35,13 +35,10 @@ class RowCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write ``key_states``/``value_states`` ``[B, H, T, D]`` at each row's slots; return the buffers."""
         B, H, T, D = key_states.shape
-        rows = torch.arange(B, device=key_states.device).view(B, 1)
-        slots = self.start.view(B, 1) + torch.arange(T, device=key_states.device).view(1, T)  # [B, T]
+        index = slot_index(self.start.view(B, 1) + torch.arange(T, device=key_states.device).view(1, T), H)
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        # index_put_ on the [B, L, H, D] view writes just the B*T new slots in place; a scatter_
-        # here is functionalized into a copy of the whole cache per layer and step.
-        k.transpose(1, 2).index_put_((rows, slots), key_states.transpose(1, 2).to(k.dtype))
-        v.transpose(1, 2).index_put_((rows, slots), value_states.transpose(1, 2).to(v.dtype))
+        k.index_put_(index, key_states.to(k.dtype))
+        v.index_put_(index, value_states.to(v.dtype))
         return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -49,6 +46,21 @@ class RowCache:
 
     def get_max_length(self) -> int:
         return self.max_len
+
+
+def slot_index(slots: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``index_put_`` indices into a ``[B, H, L, D]`` cache buffer for every head of the slots
+    ``slots [B, T]`` of each row: ``cache[index]`` is ``[B, H, T, D]``.
+
+    They index the buffer itself, not a transposed view of it. Inductor writes an ``index_put_`` of
+    the B * H * T slots in place, but when one graph writes a buffer more than once through a view
+    (a draft's cache takes a copy of the verified slots and then one write per drafted token), it
+    clones the whole buffer first and copies it back at the end: for the embedded model's self
+    draft, 60 buffers read and written twice per step."""
+    B, T = slots.shape
+    rows = torch.arange(B, device=slots.device).view(B, 1, 1)
+    heads = torch.arange(num_heads, device=slots.device).view(1, num_heads, 1)
+    return rows, heads, slots.view(B, 1, T)
 
 
 def row_mask(start: torch.Tensor, pad: torch.Tensor, num_queries: int, max_len: int, *, boolean: bool, dtype,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .acceptance import logits_to_probs, sample_from
-from .cache import RowCache, attention_masks, encode_mask, row_mask
+from .cache import RowCache, attention_masks, encode_mask, row_mask, slot_index
 
 __all__ = [
     "ModelDraft", "NgramDraft", "NoDraft", "check_same_vocab", "make_self_draft", "model_forward", "shared_kv_logits",
@@ -160,10 +160,10 @@ class ModelDraft:
         """Copy the target's keys/values of the ``K + 1`` slots ending at ``length - 2`` (every slot
         the last verify pass wrote and kept) into the draft cache."""
         B, W = length.shape[0], self.K + 1
-        rows = torch.arange(B, device=length.device).view(B, 1)
         slots = ((length - 1 - W).view(B, 1) + torch.arange(W, device=length.device).view(1, W)).clamp(min=0)
+        index = slot_index(slots, self.cache.keys[0].shape[1])
         for mine, theirs in self._pairs():
-            mine.transpose(1, 2).index_put_((rows, slots), theirs.transpose(1, 2)[rows, slots])
+            mine.index_put_(index, theirs[index])
 
     def propose(self, tokens, length, pad, k, sampling: bool):
         B = tokens.shape[0]
