@@ -8,6 +8,9 @@ of each candidate in turn, ``--repeats`` rounds, medians reported):
 - ``native/<isa>``: ``csd::qlinear_cpu_native`` forced onto each path this CPU can run, float
   activations; ``native/<isa>/i8`` the same path with int8 activations
   (``native.use_activations("int8")``; ``avx512`` and ``avx2`` run the same vpmaddubsw loops there);
+- ``native/<isa>/packed``: each path with the scales and zeros in the packed layout
+  (``nested.pack_scale_zero``), which ``QLinear`` hands the kernel on CPU since the twenty-second
+  session: the rows that match what a decode step runs (the others read the column-major pair);
 - ``native/<isa>/row-major``: the best path with the scales and zeros row-major instead of
   column-major (as stored since the sixteenth session): the kernel gathers them;
 - ``pytorch``: ``csd::qlinear_cpu``, the pure-PyTorch fallback;
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 
 from csd_compile.kernels import native
 from csd_compile.kernels import qlinear as _qlinear  # noqa: F401  (registers csd::qlinear_cpu)
-from csd_compile.quant.nested import quantize
+from csd_compile.quant.nested import pack_scale_zero, quantize
 
 SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
 GROUP = 32
@@ -110,6 +113,14 @@ def _candidates(n, k, m, bits_list, pool_bytes):
             for act in native.ACTIVATIONS:
                 out.append(_Candidate(f"native/{isa}" + ("/i8" if act == "int8" else ""), bits, nbytes, shared,
                                       lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa, act))
+        def packed_copy():
+            sz = pack_scale_zero(nw.scale, nw.zero)
+            return nw.qdata.clone(), sz, sz
+
+        packed = pool(packed_copy, nested_bytes)
+        for isa in native.supported_isas():
+            out.append(_Candidate(f"native/{isa}/packed", bits, nbytes, packed,
+                                  lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa))
         rm = pool(lambda: (nw.qdata.clone(), nw.scale.contiguous(), nw.zero.contiguous()), nested_bytes)
         out.append(_Candidate(f"native/{native.supported_isas()[-1]}/row-major", bits, nbytes, rm,
                               lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), native.supported_isas()[-1]))
