@@ -186,6 +186,14 @@ def csd_int8_self_csd(ctx):
                                 acceptance="csd", tokenizer=ctx.tokenizer)
 
 
+@system("csd-int8-self-csd-graph", "csd-int8-self-csd with its steps replayed as CPU graphs (mode='reduce-overhead'); "
+        "lossy; compared with csd-int8-self-graph, the same pair with exact acceptance", default=False,
+        plain="csd-int8-self-graph", precision=Precision(bits=8, quantize_lm_head=True, dtype="fp32", draft="model"))
+def csd_int8_self_csd_graph(ctx):
+    return _csd_generate_runner(ctx.load("fp32"), ctx, draft="self", draft_bits=4, acceptance="csd",
+                                tokenizer=ctx.tokenizer, compile_options={**_LOSSLESS_INT8, "mode": "reduce-overhead"})
+
+
 @system("csd-self4-csd", "csd-self4 with CSD acceptance at its defaults (tau 0.3, lambda 6, memory learning "
         "online from an empty table): lossy; compared with csd-self4", default=False, plain="csd-self4",
         precision=Precision(draft="model"))
