@@ -13,8 +13,11 @@ machine slows both alike, and medians are reported with their ratio.
   with a bf16 LM head), decode-only ms/token = (time of P-prompt + N-token call - time of the
   P-prompt + 1-token call) / (N - 1), median over ``--inner`` call pairs per round.
 
-After the rounds, the same run measures the memory bandwidth (the bench's streaming read, same
-thread count) and prints each side's roofline: bandwidth / bytes per decoded token
+Each round also measures the memory bandwidth (the bench's streaming read, same thread count): on
+a shared machine it moves from minute to minute (35 to 57 GB/s within half an hour on the
+development VM), so the roofline uses the median of the rounds' samples, taken between the very
+timings it is compared with, and the range is printed. The run prints each side's roofline:
+bandwidth / bytes per decoded token
 (``csd_compile.bench.roofline``; ours at the options' precision, the KV cache at the mean position,
 llama.cpp at the file's Q4_1 linears and Q8_0 head with its fp16 cache), and each median as a
 fraction of ours (the issue's figure) and of its own.
@@ -101,18 +104,22 @@ def main(argv=None) -> None:
             per.append(args.tokens / (a - b))
         return statistics.median(per)
 
-    llama, mine = [], []
+    from csd_compile.bench.roofline import measure_bandwidth
+
+    llama, mine, bandwidth = [], [], []
     _llama_round(str(binary), gguf, args.threads, args.tokens, args.prompt)  # warm the file cache
     for r in range(args.rounds):
         llama.append(_llama_round(str(binary), gguf, args.threads, args.tokens, args.prompt))
         mine.append(ours())
-        print(f"round {r + 1}: llama.cpp {llama[-1]:.1f} tok/s, ours {mine[-1]:.1f} tok/s", flush=True)
+        bandwidth.append(measure_bandwidth(repeats=3, threads=args.threads))
+        print(f"round {r + 1}: llama.cpp {llama[-1]:.1f} tok/s, ours {mine[-1]:.1f} tok/s, "
+              f"streaming read {bandwidth[-1]['gb_s']:.1f} GB/s", flush=True)
     lm, om = statistics.median(llama), statistics.median(mine)
     print(f"\n{args.threads} threads, prompt {args.prompt}, {args.tokens} decoded tokens, {args.rounds} rounds")
     print(f"llama.cpp (llama-bench tg{args.tokens} @ d{args.prompt}): median {lm:.1f} tok/s  {sorted(round(v, 1) for v in llama)}")
     print(f"ours (GreedyDecoder, csd {args.options}): median {om:.1f} tok/s  {sorted(round(v, 1) for v in mine)}")
     print(f"ours / llama.cpp: {om / lm:.2f}x")
-    roofline(model, options, args, {"ours": om, "llama.cpp": lm})
+    roofline(model, options, args, {"ours": om, "llama.cpp": lm}, bandwidth)
 
 
 def _precision(options: dict):
@@ -128,11 +135,20 @@ def _precision(options: dict):
     return Precision(bits=cfg.bits, group_size=cfg.group_size, dtype="bf16", quantize_lm_head=cfg.quantize_lm_head)
 
 
-def roofline(model, options: dict, args, tok_s: dict) -> dict:
-    """Bandwidth measured now, each side's roofline and each median's fraction of it (module doc)."""
+def roofline(model, options: dict, args, tok_s: dict, samples: list[dict] | None = None) -> dict:
+    """Each side's roofline and each median's fraction of it (module doc), at the median of the
+    rounds' bandwidth ``samples`` (``measure_bandwidth`` results), or at one measured now when none
+    are given."""
     from csd_compile.bench.roofline import GGUF_Q4_1, GGUF_Q8_0, Precision, measure_bandwidth, roofline_row
 
-    bw = measure_bandwidth(threads=args.threads)
+    if samples:
+        rates = sorted(b["gb_s"] for b in samples)
+        bw = {**samples[0], "gb_s": statistics.median(rates)}
+        how = (f"median of {len(rates)} rounds' samples (each the median of {samples[0]['repeats']}), "
+               f"range {rates[0]:.1f}-{rates[-1]:.1f}")
+    else:
+        bw = measure_bandwidth(threads=args.threads)
+        how = f"median of {bw['repeats']}"
     context = args.prompt + (args.tokens - 1) / 2
     llama = Precision(dtype="fp32", weight_format=GGUF_Q4_1, head_format=GGUF_Q8_0, kv_dtype="fp16")
     ours = _precision(options)
@@ -141,8 +157,8 @@ def roofline(model, options: dict, args, tok_s: dict) -> dict:
     if ours is None:
         rows["ours"]["roofline_note"] = "bits=dynamic: its bytes change from token to token"
     limit = rows["ours"]["roofline_tok_s"]
-    print(f"\nmemory bandwidth (streaming read of {bw['bytes'] / 2**20:.0f} MiB, {bw['threads']} threads, median of "
-          f"{bw['repeats']}): {bw['gb_s']:.1f} GB/s")
+    print(f"\nmemory bandwidth (streaming read of {bw['bytes'] / 2**20:.0f} MiB, {bw['threads']} threads, {how}): "
+          f"{bw['gb_s']:.1f} GB/s")
     for name, row in rows.items():
         if row["roofline_tok_s"] is None:
             print(f"{name}: no roofline ({row.get('roofline_note')})")

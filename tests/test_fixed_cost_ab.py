@@ -103,6 +103,17 @@ def test_llama_cpp_decode_prints_both_rooflines_from_the_bandwidth_of_the_same_r
     assert "12.5 GB/s" in out
     assert f"= {200.0 * ours / 12.5e9:.0%} of ours" in out and f"= {120.0 * ours / 12.5e9:.0%} of ours" in out
 
+    # the rounds' own samples, when given: their median, the range printed, nothing measured now
+    monkeypatch.setattr(rl, "measure_bandwidth", lambda threads=None: pytest.fail("measured again"))
+    samples = [{**bw, "gb_s": g, "repeats": 3} for g in (30.0, 50.0, 20.0, 45.0, 35.0)]
+    rows = llama_cpp_decode.roofline(model, {"bits": 4, "group_size": 32}, args, {"ours": 200.0, "llama.cpp": 120.0},
+                                     samples)
+    assert rows["ours"]["roofline_tok_s"] == pytest.approx(35e9 / ours)
+    assert rows["llama.cpp"]["roofline_fraction"] == pytest.approx(120.0 * theirs / 35e9)
+    out = capsys.readouterr().out
+    assert "median of 5 rounds' samples (each the median of 3), range 20.0-50.0): 35.0 GB/s" in out
+    monkeypatch.setattr(rl, "measure_bandwidth", lambda threads=None: bw)
+
     # bits="dynamic" reads other bytes at every token: no roofline of ours, llama.cpp's still printed
     rows = llama_cpp_decode.roofline(model, {"bits": "dynamic"}, args, {"ours": 200.0, "llama.cpp": 120.0})
     out = capsys.readouterr().out
