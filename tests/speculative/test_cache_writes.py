@@ -85,7 +85,7 @@ def test_compiled_self_draft_step_writes_the_caches_in_place():
     numel = cfg.num_key_value_heads * L * (cfg.hidden_size // cfg.num_attention_heads)
     ids = torch.tensor([[5, 9, 17, 5, 9, 17, 40]])
     out, codes = run_and_get_code(generate, target, ids, draft="self", num_draft_tokens=3, max_new_tokens=6,
-                                  eos_token_id=[], max_cache_len=L, compile_backend="inductor")
+                                  eos_token_id=[], max_cache_len=L, compile_backend="csd")
     assert codes, "the step was not compiled by Inductor"
     step = max(codes, key=len)
     assert not re.search(rf"<static_cast<int64_t>\({numel}L\)", step), "a loop over a whole cache buffer"
