@@ -13,11 +13,11 @@ machine slows both alike, and medians are reported with their ratio.
   with a bf16 LM head), decode-only ms/token = (time of P-prompt + N-token call - time of the
   P-prompt + 1-token call) / (N - 1), median over ``--inner`` call pairs per round.
 
-Each round also measures the memory bandwidth (the bench's streaming read, same thread count): on
-a shared machine it moves from minute to minute (35 to 57 GB/s within half an hour on the
-development VM), so the roofline uses the median of the rounds' samples, taken between the very
-timings it is compared with, and the range is printed. The run prints each side's roofline:
-bandwidth / bytes per decoded token
+Each round also measures the memory bandwidth (the bench's streaming read, same thread count, on
+a buffer allocated for that sample): on the development VM one sample differs from the next by as
+much as 35 against 57 GB/s, with where the buffer's pages land rather than with the minute, so the
+roofline uses the median of the rounds' samples and prints their range. The run prints each side's
+roofline: bandwidth / bytes per decoded token
 (``csd_compile.bench.roofline``; ours at the options' precision, the KV cache at the mean position,
 llama.cpp at the file's Q4_1 linears and Q8_0 head with its fp16 cache), and each median as a
 fraction of ours (the issue's figure) and of its own.

@@ -113,6 +113,7 @@ def _candidates(n, k, m, bits_list, pool_bytes):
             for act in native.ACTIVATIONS:
                 out.append(_Candidate(f"native/{isa}" + ("/i8" if act == "int8" else ""), bits, nbytes, shared,
                                       lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa, act))
+
         def packed_copy():
             sz = pack_scale_zero(nw.scale, nw.zero)
             return nw.qdata.clone(), sz, sz
