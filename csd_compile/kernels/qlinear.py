@@ -109,9 +109,10 @@ def check_qlinear_args(x, qdata, scale, zero, bits) -> tuple[int, int, int]:
     if scale.dim() == 4:  # packed (quant.nested.pack_scale_zero), passed as both scale and zero
         blocks = -(-n // 64)
         if (scale.shape[0] != blocks or scale.shape[2:] != (2, 64) or k % max(scale.shape[1], 1)
-                or scale.shape != zero.shape or scale.dtype != torch.float32):
-            raise ValueError(f"qlinear: packed scale/zero must be float32 [ceil(N/64)={blocks}, K/group, 2, 64] (the "
-                             f"same tensor twice), got {scale.dtype} {tuple(scale.shape)} / {tuple(zero.shape)}")
+                or scale.shape != zero.shape or scale.dtype not in (torch.float32, torch.float16)):
+            raise ValueError(f"qlinear: packed scale/zero must be float32 or float16 [ceil(N/64)={blocks}, K/group, 2, "
+                             f"64] (the same tensor twice), got {scale.dtype} {tuple(scale.shape)} / "
+                             f"{tuple(zero.shape)}")
     elif scale.dim() != 2 or scale.shape[0] != n or scale.shape != zero.shape or k % max(scale.shape[1], 1):
         raise ValueError(
             f"qlinear: scale {tuple(scale.shape)} / zero {tuple(zero.shape)} must both be [N={n}, K/group] "

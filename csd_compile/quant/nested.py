@@ -41,9 +41,11 @@ Storage (``NestedWeight``):
     (gathers cost up to 1.5x the whole product on AMD Zen 4). Any strides are accepted everywhere;
     row-major scales only run slower on CPU.
 
-The CPU kernel reads scales and zeros fastest packed (:func:`pack_scale_zero`): one float32 tensor
+The CPU kernel reads scales and zeros fastest packed (:func:`pack_scale_zero`): one tensor
 [ceil(N/64), K/group_size, 2, 64] holding, per 64-row block and group, the block's 64 scales then its
-64 zeros (rows past N zero), passed as both ``scale`` and ``zero``. A unit of the kernel's work (one
+64 zeros (rows past N zero), passed as both ``scale`` and ``zero``; in float16 (the 4-bit rung's step
+and zero, half the bytes) wherever float16 holds them, as it does a GGUF Q4_0 / Q4_1 file's, else in
+float32. A unit of the kernel's work (one
 block, a range of groups) then reads them as one sequential stream beside its codes, where
 column-major puts each group's values N floats from the last. ``QLinear`` keeps such a copy of its
 CPU weights (``scale_zero``, not saved) beside the canonical pair above.
@@ -234,35 +236,71 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
     return t.T.contiguous().T
 
 
-def pack_scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``scale`` and ``zero`` float32 [N, G] (any strides) in the CPU kernel's packed layout: float32
-    [ceil(N/64), G, 2, 64], element ``[b, g, 0, j]`` the scale of row ``64 b + j`` in group ``g``,
-    ``[b, g, 1, j]`` its zero; rows past N hold 0 (see the module docstring). A new tensor on
-    ``scale``'s device; the inputs are not modified."""
+def pack_scale_zero(scale: torch.Tensor, zero: torch.Tensor, *, fp16: bool | str = "auto") -> torch.Tensor:
+    """``scale`` and ``zero`` float32 [N, G] (any strides) in the CPU kernel's packed layout:
+    [ceil(N/64), G, 2, 64], per 64-row block ``b`` and group ``g`` the block's 64 values of the pair's
+    first member (``[b, g, 0, j]`` for row ``64 b + j``), then its 64 values of the second; rows past
+    N hold 0 (see the module docstring). A new tensor on ``scale``'s device; the inputs are not
+    modified.
+
+    ``fp16``: whether the pair is stored as float16 (half the bytes: a decode step streams these
+    beside the codes) or float32. In float32 the pair is ``(scale, zero)``; in float16 it is the
+    4-bit rung's step and zero, ``(16 * scale, zero + 7.5 * scale)``, which for a weight read from a
+    GGUF Q4_0 / Q4_1 block are the file's own float16 ``d`` and ``m``. ``"auto"`` (the default)
+    chooses float16 exactly when it holds every group's pair up to float32 rounding (so the kernel
+    decodes the same weight), float32 otherwise (e.g. :func:`quantize`'s grids, a Q8_0 block's
+    zero); ``True`` rounds to float16 whatever is lost; ``False`` keeps float32.
+    """
     if (not isinstance(scale, torch.Tensor) or not isinstance(zero, torch.Tensor) or scale.dim() != 2
             or scale.shape != zero.shape or scale.dtype != torch.float32 or zero.dtype != torch.float32
             or scale.device != zero.device):
         raise ValueError(f"pack_scale_zero: scale ({_desc(scale)}) and zero ({_desc(zero)}) must both be float32 "
                          "[N, G] tensors on one device")
+    if fp16 not in (True, False, "auto"):
+        raise ValueError(f"pack_scale_zero: fp16={fp16!r} is not one of True, False, 'auto'")
     n, g = scale.shape
+    first, second = scale, zero
+    if fp16 is not False:
+        step4, zero4 = scale * 16.0, zero + 7.5 * scale
+        if fp16 is True or _holds_in_fp16(step4, zero4, scale, zero):
+            first, second = step4.half(), zero4.half()
     blocks = -(-n // _BLOCK_N)
-    packed = scale.new_zeros(blocks * _BLOCK_N, 2, g)
-    packed[:n, 0] = scale
-    packed[:n, 1] = zero
+    packed = first.new_zeros(blocks * _BLOCK_N, 2, g)
+    packed[:n, 0] = first
+    packed[:n, 1] = second
     # [blocks * 64, 2, G] -> [blocks, 64, 2, G] -> [blocks, G, 2, 64]
     return packed.reshape(blocks, _BLOCK_N, 2, g).permute(0, 3, 2, 1).contiguous()
 
 
+def _holds_in_fp16(step4: torch.Tensor, zero4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    """Whether float16 holds the 4-bit pair: the step exactly (it is 16 times an exact float32 value)
+    and the zero up to the float32 rounding that formed it from a float16 value (``zero`` was stored
+    as ``m - 7.5 s`` in float32, and ``zero + 7.5 s`` rounds again). A value float16 cannot hold
+    misses by far more: its nearest float16 neighbours are 2^13 float32 steps apart."""
+    h = step4.half().float()
+    if not bool((h == step4).all()):
+        return False
+    tol = 2.0 ** -21 * (zero.abs() + 8.0 * scale.abs() + zero4.abs())
+    return bool(((zero4.half().float() - zero4).abs() <= tol).all())
+
+
 def unpack_scale_zero(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_scale_zero` for a weight of ``n`` output rows: ``(scale, zero)`` float32
-    [n, G], column-major (new tensors)."""
+    [n, G], column-major (new tensors); from float16, ``scale = step / 16`` and ``zero = zero4 - 7.5
+    scale`` in float32."""
     if (not isinstance(packed, torch.Tensor) or packed.dim() != 4 or packed.shape[0] != -(-n // _BLOCK_N)
-            or packed.shape[2] != 2 or packed.shape[3] != _BLOCK_N):
-        raise ValueError(f"unpack_scale_zero: expected a packed [ceil({n}/64), G, 2, 64] tensor, got {_desc(packed)}")
-    rows = packed.permute(0, 3, 2, 1).reshape(-1, 2, packed.shape[1])[:n]  # [n, 2, G]
+            or packed.shape[2] != 2 or packed.shape[3] != _BLOCK_N
+            or packed.dtype not in (torch.float32, torch.float16)):
+        raise ValueError(f"unpack_scale_zero: expected a packed float32 or float16 [ceil({n}/64), G, 2, 64] tensor, "
+                         f"got {_desc(packed)}")
+    rows = packed.permute(0, 3, 2, 1).reshape(-1, 2, packed.shape[1])[:n].float()  # [n, 2, G]
+    first, second = rows[:, 0], rows[:, 1]
+    if packed.dtype == torch.float16:
+        first = first / 16.0
+        second = second - 7.5 * first
     out = []
-    for part in (rows[:, 0], rows[:, 1]):
-        t = torch.empty_strided(part.shape, (1, n), dtype=part.dtype, device=part.device)  # column-major
+    for part in (first, second):
+        t = torch.empty_strided(part.shape, (1, n), dtype=torch.float32, device=part.device)  # column-major
         out.append(t.copy_(part))
     return out[0], out[1]
 

@@ -10,8 +10,8 @@
 #define CSD_X86 0  // other CPUs (ARM, ...) build the scalar path only
 #endif
 
-#define CSD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-#define CSD_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define CSD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#define CSD_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 // The BF16 dot products need a compiler that knows them (GCC 10, clang 11); older ones build the
 // other paths, and the avx512bf16 level is then reported as unsupported.
 #if CSD_X86 && ((defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && __GNUC__ >= 10))
@@ -20,7 +20,7 @@
 #define CSD_BF16 0
 #endif
 #define CSD_TARGET_AVX512BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bf16,fma")))
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bf16,fma,f16c")))
 
 namespace csd_cpu {
 

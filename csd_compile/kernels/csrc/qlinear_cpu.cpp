@@ -96,7 +96,7 @@ bool cpu_supports(int isa) {
   switch (isa) {
     case kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     case kAvx512Vnni: return cpu_supports(kAvx512) && __builtin_cpu_supports("avx512vnni");
     case kAvx512Bf16:
 #if CSD_BF16
@@ -105,7 +105,8 @@ bool cpu_supports(int isa) {
 #else
       return false;  // this compiler cannot build the path
 #endif
-    case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case kAvx2:  // F16C: the fp16 scales' conversions (every AVX2 CPU has it)
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     default: return true;
   }
 #else
@@ -141,7 +142,7 @@ struct Ctx {
   const float* x;     // [M, K] activations in fp32
   const uint16_t* xb; // [M, K] the same as bf16 bits where x came in as bf16 (Bf16Avx512 only), else null
   const float* xsum;  // [M, G] their per-group sums
-  const float* scale; // [N, G], element (n, g) at at(n, g)
+  const float* scale; // [N, G], element (n, g) at at(n, g); null when sz16 is set
   const float* zero;  // [N, G], the same strides
   const int8_t* xq;   // [M, K] the activations quantized per 32 features (int8 paths only)
   const float* xd;    // [M, K/32] their scales
@@ -151,8 +152,29 @@ struct Ctx {
   int64_t sn, sg;     // strides of scale / zero: (G, 1) row-major; sn = 1 where adjacent rows are adjacent
   int64_t sb;         // offset from one 64-row block to the next: 64 sn, or 128 G when packed
   bool packed;        // the packed layout (nested.pack_scale_zero): zero = scale + 64, no scale prefetch
+  // the packed layout in fp16 (IEEE half bits), else null: the pair held is the 4-bit rung's (16 s,
+  // z + 7.5 s), and mult / half above are set for it (see "fp16 scales" below)
+  const uint16_t* sz16;
   int64_t at(int64_t n, int64_t g) const { return (n >> 6) * sb + (n & 63) * sn + g * sg; }
+  // one row's scale and zero as floats (the scalar paths)
+  float scale_at(int64_t n, int64_t g) const { return sz16 ? half_bits_to_float(sz16[at(n, g)]) : scale[at(n, g)]; }
+  float zero_at(int64_t n, int64_t g) const {
+    return sz16 ? half_bits_to_float(sz16[at(n, g) + 64]) : zero[at(n, g)];
+  }
+  static float half_bits_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 };
+
+// fp16 scales (nested.pack_scale_zero with fp16="auto" or True). The packed pair of a group is then
+// (a, b) = (16 s, z + 7.5 s), the 4-bit rung's step and zero: a GGUF Q4_0 / Q4_1 block's own d and
+// m, which fp16 holds exactly (where s and z, as nested.py stores them, are not). Every rung is
+// still S = mult * a and Z = b + half * a, with
+//     mult = 2^(8-b) / 16  and  half = ((2^(8-b) - 1) / 2 - 7.5) / 16,
+// so the loops below only load the pair differently (a conversion per 16 values, once per group).
+inline void rung_constants(int64_t bits, bool fp16, float& mult, float& half) {
+  const float m = static_cast<float>(1 << (8 - bits));
+  mult = fp16 ? m / 16.0f : m;
+  half = fp16 ? (0.5f * (m - 1.0f) - 7.5f) / 16.0f : 0.5f * (m - 1.0f);
+}
 
 // The b-bit code from the high nibble h and low nibble l of an 8-bit code (scalar paths).
 inline int rung_code(int h, int l, int bits) { return bits == 8 ? (h << 4) | l : h >> (4 - bits); }
@@ -179,7 +201,7 @@ struct Scalar {
       }
     }
     for (int j = 0; j < kBlock; ++j) {
-      const float s = c.scale[c.at(n0 + j, g)], z = c.zero[c.at(n0 + j, g)];
+      const float s = c.scale_at(n0 + j, g), z = c.zero_at(n0 + j, g);
       const float S = c.mult * s, Z = z + c.half * s;
       for (int m = 0; m < MR; ++m) res[(m0 + m) * kBlock + j] += S * acc[m][j] + Z * c.xsum[(m0 + m) * c.G + g];
     }
@@ -192,6 +214,13 @@ struct Scalar {
 // more on some CPUs (AMD Zen 4: 1.6x the whole M = 1 group loop, in cache).
 CSD_TARGET_AVX512 inline __m512 rows16(const float* p, int64_t sn, __m512i idx) {
   return sn == 1 ? _mm512_loadu_ps(p) : _mm512_i32gather_ps(idx, p, 4);
+}
+
+// Group g's scales (zeros: `zero`) of the 16 rows of a block at position at = c.at(n, g), as floats.
+CSD_TARGET_AVX512 inline __m512 pair16(const Ctx& c, int64_t at, bool zero, __m512i idx) {
+  if (c.sz16 != nullptr)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.sz16 + at + (zero ? kBlock : 0))));
+  return rows16((zero ? c.zero : c.scale) + at, c.sn, idx);
 }
 
 // AVX-512: 16 bytes of one k (rows r..r+15 in the low nibbles, r+32..r+47 in the high ones) as two
@@ -230,9 +259,9 @@ CSD_TARGET_AVX512 __attribute__((always_inline)) inline void apply_group16(const
                                                                           __m512i idx, const __m512* acc, int stride,
                                                                           float* res) {
   const int64_t at = c.at(n0 + row0, g);
-  const __m512 s = rows16(c.scale + at, c.sn, idx);
+  const __m512 s = pair16(c, at, false, idx);
   const __m512 S = _mm512_mul_ps(s, _mm512_set1_ps(mult));
-  const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(half), rows16(c.zero + at, c.sn, idx));
+  const __m512 Z = _mm512_fmadd_ps(s, _mm512_set1_ps(half), pair16(c, at, true, idx));
   for (int m = 0; m < MR; ++m) {
     float* r = res + (m0 + m) * kBlock + row0;
     const __m512 zx = _mm512_fmadd_ps(Z, _mm512_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm512_loadu_ps(r));
@@ -370,6 +399,13 @@ CSD_TARGET_AVX2 inline __m256 rows8(const float* p, int64_t sn, __m256i idx) {
   return sn == 1 ? _mm256_loadu_ps(p) : _mm256_i32gather_ps(p, idx, 4);
 }
 
+// pair16's 8-row form.
+CSD_TARGET_AVX2 inline __m256 pair8(const Ctx& c, int64_t at, bool zero, __m256i idx) {
+  if (c.sz16 != nullptr)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c.sz16 + at + (zero ? kBlock : 0))));
+  return rows8((zero ? c.zero : c.scale) + at, c.sn, idx);
+}
+
 // AVX2: 8 bytes of one k (rows r..r+7 and r+32..r+39) as two float vectors of codes.
 template <int BITS>
 CSD_TARGET_AVX2 inline void decode8(const uint8_t* h, const uint8_t* l, __m256& lo, __m256& hi) {
@@ -421,9 +457,9 @@ struct Avx2 {
         for (int half = 0; half < 2; ++half) {
           const int row0 = (c0 + i) * 8 + half * 32;
           const int64_t at = c.at(n0 + row0, g);
-          const __m256 s = rows8(c.scale + at, c.sn, idx);
+          const __m256 s = pair8(c, at, false, idx);
           const __m256 S = _mm256_mul_ps(s, _mm256_set1_ps(c.mult));
-          const __m256 Z = _mm256_fmadd_ps(s, _mm256_set1_ps(c.half), rows8(c.zero + at, c.sn, idx));
+          const __m256 Z = _mm256_fmadd_ps(s, _mm256_set1_ps(c.half), pair8(c, at, true, idx));
           for (int m = 0; m < MR; ++m) {
             float* r = res + (m0 + m) * kBlock + row0;
             const __m256 zx = _mm256_fmadd_ps(Z, _mm256_set1_ps(c.xsum[(m0 + m) * c.G + g]), _mm256_loadu_ps(r));
@@ -546,6 +582,19 @@ struct I8Avx2 {
     return _mm256_i32gather_ps(p, _mm256_mullo_epi32(row_ids, _mm256_set1_epi32(static_cast<int>(sn))), 4);
   }
 
+  // The same from the packed pair at position at (fp16 or fp32).
+  CSD_TARGET_AVX2 static inline __attribute__((always_inline)) __m256 pair(const Ctx& c, int64_t at, bool zero, int r0,
+                                                                           int r1, __m256i row_ids) {
+    if (c.sz16 != nullptr) {
+      const uint16_t* p = c.sz16 + at + (zero ? kBlock : 0);
+      int64_t a, b;  // 4 halves each
+      std::memcpy(&a, p + r0, 8);
+      std::memcpy(&b, p + r1, 8);
+      return _mm256_cvtph_ps(_mm_set_epi64x(b, a));
+    }
+    return rows((zero ? c.zero : c.scale) + at, c.sn, r0, r1, row_ids);
+  }
+
   // Per group: res[m][row] += S * sum_blocks d * isum + Z * xsum, rows in the transposed order.
   template <int BITS>
   CSD_TARGET_AVX2 static inline __attribute__((always_inline)) void epilogue(const Ctx& c, int64_t n0, int64_t g,
@@ -555,10 +604,10 @@ struct I8Avx2 {
                                                 i8_row(v, 4), i8_row(v, 5), i8_row(v, 6), i8_row(v, 7));
       const int r0 = i8_row(v, 0), r1 = i8_row(v, 4);  // lanes 0-3: rows r0..r0+3, lanes 4-7: r1..r1+3
       const int64_t at = c.at(n0, g);
-      const __m256 s = rows(c.scale + at, c.sn, r0, r1, row_ids);
+      const __m256 s = pair(c, at, false, r0, r1, row_ids);
       const __m256 S = _mm256_mul_ps(s, _mm256_set1_ps(c.mult));
       const __m256 Z = _mm256_fmadd_ps(S, _mm256_set1_ps(static_cast<float>(kCentre<BITS>)),
-                                       _mm256_fmadd_ps(s, _mm256_set1_ps(c.half), rows(c.zero + at, c.sn, r0, r1, row_ids)));
+                                       _mm256_fmadd_ps(s, _mm256_set1_ps(c.half), pair(c, at, true, r0, r1, row_ids)));
       for (int64_t m = 0; m < c.M; ++m) {
         float* r = res + m * kBlock;
         const __m256 prev = _mm256_set_m128(_mm_loadu_ps(r + r1), _mm_loadu_ps(r + r0));
@@ -620,7 +669,7 @@ struct I8Avx2 {
   }
 };
 
-#define CSD_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+#define CSD_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 
 struct I8Avx512Vnni {
   CSD_TARGET_VNNI static inline __attribute__((always_inline)) void dot_block(const __m256i* buf, const int8_t* xq,
@@ -698,7 +747,7 @@ struct I8Scalar {
       }
     }
     for (int j = 0; j < kBlock; ++j) {
-      const float s = c.scale[c.at(n0 + j, g)], z = c.zero[c.at(n0 + j, g)];
+      const float s = c.scale_at(n0 + j, g), z = c.zero_at(n0 + j, g);
       const float S = c.mult * s, Z = z + c.half * s + S * static_cast<float>(kCentre<BITS>);
       for (int64_t m = 0; m < c.M; ++m) res[m * kBlock + j] += S * facc[m][j] + Z * c.xsum[m * c.G + g];
     }
@@ -821,9 +870,9 @@ void dequant_t(const Ctx& c, const uint8_t* hi, const uint8_t* lo, float* wt) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t g = 0; g < c.G; ++g) {
         for (int j = 0; j < kBlock; ++j) {
-          const float s = c.scale[c.at(b * kBlock + j, g)];
+          const float s = c.scale_at(b * kBlock + j, g);
           S[j] = c.mult * s;
-          Z[j] = c.zero[c.at(b * kBlock + j, g)] + c.half * s;
+          Z[j] = c.zero_at(b * kBlock + j, g) + c.half * s;
         }
         for (int64_t k = g * c.gs; k < (g + 1) * c.gs; ++k) {
           const uint8_t* h = hi + (b * K + k) * 32;
@@ -841,9 +890,9 @@ void dequant_t(const Ctx& c, const uint8_t* hi, const uint8_t* lo, float* wt) {
   for (int64_t i = 0; i < nt; ++i)
     for (int64_t k = 0; k < K; ++k) {
       const int64_t n = full + i, g = k / c.gs;
-      const float s = c.scale[c.at(n, g)];
+      const float s = c.scale_at(n, g);
       wt[k * N + n] = tail_code(hi + full * K / 2, lo + full * K / 2, nt, i, k, BITS) * (c.mult * s) +
-                      (c.zero[c.at(n, g)] + c.half * s);
+                      (c.zero_at(n, g) + c.half * s);
     }
 }
 
@@ -859,8 +908,8 @@ void tail_rows(const Ctx& c, const uint8_t* ht, const uint8_t* lt, int64_t full,
       for (int64_t g = 0; g < c.G; ++g) {
         float acc = 0.f;
         for (int64_t k = g * c.gs; k < (g + 1) * c.gs; ++k) acc += c.x[m * c.K + k] * w[k];
-        const float s = c.scale[c.at(n, g)];
-        total += c.mult * s * acc + (c.zero[c.at(n, g)] + c.half * s) * c.xsum[m * c.G + g];
+        const float s = c.scale_at(n, g);
+        total += c.mult * s * acc + (c.zero_at(n, g) + c.half * s) * c.xsum[m * c.G + g];
       }
       out[m * ldo + n] = total;
     }
@@ -886,8 +935,8 @@ void tail_rows_i8(const Ctx& c, const uint8_t* ht, const uint8_t* lt, int64_t fu
           isum -= c0 * c.xqs[m * KB + kb / 32];
           acc += c.xd[m * KB + kb / 32] * static_cast<float>(isum);
         }
-        const float s = c.scale[c.at(n, g)];
-        const float S = c.mult * s, Z = c.zero[c.at(n, g)] + c.half * s + S * static_cast<float>(c0);
+        const float s = c.scale_at(n, g);
+        const float S = c.mult * s, Z = c.zero_at(n, g) + c.half * s + S * static_cast<float>(c0);
         total += S * acc + Z * c.xsum[m * c.G + g];
       }
       out[m * ldo + n] = total;
@@ -938,11 +987,12 @@ int64_t check_weight(const char* who, const at::Tensor& x, const at::Tensor& qda
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, who, ": x has shape ", x.sizes(),
               "; its last dim must be in_features=", K);
   if (scale.dim() == 4) {  // packed (nested.pack_scale_zero): the one tensor passed as scale and as zero
-    TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.size(0) == (N + kBlock - 1) / kBlock &&
-                          scale.size(1) > 0 && K % scale.size(1) == 0 && scale.size(2) == 2 && scale.size(3) == kBlock &&
-                          scale.is_contiguous(),
-                      who, ": packed scale/zero must be a contiguous float32 [ceil(N/64)=", (N + kBlock - 1) / kBlock,
-                      ", K/group, 2, 64] tensor, got ", scale.scalar_type(), " ", scale.sizes());
+    TORCH_CHECK_VALUE((scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) &&
+                          scale.size(0) == (N + kBlock - 1) / kBlock && scale.size(1) > 0 && K % scale.size(1) == 0 &&
+                          scale.size(2) == 2 && scale.size(3) == kBlock && scale.is_contiguous(),
+                      who, ": packed scale/zero must be a contiguous float32 or float16 [ceil(N/64)=",
+                      (N + kBlock - 1) / kBlock, ", K/group, 2, 64] tensor, got ", scale.scalar_type(), " ",
+                      scale.sizes());
     TORCH_CHECK_VALUE(zero.sizes() == scale.sizes() && zero.data_ptr() == scale.data_ptr(), who,
                       ": with packed scales pass the packed tensor as zero too, got zero ", zero.sizes());
   } else {
@@ -968,14 +1018,25 @@ int64_t check_weight(const char* who, const at::Tensor& x, const at::Tensor& qda
 struct Part {
   at::Tensor q, sc, ze;
   int64_t N = 0, b = 0, nblocks = 0, first_unit = 0, sn = 0, sg = 0, sb = 0;
-  bool packed = false;
+  bool packed = false, fp16 = false;
   const uint8_t* hi = nullptr;
   const uint8_t* lo = nullptr;
   float* op = nullptr;  // [ks][M][N] partial sums (columns past the last full block: part 0 only)
   UnitFn unit = nullptr;
   Ctx ctx{};
-  const float* scales() const { return sc.data_ptr<float>(); }
-  const float* zeros() const { return packed ? sc.data_ptr<float>() + kBlock : ze.data_ptr<float>(); }
+  const float* scales() const { return fp16 ? nullptr : sc.data_ptr<float>(); }
+  const float* zeros() const {
+    return fp16 ? nullptr : packed ? sc.data_ptr<float>() + kBlock : ze.data_ptr<float>();
+  }
+  const uint16_t* pair16() const { return fp16 ? reinterpret_cast<const uint16_t*>(sc.const_data_ptr<at::Half>()) : nullptr; }
+  // this weight's kernel context (the activation fields as given)
+  Ctx context(const float* x, const uint16_t* xb, const float* xsum, const int8_t* xq, const float* xd,
+              const int32_t* xqs, int64_t M, int64_t K, int64_t G) const {
+    float mult, half;
+    rung_constants(b, fp16, mult, half);
+    return Ctx{x, xb, xsum, scales(), zeros(), xq, xd, xqs, M, N, K, G, K / G, mult, half, sn, sg, sb, packed,
+               pair16()};
+  }
 };
 
 // float -> bf16, round to nearest even (NaN stays a quiet NaN), as c10::BFloat16 does; branch-free so
@@ -1049,6 +1110,7 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
       p.sc = scale[i];
       p.ze = zero[i];
       p.packed = true;
+      p.fp16 = scale[i].scalar_type() == at::kHalf;
       p.sn = 1;
       p.sg = 2 * kBlock;
     } else if (scale[i].stride(0) == 1 && zero[i].stride(0) == 1 && scale[i].stride(1) == zero[i].stride(1)) {
@@ -1100,10 +1162,8 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
                                                         : kMaxFloatRows;
   if (M > max_rows) {  // dequantize once (transposed), then a dense GEMM
     for (const Part& p : parts) {
-      const float mult = static_cast<float>(1 << (8 - p.b));
-      const Ctx wctx{nullptr, nullptr, nullptr, p.scales(), p.zeros(), nullptr, nullptr, nullptr,
-                     M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f), p.sn, p.sg, p.sb, p.packed};
-      auto wt = at::empty({K, p.N}, p.sc.options());
+      const Ctx wctx = p.context(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, K, G);
+      auto wt = at::empty({K, p.N}, x2.options().dtype(at::kFloat));
       with_bits(p.b, [&](auto B) { dequant_t<B.value>(wctx, p.hi, p.lo, wt.data_ptr<float>()); });
       outs.push_back(at::linear(x2, wt.to(x.scalar_type()).t()).reshape(out_shape(p)));
       if (into != nullptr) outs.back() = (*into)[outs.size() - 1].copy_(outs.back());
@@ -1158,9 +1218,7 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
   }
   int64_t units = 0, offset = 0;
   for (Part& p : parts) {
-    const float mult = static_cast<float>(1 << (8 - p.b));
-    p.ctx = Ctx{xbuf.data(), xb, xsbuf.data(), p.scales(), p.zeros(), xqbuf.data(), xdbuf.data(),
-                xqsbuf.data(), M, p.N, K, G, gs, mult, 0.5f * (mult - 1.0f), p.sn, p.sg, p.sb, p.packed};
+    p.ctx = p.context(xbuf.data(), xb, xsbuf.data(), xqbuf.data(), xdbuf.data(), xqsbuf.data(), M, K, G);
     p.unit = unit_for(isa, p.b, int8_act, xb != nullptr);
     p.op = obuf.data() + offset;
     offset += ks * M * p.N;
@@ -1231,10 +1289,10 @@ std::string set_isa(const std::string& name) {
   TORCH_CHECK_VALUE(isa >= 0, "csd::qlinear_cpu_set_isa: unknown instruction set '", name,
                     "'; choose one of 'auto', 'scalar', 'avx2', 'avx512', 'avx512vnni', 'avx512bf16'");
   TORCH_CHECK(cpu_supports(isa), "csd::qlinear_cpu_set_isa: this CPU cannot run the '", name, "' path (",
-              isa == kAvx512Bf16   ? "it needs AVX-512F/BW/VL, AVX-512 VNNI, VBMI and BF16 and FMA"
-              : isa == kAvx512Vnni ? "it needs AVX-512F/BW/VL, AVX-512 VNNI and FMA"
-              : isa == kAvx512   ? "it needs AVX-512F/BW/VL and FMA"
-                                 : "it needs AVX2 and FMA",
+              isa == kAvx512Bf16   ? "it needs AVX-512F/BW/VL, AVX-512 VNNI, VBMI and BF16, FMA and F16C"
+              : isa == kAvx512Vnni ? "it needs AVX-512F/BW/VL, AVX-512 VNNI, FMA and F16C"
+              : isa == kAvx512   ? "it needs AVX-512F/BW/VL, FMA and F16C"
+                                 : "it needs AVX2, FMA and F16C",
               ")");
   g_forced_isa.store(isa);
   return previous;
