@@ -7,7 +7,8 @@ One ``GreedyDecoder`` per bit-width over its own copy of the embedded model (``b
 then rounds that time each decoder in turn (the order alternates from round to round, so a machine
 whose speed drifts slows every side alike). Decode-only ms/token = (time of a 53-token prompt + 97
 new tokens - time of the same call stopped after 1 token) / 96. Prints each width's median, its
-weight bytes per token (linears at their width with fp32 scale and zero per group, the LM head as
+weight bytes per token (linears at their width with their scale and zero per group, fp32 or the
+fp16 that a GGUF Q4 file's grid gets (``csd_compile.bench.roofline.step_bytes``), the LM head as
 the file stores it) and each width's time relative to the first, as the ratio of the medians and the
 median of the rounds' own ratios.
 """

@@ -1,8 +1,8 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
     python -m benchmarks.fixed_cost_ab --lever size_asserts|direct|direct_qlinear|decode_attention|group_linears|
-        scale_layout|packed_scales|bf16_dot|attention_loops|metadata_prefetch|bound_replay|native_loop|cpu_graph
-        [--options bits=auto]
+        scale_layout|packed_scales|fp16_scales|bf16_dot|attention_loops|metadata_prefetch|bound_replay|native_loop|
+        cpu_graph [--options bits=auto]
         [--rounds 7] [--dtype bf16|fp32] [--isa avx2]
         [--cache-slots N]
 
@@ -28,6 +28,9 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 - ``packed_scales``: the C++ kernel reading each weight's packed scale/zero copy
   (``QLinear.kernel_scales``, ``nested.pack_scale_zero``) against the column-major pair, each side
   compiled with its own (caches off);
+- ``fp16_scales``: those packed copies in float16 where float16 holds the grid (``pack_scale_zero``'s
+  ``fp16="auto"``, as ``QLinear`` packs them: a GGUF Q4 file's linears) against float32 everywhere,
+  each side compiled with its own (caches off);
 - ``bf16_dot``: the C++ kernel's ``avx512bf16`` path (bf16 dot products, where the CPU has AVX-512
   BF16 and VBMI) against the best float path without it (``avx512vnni``), one decoder, the path
   forced in alternate rounds (``native.use_isa``);
@@ -124,7 +127,8 @@ def _compiled_afresh() -> contextlib.ExitStack:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lever", required=True, choices=["size_asserts", "direct", "direct_qlinear", "decode_attention",
-                                                         "group_linears", "scale_layout", "packed_scales", "bf16_dot",
+                                                         "group_linears", "scale_layout", "packed_scales", "fp16_scales",
+                                                         "bf16_dot",
                                                          "attention_loops", "metadata_prefetch", "bound_replay",
                                                          "native_loop", "cpu_graph"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
@@ -170,13 +174,13 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd"}
         lever_options = {shipped: graphs, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-    elif args.lever in ("group_linears", "scale_layout", "packed_scales"):  # two models, each compiled its own way
+    elif args.lever in ("group_linears", "scale_layout", "packed_scales", "fp16_scales"):  # two models, each its own
         import csd_compile.quant.nested as nested
         from csd_compile.kernels import native
         from csd_compile.quant.linear import QLinear
 
-        if args.lever == "packed_scales" and not native.load():
-            raise SystemExit("--lever packed_scales needs the C++ kernels, which did not build here")
+        if args.lever in ("packed_scales", "fp16_scales") and not native.load():
+            raise SystemExit(f"--lever {args.lever} needs the C++ kernels, which did not build here")
 
         @contextlib.contextmanager
         def scale_zero_pairs():
@@ -187,6 +191,18 @@ def main(argv=None) -> None:
                     yield
             finally:
                 QLinear.kernel_scales = real
+
+        @contextlib.contextmanager
+        def fp32_scales():
+            import csd_compile.quant.linear as linear
+
+            real = linear.pack_scale_zero  # QLinear.repack looks it up at every call
+            linear.pack_scale_zero = lambda scale, zero: real(scale, zero, fp16=False)
+            try:
+                with _compiled_afresh():
+                    yield
+            finally:
+                linear.pack_scale_zero = real
 
         @contextlib.contextmanager
         def row_major_scales():
@@ -209,6 +225,8 @@ def main(argv=None) -> None:
             building = {undone: row_major_scales}
         elif args.lever == "packed_scales":
             building = {undone: scale_zero_pairs}
+        elif args.lever == "fp16_scales":
+            building = {undone: fp32_scales}
     elif args.lever in ("size_asserts", "direct_qlinear", "decode_attention"):
         from torch._dynamo import register_backend
 
@@ -321,6 +339,13 @@ def main(argv=None) -> None:
         with building.get(name, contextlib.nullcontext)(), settings[name]():
             dec.warm_up(ids, max_new_tokens=budget)
         print(f"{name}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
+    if args.lever == "fp16_scales":  # what each side's compiled graph runs on
+        from csd_compile.quant.registry import lookup_quantized
+
+        for name, dec in decoders.items():
+            copies = [q for p in dec.model.parameters() for q in lookup_quantized(p)]
+            half = sum(q.scale_zero is not None and q.scale_zero.dtype == torch.float16 for q in copies)
+            print(f"{name}: {half} of {len(copies)} quantized weights with float16 scales")
     if args.lever == "scale_layout":  # what each side's compiled graph runs on
         from csd_compile.quant.registry import lookup_quantized
 

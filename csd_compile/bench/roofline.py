@@ -8,8 +8,9 @@ machine allows for that weight format: the roofline. What is counted, per step:
 
 * ``linears``: every ``nn.Linear`` but the LM head, in its weight format: the nested format
   (:mod:`csd_compile.quant.nested`) reads plane 0 only at 2/3/4 bits (0.5 byte per weight) and
-  both planes at 8 bits (1 byte), plus 8 bytes (fp32 scale + zero) per group of ``group_size``;
-  a linear the quantize pass leaves alone (odd out_features, in_features not a multiple of the
+  both planes at 8 bits (1 byte), plus 8 bytes (fp32 scale + zero) per group of ``group_size``,
+  4 (fp16) for a weight the CPU kernel holds in fp16 (a GGUF Q4_0 / Q4_1 tensor at group 32:
+  :func:`csd_compile.quant.gguf.fp16_scales`; what ``QLinear`` packs for it on CPU); a linear the quantize pass leaves alone (odd out_features, in_features not a multiple of the
   group) is counted at ``dtype``, as are biases.
 * ``lm_head``: the output projection at ``dtype``, like a linear when ``quantize_lm_head``; by
   default (``None``) with static ``bits``, on the model's GGUF grid when the file stores it in a
@@ -17,9 +18,10 @@ machine allows for that weight format: the roofline. What is counted, per step:
   quantize pass does with it; needs the loaded model, not its config).
 * ``bits="auto"`` (a model loaded from a GGUF file; the model itself, not its config): each linear,
   the LM head included, in the nested format at group 32 at the rung ``bits="auto"`` gives it
-  (:func:`csd_compile.quant.gguf.auto_bits`: a Q4 type at 4 bits, 0.5 byte + 8 per 32; a Q8_0 or
-  approximated type at 8 bits, 1 byte + 8 per 32), a float type or a weight not from the file at
-  ``dtype``. SmolLM2's Q8_0 head is thus 1.25 byte per weight, not bf16's 2.
+  (:func:`csd_compile.quant.gguf.auto_bits`: a Q4 type at 4 bits, 0.5 byte + 4 per 32 for Q4_0 /
+  Q4_1, + 8 for Q4_K; a Q8_0 or approximated type at 8 bits, 1 byte + 8 per 32), a float type or a
+  weight not from the file at ``dtype``. SmolLM2's Q8_0 head is thus 1.25 byte per weight, not
+  bf16's 2.
 * ``kv_cache``: ``layers x 2 x kv_heads x head_dim x context_len x kv dtype bytes``. Assumption:
   attention reads only the filled positions; ``context_len`` is the caller's (the harness uses
   prompt + mean generated position). A static cache that attends over its whole buffer reads more.
@@ -75,15 +77,25 @@ def dense_format(dtype: str) -> WeightFormat:
     return WeightFormat(dtype, _dtype_bytes(dtype))
 
 
-def nested_format(bits: int, group_size: int) -> WeightFormat:
-    """The nested format read at ``bits``: 0.5 byte/weight at 2/3/4 bits, 1 at 8, + fp32 scale, zero."""
+def nested_format(bits: int, group_size: int, *, fp16_scales: bool = False) -> WeightFormat:
+    """The nested format read at ``bits``: 0.5 byte/weight at 2/3/4 bits, 1 at 8, + the scale and
+    zero of each group in fp32 (8 bytes), or in fp16 (4 bytes, named ``...-fp16``)."""
     from csd_compile.config import SUPPORTED_GROUP_SIZES
     from csd_compile.quant.nested import check_bits
 
     check_bits(bits)
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size={group_size!r} is not supported; choose one of {list(SUPPORTED_GROUP_SIZES)}")
-    return WeightFormat(f"nested-int{bits}-g{group_size}", 1.0 if bits == 8 else 0.5, group_size, 8.0)
+    return WeightFormat(f"nested-int{bits}-g{group_size}" + ("-fp16" if fp16_scales else ""),
+                        1.0 if bits == 8 else 0.5, group_size, 4.0 if fp16_scales else 8.0)
+
+
+def _nested_of(weight: torch.Tensor, bits: int, group_size: int) -> WeightFormat:
+    """The nested format ``weight`` is read in at ``bits``: fp16 scales where the CPU kernel gets
+    them (:func:`csd_compile.quant.gguf.fp16_scales`, from the GGUF type alone)."""
+    from csd_compile.quant.gguf import fp16_scales
+
+    return nested_format(bits, group_size, fp16_scales=fp16_scales(weight, group_size))
 
 
 GGUF_Q4_1 = WeightFormat("gguf-q4_1", 0.5, 32, 4.0)  # fp16 d and m per block of 32
@@ -110,7 +122,7 @@ def auto_formats(model: torch.nn.Module, dense: WeightFormat, given=None) -> dic
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             b = auto_bits(module.weight)
-            out[module] = dense if b is None else nested_format(b, AUTO_GROUP_SIZE)
+            out[module] = dense if b is None else _nested_of(module.weight, b, AUTO_GROUP_SIZE)
     return out
 
 
@@ -125,9 +137,17 @@ def _head_format(head: torch.nn.Module | None, quant: WeightFormat, dense: Weigh
     if head_format is not None:
         return head_format
     if quantize_lm_head:
-        return quant
+        return _static_format(head, quant, bits)
     b = exact_bits(head.weight) if quantize_lm_head is None and isinstance(bits, int) and head is not None else None
-    return dense if b is None else nested_format(b, AUTO_GROUP_SIZE)
+    return dense if b is None else _nested_of(head.weight, b, AUTO_GROUP_SIZE)
+
+
+def _static_format(module: torch.nn.Module | None, quant: WeightFormat, bits) -> WeightFormat:
+    """``quant`` (the nested format at static ``bits``, or a given format) for ``module``'s weight,
+    with fp16 scales where that weight gets them."""
+    if module is None or not isinstance(bits, int) or not quant.name.startswith("nested-"):
+        return quant
+    return _nested_of(module.weight, bits, quant.group_size)
 
 
 def _kv_geometry(config) -> tuple[int, int, int]:
@@ -190,7 +210,8 @@ def step_bytes(
             lm_head += head_fmt.nbytes(n_out, k_in) + bias
         else:
             fits = quant is not dense and (weight_format is not None or (n_out % 2 == 0 and k_in % group_size == 0))
-            linears += (quant if fits else dense).nbytes(n_out, k_in) + bias
+            fmt = (quant if weight_format is not None else _static_format(module, quant, bits)) if fits else dense
+            linears += fmt.nbytes(n_out, k_in) + bias
         counted.update(id(p) for p in module.parameters(recurse=False))
     norms = sum(p.numel() for p in model.parameters() if id(p) not in counted) * dense.bytes_per_weight
     layers, kv_heads, head_dim = _kv_geometry(model.config)
@@ -238,9 +259,15 @@ class Precision:
             return f"auto: {lin} (head {fmts[head].name if head in fmts else self.dtype})"
         lin = self.weight_format or (nested_format(self.bits, self.group_size) if self.bits is not None else None)
         dense = dense_format(self.dtype)
-        head = _head_format(model.get_output_embeddings() if model is not None else None, lin or dense, dense,
+        head_module = model.get_output_embeddings() if model is not None else None
+        head = _head_format(head_module, lin or dense, dense,
                             bits=self.bits, quantize_lm_head=self.quantize_lm_head, head_format=self.head_format)
-        return f"{lin.name if lin else self.dtype} (head {head.name})"
+        name = lin.name if lin else self.dtype
+        if lin is not None and self.weight_format is None and model is not None:  # each weight's own scales
+            counts = collections.Counter(_static_format(m, lin, self.bits).name for m in model.modules()
+                                         if isinstance(m, torch.nn.Linear) and m is not head_module)
+            name = ", ".join(n if len(counts) == 1 else f"{n} x{c}" for n, c in counts.most_common()) or name
+        return f"{name} (head {head.name})"
 
     def step_bytes(self, model_config, context_len: float) -> dict[str, float]:
         """:func:`step_bytes` with this row's precision."""

@@ -41,11 +41,11 @@ import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .nested import NestedWeight, pack_codes, quantize
+from .nested import NestedWeight, nested_codes, pack_codes, quantize
 
 __all__ = [
     "AutoBitsWarning", "AutoChoice", "DENSE_TYPES", "auto_bits", "EXACT_BITS", "GGUFSource", "choose", "exact_bits",
-    "grid_from_blocks", "register_source", "report", "require_gguf", "source_of", "stored_exactly", "warn_if_approximated",
+    "FP16_PAIR_TYPES", "file_grid", "fp16_scales", "grid_from_blocks", "register_source", "report", "require_gguf", "source_of", "stored_exactly", "warn_if_approximated",
 ]
 
 GROUP = 32  # every GGUF block type holds 32 (or 256 = 8 x 32) weights of a row
@@ -254,6 +254,41 @@ def stored_exactly(weight: torch.Tensor) -> AutoChoice | None:
         return None
     choice = choose(weight)
     return choice if choice.kind == "exact" else None
+
+
+def file_grid(weight: torch.Tensor, group_size: int) -> NestedWeight | None:
+    """The file's own grid of ``weight`` where :func:`~csd_compile.quant.nested.quantize` at
+    ``group_size`` would only estimate it: a 4-bit type (Q4_0, Q4_1, Q4_K) at group size 32, the
+    file unchanged since loading. ``quantize`` recognises a Q4 block's grid in the decoded weight as
+    the model holds it (in bf16 only up to its rounding: on the embedded model it finds the file's
+    codes, with step and origin estimated from rounded values; on other weights it may miss the grid
+    and fall back to RTN-4); this copy is the file's ``d`` and ``m`` themselves, i.e. the file's
+    weights exactly (which the CPU kernel can also hold in float16). ``None`` otherwise (other
+    types keep ``quantize``'s grid at static bits: a Q8_0 block's 4-bit rung is not RTN-4)."""
+    if group_size != GROUP:
+        return None
+    src = source_of(weight)
+    if src is None or EXACT_BITS.get(src.type) != 4:
+        return None
+    choice = choose(weight)
+    if choice.kind != "exact":
+        return None
+    # choose() is made once per weight: check its copy against the weight as it is now
+    nw = choice.nested
+    return nw if _decodes_to(nested_codes(nw.qdata.cpu(), 8), nw.scale.cpu(), nw.zero.cpu(), 4, weight) else None
+
+
+# The 4-bit types whose block pair (d, m) is two fp16 numbers: the nested copy's 4-bit step and zero
+# are those numbers, which the CPU kernel then holds in fp16 (nested.pack_scale_zero). Q4_K's come
+# from 6-bit sub-scales times an fp16 one: fp16 does not hold them.
+FP16_PAIR_TYPES = ("Q4_0", "Q4_1")
+
+
+def fp16_scales(weight: torch.Tensor, group_size: int) -> bool:
+    """Whether ``weight``'s nested copy at ``group_size`` has the GGUF block pair that fp16 holds
+    (:data:`FP16_PAIR_TYPES` at group 32; from the type alone, no file read: for byte counts)."""
+    src = source_of(weight)
+    return group_size == GROUP and src is not None and src.type in FP16_PAIR_TYPES
 
 
 def exact_bits(weight: torch.Tensor) -> int | None:

@@ -21,15 +21,19 @@ class QLinear(nn.Module):
     """A linear layer whose weight is stored once in the nested format and run at ``bits``.
 
     ``nested``: a quantized copy made elsewhere (e.g. a GGUF file's own grid, ``quant.gguf``)
-    instead of quantizing ``weight`` (still read for its shape and fingerprint).
+    instead of quantizing ``weight`` (still read for its shape and fingerprint). Without it, a
+    weight loaded from a GGUF Q4 tensor and quantized at group size 32 takes the file's grid
+    (:func:`~csd_compile.quant.gguf.file_grid`: the file's weights exactly, where ``quantize`` would
+    estimate that grid from the weight in the model's dtype).
 
     Buffers: ``qdata`` uint8 [2, N, K/2], ``scale``/``zero`` float32 [N, K/g], ``bits`` int32 0-d
     (change it in place, e.g. with :func:`set_bits`; compiled code never recompiles for it),
     ``fingerprint_minima`` (not saved): :func:`~csd_compile.quant.nested.group_minima` of the
     original weight, which calibration tables use to recognise the model, and ``scale_zero`` (not
     saved): on CPU, ``scale`` and ``zero`` packed for the C++ kernel
-    (:func:`~csd_compile.quant.nested.pack_scale_zero`, 8 bytes per group: a quarter of a byte per
-    weight at group 32), which reads them faster that way; ``None`` on other devices. It is rebuilt
+    (:func:`~csd_compile.quant.nested.pack_scale_zero`: 4 bytes per group in float16 where that
+    holds the grid, as for a GGUF Q4 file's weights, else 8), which reads them faster that way;
+    ``None`` on other devices. It is rebuilt
     when the module moves (``.to``) or loads a state dict; after writing ``scale`` or ``zero`` in
     place by hand, call :meth:`repack`.
     ``bias`` is the original layer's Parameter (shared, not copied). ``in_plan``: whether
@@ -41,6 +45,10 @@ class QLinear(nn.Module):
                  nested: NestedWeight | None = None):
         super().__init__()
         check_bits(bits)
+        if nested is None:  # a GGUF Q4 tensor at group 32: the file's grid itself (quant.gguf.file_grid)
+            from .gguf import file_grid
+
+            nested = file_grid(weight, group_size)
         nw = quantize(weight, group_size) if nested is None else nested
         if tuple(nw.qdata.shape) != (2, weight.shape[0], weight.shape[1] // 2):
             raise ValueError(f"nested weight of shape {tuple(nw.qdata.shape)} does not hold a weight {tuple(weight.shape)}")

@@ -1,5 +1,6 @@
-"""Packed scale/zero (``quant.nested.pack_scale_zero``): the layout, what QLinear keeps and passes on
-CPU, the compile pass, and the errors for tensors that are not that layout.
+"""Packed scale/zero (``quant.nested.pack_scale_zero``): the layout, in float32 and in float16 (a
+GGUF Q4 file's own d and m), what QLinear keeps and passes on CPU, the compile pass, and the errors
+for tensors that are not that layout.
 
 The kernel's arithmetic on packed scales is checked on every instruction-set path by the hypothesis
 tests of ``test_qlinear_simd.py`` ("packed" is one of their layouts: against the reference, and bit
@@ -7,8 +8,10 @@ for bit against row-major scales)."""
 
 import io
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,8 +20,10 @@ from csd_compile.kernels.qlinear import check_qlinear_args, qlinear_ref, qlinear
 from csd_compile.passes.quantize_linear import quantize_linear
 from csd_compile.config import CSDConfig
 from csd_compile.quant import QLinear
-from csd_compile.quant.nested import column_major, pack_scale_zero, quantize, unpack_scale_zero
+from csd_compile.quant.gguf import grid_from_blocks
+from csd_compile.quant.nested import column_major, pack_codes, pack_scale_zero, quantize, unpack_scale_zero
 from tests.conftest import make_tiny_llama
+from tests.gguf_files import T, random_blocks
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +182,156 @@ def test_the_python_paths_refuse_a_zero_that_is_not_the_packed_tensor():
         torch.ops.csd.qlinear_cpu(x, nw.qdata, packed, packed.clone(), b)
     y = torch.ops.csd.qlinear_cpu(x, nw.qdata, packed, packed, b)  # the fallback on the packed tensor
     torch.testing.assert_close(y, qlinear_ref(x, nw.qdata, nw.scale, nw.zero, b), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16 packing: the 4-bit rung's step and zero (16 s, z + 7.5 s), which a GGUF Q4_0 / Q4_1 block
+# stores as two fp16 numbers (d, m)
+
+
+def _q4_file_pair(raw, kind, n, g):
+    """The (d, m) of every block, read from the raw bytes: fp16 d at bytes 0-1; Q4_1's m at 2-3,
+    Q4_0's -8 d."""
+    blocks = raw.reshape(n, g, -1)
+    d = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0].copy())
+    m = (torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].copy()) if kind == "Q4_1"
+         else (-8 * d.float()).half())
+    return d, m
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_half=st.integers(1, 100), g=st.integers(1, 12), kind=st.sampled_from(["Q4_0", "Q4_1"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_auto_packs_a_q4_files_own_d_and_m_in_fp16(n_half, g, kind, seed):
+    n, k = 2 * n_half, 32 * g
+    raw = random_blocks(np.random.default_rng(seed), T[kind], n, k)
+    _, s, z, _ = grid_from_blocks(raw, kind, k)
+    scale, zero = torch.from_numpy(s), torch.from_numpy(z)
+    before = (scale.clone(), zero.clone())
+    packed = pack_scale_zero(scale, zero)
+    assert packed.dtype == torch.float16 and packed.shape == ((n + 63) // 64, g, 2, 64)
+    d, m = _q4_file_pair(raw, kind, n, g)
+    rows = torch.arange(n)
+    for col in range(g):
+        assert torch.equal(packed[rows // 64, col, 0, rows % 64], d[:, col])  # the file's numbers, bit for bit
+        assert torch.equal(packed[rows // 64, col, 1, rows % 64], m[:, col])
+    pad = torch.arange(n, (n + 63) // 64 * 64)
+    assert not packed[pad // 64, :, :, pad % 64].any()
+    assert torch.equal(scale, before[0]) and torch.equal(zero, before[1])
+    s2, z2 = unpack_scale_zero(packed, n)
+    assert torch.equal(s2, scale)  # d / 16: exact
+    ulp = torch.finfo(torch.float32).eps * (zero.abs() + 8 * scale.abs())
+    assert ((z2 - zero).abs() <= ulp).all()  # m - 7.5 s, rounded once more or less
+
+
+def test_auto_keeps_float32_where_fp16_would_round():
+    # quantize's grids: steps and origins from float32 arithmetic on the weight
+    nw = _nested(192, 96, seed=4)
+    assert torch.equal(pack_scale_zero(nw.scale, nw.zero), pack_scale_zero(nw.scale, nw.zero, fp16=False))
+    # a Q8_0 grid: z = -128 d is exact, but the 4-bit zero z + 7.5 d is not an fp16 number
+    raw = random_blocks(np.random.default_rng(5), T.Q8_0, 64, 64)
+    _, s, z, _ = grid_from_blocks(raw, "Q8_0", 64)
+    assert pack_scale_zero(torch.from_numpy(s), torch.from_numpy(z)).dtype == torch.float32
+    # a Q4_1 grid with one zero moved off it, by far less than an fp16 step
+    raw = random_blocks(np.random.default_rng(6), T.Q4_1, 64, 64)
+    _, s, z, _ = grid_from_blocks(raw, "Q4_1", 64)
+    scale, zero = torch.from_numpy(s), torch.from_numpy(z)
+    assert pack_scale_zero(scale, zero).dtype == torch.float16
+    zero[17, 1] += 2e-4 * zero[17, 1].abs()
+    assert pack_scale_zero(scale, zero).dtype == torch.float32
+    # a step fp16 cannot hold (too large) and a non-finite one
+    big = torch.full((64, 1), 8192.0)
+    assert pack_scale_zero(big, torch.zeros(64, 1)).dtype == torch.float32
+    assert pack_scale_zero(torch.full((64, 1), float("nan")), torch.zeros(64, 1)).dtype == torch.float32
+
+
+def test_fp16_true_rounds_and_false_keeps_float32():
+    nw = _nested(130, 64, seed=7)
+    half = pack_scale_zero(nw.scale, nw.zero, fp16=True)
+    assert half.dtype == torch.float16
+    s2, z2 = unpack_scale_zero(half, 130)
+    torch.testing.assert_close(s2, nw.scale, rtol=2**-11, atol=0)
+    torch.testing.assert_close(z2, nw.zero, rtol=0, atol=float(2**-11 * (nw.zero.abs() + 8 * nw.scale.abs()).max()))
+    assert pack_scale_zero(nw.scale, nw.zero, fp16=False).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"fp16='yes' is not one of True, False, 'auto'"):
+        pack_scale_zero(nw.scale, nw.zero, fp16="yes")
+    with pytest.raises(ValueError, match="float32 or float16"):
+        unpack_scale_zero(half.double(), 130)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_every_path_on_fp16_scales_multiplies_by_the_file_weights(built, kind):
+    """Every instruction-set path, float and int8 activations, one row and several: the op on the
+    fp16-packed pair computes x @ (d q + m)^T, the file's weights, within float32 rounding."""
+    import gguf
+
+    n, k = 192, 256
+    raw = random_blocks(np.random.default_rng(8), T[kind], n, k)
+    w = torch.from_numpy(gguf.dequantize(raw, T[kind]).reshape(n, k).copy())
+    q8, s, z, bits = grid_from_blocks(raw, kind, k)
+    nw = pack_codes(torch.from_numpy(q8), torch.from_numpy(s), torch.from_numpy(z))
+    packed = pack_scale_zero(nw.scale, nw.zero)
+    assert packed.dtype == torch.float16 and bits == 4
+    b = torch.tensor(4, dtype=torch.int32)
+    for m in (1, 5, 30):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        want = F.linear(x.double(), w.double())
+        bound = 256 * torch.finfo(torch.float32).eps * (x.abs() @ w.abs().T).double().clamp_min(1e-3)
+        for isa in native.supported_isas():
+            with native.use_isa(isa):
+                y = torch.ops.csd.qlinear_cpu_native(x, nw.qdata, packed, packed, b).double()
+                assert ((y - want).abs() <= bound).all(), (isa, m, float(((y - want).abs() / bound).max()))
+                yb = torch.ops.csd.qlinear_cpu_native(x.bfloat16(), nw.qdata, packed, packed, b).double()
+                want_b = F.linear(x.bfloat16().double(), w.double())
+                # bf16 output rounding; past 24 rows (bf16 GEMM on the dequantized weight) each product's
+                sums = x.bfloat16().double().abs() @ w.double().abs().T
+                assert ((yb - want_b).abs() <= 2**-8 * (want_b.abs() + sums) + bound).all(), (isa, m)
+        # the reference and the fallback without the C++ kernels read the fp16 pair alike
+        torch.testing.assert_close(qlinear_ref(x, nw.qdata, packed, packed, b).double(), want, rtol=0,
+                                   atol=float(bound.max()))
+        torch.testing.assert_close(torch.ops.csd.qlinear_cpu(x, nw.qdata, packed, packed, b).double(), want,
+                                   rtol=0, atol=float(bound.max()))
+
+
+def test_a_q4_gguf_weight_at_group_32_is_the_files_grid_in_fp16(built, tmp_path):
+    """QLinear at group 32 on a weight loaded from a Q4_1 tensor takes the file's grid (it decodes
+    to the file's weights exactly, where quantize only estimates the grid from the weight rounded to
+    bf16) and packs it in fp16; at group 64, or from a Q8_0 tensor, quantize's grid in float32; a
+    weight changed since loading is quantized afresh."""
+    from csd_compile import load_model
+    from csd_compile.quant.gguf import source_of
+    from csd_compile.quant.nested import dequantize
+    from tests.gguf_files import write_tiny_llama
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, {"attn_q": T.Q4_1, "attn_k": T.Q8_0})
+    model, _ = load_model(path, dtype="bf16", cache_dir=tmp_path / "cache")
+    attn = model.model.layers[0].self_attn
+    q_w, k_w = attn.q_proj.weight, attn.k_proj.weight
+    assert source_of(q_w).type == "Q4_1"
+    with torch.no_grad():
+        q32 = QLinear(q_w, None, bits=4, group_size=32)
+        q64 = QLinear(q_w, None, bits=4, group_size=64)
+        k32 = QLinear(k_w, None, bits=8, group_size=32)
+    src = source_of(q_w)
+    raw = src.raw_blocks()
+    _, s, z, _ = grid_from_blocks(raw, "Q4_1", q_w.shape[1])
+    rows = np.arange(q_w.shape[0]) if src.rows is None else np.asarray(src.rows)  # HF's order of q's rows
+    assert src.rows is not None  # (llama's q rows are permuted for the rotary layout: the test covers it)
+    assert torch.equal(q32.scale, torch.from_numpy(s[rows])) and torch.equal(q32.zero, torch.from_numpy(z[rows]))
+    assert q32.scale_zero.dtype == torch.float16
+    file_w = torch.from_numpy(gguf_dequantize(raw, "Q4_1").reshape(q_w.shape)[rows].copy())
+    assert torch.equal(dequantize(q32.qdata, q32.scale, q32.zero, 4), file_w)
+    assert q64.scale_zero.dtype == torch.float32 and torch.equal(q64.scale, quantize(q_w, 64).scale)
+    assert k32.scale_zero.dtype == torch.float32 and torch.equal(k32.scale, quantize(k_w, 32).scale)
+    with torch.no_grad():
+        q_w.mul_(1.5)  # no longer the file's tensor: quantized from the weight as it is now
+        changed = QLinear(q_w, None, bits=4, group_size=32)
+    assert changed.scale_zero.dtype == torch.float32
+    assert torch.equal(changed.scale, quantize(q_w, 32).scale)
+
+
+def gguf_dequantize(raw, kind):
+    import gguf
+
+    return gguf.dequantize(raw, T[kind])
