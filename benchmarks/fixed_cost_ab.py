@@ -1,8 +1,8 @@
 """In-process A/B of one fixed-cost lever of the decode step, on the embedded model.
 
     python -m benchmarks.fixed_cost_ab --lever size_asserts|direct|direct_qlinear|decode_attention|group_linears|
-        scale_layout|packed_scales|fp16_scales|bf16_dot|attention_loops|metadata_prefetch|bound_replay|native_loop|
-        cpu_graph [--options bits=auto]
+        scale_layout|packed_scales|fp16_scales|file_grid|bf16_dot|attention_loops|metadata_prefetch|bound_replay|
+        native_loop|cpu_graph [--options bits=auto]
         [--rounds 7] [--dtype bf16|fp32] [--isa avx2]
         [--cache-slots N]
 
@@ -31,6 +31,10 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
 - ``fp16_scales``: those packed copies in float16 where float16 holds the grid (``pack_scale_zero``'s
   ``fp16="auto"``, as ``QLinear`` packs them: a GGUF Q4 file's linears) against float32 everywhere,
   each side compiled with its own (caches off);
+- ``file_grid``: a GGUF Q4 weight quantized at group 32 on the file's own grid
+  (``quant.gguf.file_grid``: the file's weights, fp16 scales) against ``nested.quantize``'s
+  estimate of that grid from the weight in the model's dtype (fp32 scales), each side compiled
+  with its own (caches off); with ``--nll-tokens``, what the exact grid does to quality;
 - ``bf16_dot``: the C++ kernel's ``avx512bf16`` path (bf16 dot products, where the CPU has AVX-512
   BF16 and VBMI) against the best float path without it (``avx512vnni``), one decoder, the path
   forced in alternate rounds (``native.use_isa``);
@@ -128,7 +132,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lever", required=True, choices=["size_asserts", "direct", "direct_qlinear", "decode_attention",
                                                          "group_linears", "scale_layout", "packed_scales", "fp16_scales",
-                                                         "bf16_dot",
+                                                         "file_grid", "bf16_dot",
                                                          "attention_loops", "metadata_prefetch", "bound_replay",
                                                          "native_loop", "cpu_graph"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
@@ -174,12 +178,12 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd"}
         lever_options = {shipped: graphs, undone: options}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-    elif args.lever in ("group_linears", "scale_layout", "packed_scales", "fp16_scales"):  # two models, each its own
+    elif args.lever in ("group_linears", "scale_layout", "packed_scales", "fp16_scales", "file_grid"):  # two models
         import csd_compile.quant.nested as nested
         from csd_compile.kernels import native
         from csd_compile.quant.linear import QLinear
 
-        if args.lever in ("packed_scales", "fp16_scales") and not native.load():
+        if args.lever in ("packed_scales", "fp16_scales", "file_grid") and not native.load():
             raise SystemExit(f"--lever {args.lever} needs the C++ kernels, which did not build here")
 
         @contextlib.contextmanager
@@ -205,6 +209,18 @@ def main(argv=None) -> None:
                 linear.pack_scale_zero = real
 
         @contextlib.contextmanager
+        def estimated_grid():
+            import csd_compile.quant.gguf as gguf
+
+            real = gguf.file_grid  # QLinear looks it up at every call
+            gguf.file_grid = lambda weight, group_size: None
+            try:
+                with _compiled_afresh():
+                    yield
+            finally:
+                gguf.file_grid = real
+
+        @contextlib.contextmanager
         def row_major_scales():
             real = nested.column_major
             nested.column_major = torch.Tensor.contiguous  # pack_codes looks it up at every call
@@ -227,6 +243,8 @@ def main(argv=None) -> None:
             building = {undone: scale_zero_pairs}
         elif args.lever == "fp16_scales":
             building = {undone: fp32_scales}
+        elif args.lever == "file_grid":
+            building = {undone: estimated_grid}
     elif args.lever in ("size_asserts", "direct_qlinear", "decode_attention"):
         from torch._dynamo import register_backend
 
@@ -339,7 +357,7 @@ def main(argv=None) -> None:
         with building.get(name, contextlib.nullcontext)(), settings[name]():
             dec.warm_up(ids, max_new_tokens=budget)
         print(f"{name}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
-    if args.lever == "fp16_scales":  # what each side's compiled graph runs on
+    if args.lever in ("fp16_scales", "file_grid"):  # what each side's compiled graph runs on
         from csd_compile.quant.registry import lookup_quantized
 
         for name, dec in decoders.items():
