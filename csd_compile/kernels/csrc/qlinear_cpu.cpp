@@ -42,7 +42,8 @@
 // prefetch of the next block's scales (kept for the other layouts) only got in the way of the
 // hardware prefetchers. On the float paths the code stream is prefetched ahead by hand: at
 // M = 1 the product is a stream of the weight bytes, and without the prefetches a cold weight ran at
-// half the speed of a cached one (the bf16 dot-product path leaves it to the hardware: Bf16Avx512).
+// half the speed of a cached one (the bf16 dot-product path prefetches 2-4-bit codes a line at a
+// time instead, and leaves 8-bit ones to the hardware: Bf16Avx512).
 // Work is split over threads in units of (64-row block, range of groups); K is split only when there
 // are few blocks (N = 192 is 3 of them), and those partial sums are added at the end.
 // csd::qlinear_cpu_multi_native runs several weights on one x (a layer's q/k/v, gate/up) as one such
@@ -332,8 +333,14 @@ struct Bf16Avx512 : Avx512Passes {
   // (prefetch_group) only got in the way: on AMD Zen 4, the embedded model's 121 products of a token
   // with cold weights took 1.18-1.27x (4 bits) and 1.30x (8 bits) the time with them, the decode
   // step 1.10x and 1.29x; the float paths there 1.04x (so they keep them: a CPU of an earlier session
-  // ran cold products at half the warm speed without them). The hardware prefetchers fetch its stream.
+  // ran cold products at half the warm speed without them). The hardware prefetchers fetch its stream,
+  // but at 2-4 bits (one code stream per thread: plane 0 only) not fast enough: there the loop
+  // prefetches one line kBf16CodesAhead ahead per line it reads. Zen 4, pools of weights far above
+  // the cache, one row, packed fp16 scales: 4 bits 1.05-1.12x at the three large shapes (4 KiB ahead;
+  // 1 KiB 1.05-1.06x, 8 KiB 1.02-1.09x), the decode step 1.02-1.04x; at 8 bits (two planes, two
+  // streams) it cost 0.82-0.94x, so 8-bit codes are left to the hardware.
   static constexpr bool kPrefetchCodes = false;
+  static constexpr int64_t kBf16CodesAhead = 4096;
   template <int BITS, int MR>
   CSD_TARGET_AVX512BF16 static void group(const Ctx& c, const uint8_t* hb, const uint8_t* lb, int64_t n0, int64_t g,
                                           int64_t m0, float* res) {
@@ -357,6 +364,7 @@ struct Bf16Avx512 : Avx512Passes {
       __m512i perm[W];
       for (int i = 0; i < W; ++i) perm[i] = _mm512_add_epi32(spread, _mm512_set1_epi32((c0 + i) * 16 * 0x00010001));
       for (int64_t k = k0; k < k1; k += 2) {
+        if (BITS < 8 && c0 == 0) __builtin_prefetch(hb + k * 32 + kBf16CodesAhead);  // never faults
         __m512i xv[MR];
         for (int m = 0; m < MR; ++m) {
           uint32_t pair;
