@@ -29,8 +29,8 @@ runs first alternates too, as the first of a pair measured up to 3% slower in on
   (``QLinear.kernel_scales``, ``nested.pack_scale_zero``) against the column-major pair, each side
   compiled with its own (caches off);
 - ``fp16_scales``: those packed copies in float16 where float16 holds the grid (``pack_scale_zero``'s
-  ``fp16="auto"``, as ``QLinear`` packs them: a GGUF Q4 file's linears) against float32 everywhere,
-  each side compiled with its own (caches off);
+  ``fp16="auto"``, as ``QLinear`` packs them: a GGUF Q4 file's linears, the pair; a Q8_0 head, its
+  step alone) against float32 everywhere, each side compiled with its own (caches off);
 - ``file_grid``: a GGUF Q4 weight quantized at group 32 on the file's own grid
   (``quant.gguf.file_grid``: the file's weights, fp16 scales) against ``nested.quantize``'s
   estimate of that grid from the weight in the model's dtype (fp32 scales), each side compiled

@@ -114,9 +114,9 @@ def test_roofline_row_plain_free_draft_and_model_draft():
 
 
 def test_auto_counts_each_weight_at_its_gguf_type_head_included(tmp_path):
-    """bits="auto": a Q4_0 / Q4_1 linear at 0.5 byte + 4 per 32 (fp16 scales), a Q4_K one at 0.5 +
-    8, a Q8_0 one (and the tied Q8_0 head) at 1 byte + 8 per 32, an approximated type at 8 bits, an
-    F16 one at the dtype."""
+    """bits="auto": a Q4_0 / Q4_1 linear at 0.5 byte + 4 per 32 (the fp16 pair), a Q4_K one at 0.5 +
+    8, a Q8_0 one (and the tied Q8_0 head) at 1 byte + 2 per 32 (its fp16 step), an approximated
+    type at 8 bits + 8 per 32, an F16 one at the dtype."""
     import pytest
 
     from csd_compile import load_model
@@ -128,16 +128,21 @@ def test_auto_counts_each_weight_at_its_gguf_type_head_included(tmp_path):
     write_tiny_llama(path, {"attn_q": T.Q4_0, "attn_k": T.Q4_1, "attn_v": T.Q8_0, "attn_output": T.Q5_0,
                             "ffn_gate": T.F16, "ffn_up": T.Q4_0, "ffn_down": T.Q4_K, "token_embd": T.Q8_0})
     model, _ = load_model(path, dtype="bf16", cache_dir=tmp_path / "cache")
-    q4, q4h, q8 = nested_format(4, 32), nested_format(4, 32, fp16_scales=True), nested_format(8, 32)
+    q4, q4h, q8 = nested_format(4, 32), nested_format(4, 32, scale_bytes=4), nested_format(8, 32)
+    q8s = nested_format(8, 32, scale_bytes=2)
     assert (q4h.bytes_per_group, q4.bytes_per_group, q4h.name) == (4.0, 8.0, "nested-int4-g32-fp16")
-    layer = (q4h.nbytes(64, 64) + q4h.nbytes(32, 64) + q8.nbytes(32, 64) + q8.nbytes(64, 64)  # q, k, v, o (Q5_0)
+    assert (q8s.bytes_per_group, q8s.name) == (2.0, "nested-int8-g32-sym-fp16")
+    with pytest.raises(ValueError, match="scale_bytes=3"):
+        nested_format(8, 32, scale_bytes=3)
+    layer = (q4h.nbytes(64, 64) + q4h.nbytes(32, 64) + q8s.nbytes(32, 64) + q8.nbytes(64, 64)  # q, k, v, o (Q5_0)
              + 2 * 256 * 64 + q4h.nbytes(256, 64) + q4.nbytes(64, 256))  # gate F16 (bf16), up, down (Q4_K)
     parts = step_bytes(model, bits="auto", dtype="bf16")
     assert parts["linears"] == 2 * layer
-    assert parts["lm_head"] == q8.nbytes(258, 64) == 258 * 64 * 1.25
+    assert parts["lm_head"] == q8s.nbytes(258, 64) == 258 * 64 * (1 + 2 / 32)
     assert Precision(bits="auto").step_bytes(model, 0.0) == parts
-    assert Precision(bits="auto").label(model) == ("auto: nested-int4-g32-fp16 x6, nested-int8-g32 x4, bf16 x2, "
-                                                   "nested-int4-g32 x2 (head nested-int8-g32)")
+    assert Precision(bits="auto").label(model) == ("auto: nested-int4-g32-fp16 x6, nested-int8-g32-sym-fp16 x2, "
+                                                   "nested-int8-g32 x2, bf16 x2, nested-int4-g32 x2 "
+                                                   "(head nested-int8-g32-sym-fp16)")
     with pytest.raises(ValueError, match="pass the loaded model, not its config"):
         step_bytes(model.config, bits="auto")
     row = SYSTEMS["csd-auto"]
@@ -145,8 +150,9 @@ def test_auto_counts_each_weight_at_its_gguf_type_head_included(tmp_path):
 
 
 def test_static_bits_count_the_head_as_its_file_stores_it(tmp_path):
-    """bits=4 (quantize_lm_head=None): a Q8_0 head at 1 byte + 8 per 32, as the quantize pass runs
-    it; a Q5_1 head (no exact grid), an opted-out head and a config's head at the dtype."""
+    """bits=4 (quantize_lm_head=None): a Q8_0 head at 1 byte + 2 per 32 (its file's grid, the fp16
+    step alone), as the quantize pass runs it; a Q5_1 head (no exact grid), an opted-out head and a
+    config's head at the dtype."""
     from csd_compile import load_model
     from csd_compile.bench.roofline import Precision, nested_format, step_bytes
     from tests.gguf_files import T, write_tiny_llama
@@ -154,12 +160,12 @@ def test_static_bits_count_the_head_as_its_file_stores_it(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_llama(path, {"token_embd": T.Q8_0})
     model, _ = load_model(path, dtype="bf16", cache_dir=tmp_path / "cache")
-    q8 = nested_format(8, 32)
+    q8 = nested_format(8, 32, scale_bytes=2)
     assert step_bytes(model, bits=4, group_size=32)["lm_head"] == q8.nbytes(258, 64)
     assert step_bytes(model, bits=4, group_size=32, quantize_lm_head=False)["lm_head"] == 258 * 64 * 2
     assert step_bytes(model.config, bits=4, group_size=32)["lm_head"] == 258 * 64 * 2
     assert step_bytes(model, bits=None)["lm_head"] == 258 * 64 * 2
-    assert Precision(bits=4, group_size=32).label(model) == "nested-int4-g32 (head nested-int8-g32)"
+    assert Precision(bits=4, group_size=32).label(model) == "nested-int4-g32 (head nested-int8-g32-sym-fp16)"
     assert Precision(bits=4, group_size=32, quantize_lm_head=False).label(model) == "nested-int4-g32 (head bf16)"
     # a Q4_1 linear at static bits: fp16 scales at group 32 (the file's grid), fp32 at group 64
     path = tmp_path / "q41.gguf"

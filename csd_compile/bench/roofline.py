@@ -9,8 +9,9 @@ machine allows for that weight format: the roofline. What is counted, per step:
 * ``linears``: every ``nn.Linear`` but the LM head, in its weight format: the nested format
   (:mod:`csd_compile.quant.nested`) reads plane 0 only at 2/3/4 bits (0.5 byte per weight) and
   both planes at 8 bits (1 byte), plus 8 bytes (fp32 scale + zero) per group of ``group_size``,
-  4 (fp16) for a weight the CPU kernel holds in fp16 (a GGUF Q4_0 / Q4_1 tensor at group 32:
-  :func:`csd_compile.quant.gguf.fp16_scales`; what ``QLinear`` packs for it on CPU); a linear the quantize pass leaves alone (odd out_features, in_features not a multiple of the
+  fewer for a weight on its GGUF file's grid, as the CPU kernel packs it
+  (:func:`csd_compile.quant.gguf.packed_scale_bytes`: 4 for a Q4_0 / Q4_1 tensor's fp16 pair, at
+  group 32, 2 for a Q8_0 tensor's fp16 step); a linear the quantize pass leaves alone (odd out_features, in_features not a multiple of the
   group) is counted at ``dtype``, as are biases.
 * ``lm_head``: the output projection at ``dtype``, like a linear when ``quantize_lm_head``; by
   default (``None``) with static ``bits``, on the model's GGUF grid when the file stores it in a
@@ -19,9 +20,9 @@ machine allows for that weight format: the roofline. What is counted, per step:
 * ``bits="auto"`` (a model loaded from a GGUF file; the model itself, not its config): each linear,
   the LM head included, in the nested format at group 32 at the rung ``bits="auto"`` gives it
   (:func:`csd_compile.quant.gguf.auto_bits`: a Q4 type at 4 bits, 0.5 byte + 4 per 32 for Q4_0 /
-  Q4_1, + 8 for Q4_K; a Q8_0 or approximated type at 8 bits, 1 byte + 8 per 32), a float type or a
-  weight not from the file at ``dtype``. SmolLM2's Q8_0 head is thus 1.25 byte per weight, not
-  bf16's 2.
+  Q4_1, + 8 for Q4_K; Q8_0 at 8 bits, 1 byte + 2 per 32; an approximated type at 8 bits, 1 byte + 8
+  per 32), a float type or a weight not from the file at ``dtype``. SmolLM2's Q8_0 head is thus
+  1.0625 byte per weight (Q8_0's own size), not bf16's 2.
 * ``kv_cache``: ``layers x 2 x kv_heads x head_dim x context_len x kv dtype bytes``. Assumption:
   attention reads only the filled positions; ``context_len`` is the caller's (the harness uses
   prompt + mean generated position). A static cache that attends over its whole buffer reads more.
@@ -77,25 +78,29 @@ def dense_format(dtype: str) -> WeightFormat:
     return WeightFormat(dtype, _dtype_bytes(dtype))
 
 
-def nested_format(bits: int, group_size: int, *, fp16_scales: bool = False) -> WeightFormat:
+def nested_format(bits: int, group_size: int, *, scale_bytes: int = 8) -> WeightFormat:
     """The nested format read at ``bits``: 0.5 byte/weight at 2/3/4 bits, 1 at 8, + the scale and
-    zero of each group in fp32 (8 bytes), or in fp16 (4 bytes, named ``...-fp16``)."""
+    zero of each group: ``scale_bytes`` 8 (fp32 pair), 4 (fp16 pair, named ``...-fp16``) or 2 (a
+    symmetric grid's fp16 step, ``...-sym-fp16``)."""
     from csd_compile.config import SUPPORTED_GROUP_SIZES
     from csd_compile.quant.nested import check_bits
 
     check_bits(bits)
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size={group_size!r} is not supported; choose one of {list(SUPPORTED_GROUP_SIZES)}")
-    return WeightFormat(f"nested-int{bits}-g{group_size}" + ("-fp16" if fp16_scales else ""),
-                        1.0 if bits == 8 else 0.5, group_size, 4.0 if fp16_scales else 8.0)
+    suffix = {8: "", 4: "-fp16", 2: "-sym-fp16"}
+    if scale_bytes not in suffix:
+        raise ValueError(f"scale_bytes={scale_bytes!r}; choose one of {sorted(suffix)}")
+    return WeightFormat(f"nested-int{bits}-g{group_size}{suffix[scale_bytes]}", 1.0 if bits == 8 else 0.5,
+                        group_size, float(scale_bytes))
 
 
-def _nested_of(weight: torch.Tensor, bits: int, group_size: int) -> WeightFormat:
-    """The nested format ``weight`` is read in at ``bits``: fp16 scales where the CPU kernel gets
-    them (:func:`csd_compile.quant.gguf.fp16_scales`, from the GGUF type alone)."""
-    from csd_compile.quant.gguf import fp16_scales
+def _nested_of(weight: torch.Tensor, bits: int, group_size: int, *, on_file_grid: bool) -> WeightFormat:
+    """The nested format ``weight`` is read in at ``bits``, its scales as the CPU kernel packs them
+    (:func:`csd_compile.quant.gguf.packed_scale_bytes`, from the GGUF type alone)."""
+    from csd_compile.quant.gguf import packed_scale_bytes
 
-    return nested_format(bits, group_size, fp16_scales=fp16_scales(weight, group_size))
+    return nested_format(bits, group_size, scale_bytes=packed_scale_bytes(weight, on_file_grid=on_file_grid))
 
 
 GGUF_Q4_1 = WeightFormat("gguf-q4_1", 0.5, 32, 4.0)  # fp16 d and m per block of 32
@@ -114,7 +119,7 @@ def _as_model(model_or_config) -> torch.nn.Module:
 def auto_formats(model: torch.nn.Module, dense: WeightFormat, given=None) -> dict[torch.nn.Module, WeightFormat]:
     """The format of each linear of ``model`` under ``bits="auto"`` (the module doc)."""
     from csd_compile.config import AUTO_GROUP_SIZE
-    from csd_compile.quant.gguf import auto_bits
+    from csd_compile.quant.gguf import auto_bits, exact_bits
 
     if not isinstance(given, torch.nn.Module):
         raise ValueError("bits='auto' counts each weight at its GGUF type: pass the loaded model, not its config")
@@ -122,7 +127,8 @@ def auto_formats(model: torch.nn.Module, dense: WeightFormat, given=None) -> dic
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             b = auto_bits(module.weight)
-            out[module] = dense if b is None else _nested_of(module.weight, b, AUTO_GROUP_SIZE)
+            out[module] = dense if b is None else _nested_of(module.weight, b, AUTO_GROUP_SIZE,
+                                                             on_file_grid=exact_bits(module.weight) is not None)
     return out
 
 
@@ -139,15 +145,18 @@ def _head_format(head: torch.nn.Module | None, quant: WeightFormat, dense: Weigh
     if quantize_lm_head:
         return _static_format(head, quant, bits)
     b = exact_bits(head.weight) if quantize_lm_head is None and isinstance(bits, int) and head is not None else None
-    return dense if b is None else _nested_of(head.weight, b, AUTO_GROUP_SIZE)
+    return dense if b is None else _nested_of(head.weight, b, AUTO_GROUP_SIZE, on_file_grid=True)
 
 
 def _static_format(module: torch.nn.Module | None, quant: WeightFormat, bits) -> WeightFormat:
     """``quant`` (the nested format at static ``bits``, or a given format) for ``module``'s weight,
-    with fp16 scales where that weight gets them."""
+    with the scales that weight gets (fewer bytes on its file's grid: :func:`~csd_compile.quant.gguf.file_grid`)."""
+    from csd_compile.quant.gguf import uses_file_grid
+
     if module is None or not isinstance(bits, int) or not quant.name.startswith("nested-"):
         return quant
-    return _nested_of(module.weight, bits, quant.group_size)
+    return _nested_of(module.weight, bits, quant.group_size,
+                      on_file_grid=uses_file_grid(module.weight, quant.group_size))
 
 
 def _kv_geometry(config) -> tuple[int, int, int]:

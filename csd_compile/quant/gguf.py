@@ -45,7 +45,7 @@ from .nested import NestedWeight, nested_codes, pack_codes, quantize
 
 __all__ = [
     "AutoBitsWarning", "AutoChoice", "DENSE_TYPES", "auto_bits", "EXACT_BITS", "GGUFSource", "choose", "exact_bits",
-    "FP16_PAIR_TYPES", "file_grid", "fp16_scales", "grid_from_blocks", "register_source", "report", "require_gguf", "source_of", "stored_exactly", "warn_if_approximated",
+    "FILE_GRID_SCALE_BYTES", "file_grid", "grid_from_blocks", "packed_scale_bytes", "uses_file_grid", "register_source", "report", "require_gguf", "source_of", "stored_exactly", "warn_if_approximated",
 ]
 
 GROUP = 32  # every GGUF block type holds 32 (or 256 = 8 x 32) weights of a row
@@ -278,17 +278,29 @@ def file_grid(weight: torch.Tensor, group_size: int) -> NestedWeight | None:
     return nw if _decodes_to(nested_codes(nw.qdata.cpu(), 8), nw.scale.cpu(), nw.zero.cpu(), 4, weight) else None
 
 
-# The 4-bit types whose block pair (d, m) is two fp16 numbers: the nested copy's 4-bit step and zero
-# are those numbers, which the CPU kernel then holds in fp16 (nested.pack_scale_zero). Q4_K's come
-# from 6-bit sub-scales times an fp16 one: fp16 does not hold them.
-FP16_PAIR_TYPES = ("Q4_0", "Q4_1")
+# Bytes per group of 32 that the CPU kernel reads beside the codes of a weight on its file's grid
+# (nested.pack_scale_zero, "auto"): a Q4_0 / Q4_1 block's pair (d, m) is two fp16 numbers, a Q8_0
+# block's grid is symmetric (its d alone); Q4_K's steps come from 6-bit sub-scales times an fp16 one,
+# which fp16 does not hold (the float32 pair, 8 bytes, as for quantize's grids).
+FILE_GRID_SCALE_BYTES = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 2, "Q4_K": 8}
 
 
-def fp16_scales(weight: torch.Tensor, group_size: int) -> bool:
-    """Whether ``weight``'s nested copy at ``group_size`` has the GGUF block pair that fp16 holds
-    (:data:`FP16_PAIR_TYPES` at group 32; from the type alone, no file read: for byte counts)."""
+def packed_scale_bytes(weight: torch.Tensor, *, on_file_grid: bool) -> int:
+    """Bytes per group the CPU kernel reads for ``weight``'s scales and zeros: its GGUF type's
+    :data:`FILE_GRID_SCALE_BYTES` when its nested copy is the file's grid (``on_file_grid``: what
+    ``bits="auto"``, :func:`file_grid` and a stored LM head give), else 8 (a float32 pair). From the
+    type alone, no file read: for byte counts."""
     src = source_of(weight)
-    return group_size == GROUP and src is not None and src.type in FP16_PAIR_TYPES
+    if not on_file_grid or src is None:
+        return 8
+    return FILE_GRID_SCALE_BYTES.get(src.type, 8)
+
+
+def uses_file_grid(weight: torch.Tensor, group_size: int) -> bool:
+    """Whether a static-bits copy of ``weight`` at ``group_size`` is its file's grid (:func:`file_grid`'s
+    condition, from the type alone: a Q4 type at group 32)."""
+    src = source_of(weight)
+    return group_size == GROUP and src is not None and EXACT_BITS.get(src.type) == 4
 
 
 def exact_bits(weight: torch.Tensor) -> int | None:

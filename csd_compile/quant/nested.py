@@ -44,8 +44,8 @@ Storage (``NestedWeight``):
 The CPU kernel reads scales and zeros fastest packed (:func:`pack_scale_zero`): one tensor
 [ceil(N/64), K/group_size, 2, 64] holding, per 64-row block and group, the block's 64 scales then its
 64 zeros (rows past N zero), passed as both ``scale`` and ``zero``; in float16 (the 4-bit rung's step
-and zero, half the bytes) wherever float16 holds them, as it does a GGUF Q4_0 / Q4_1 file's, else in
-float32. A unit of the kernel's work (one
+and zero, half the bytes) wherever float16 holds them, as it does a GGUF Q4_0 / Q4_1 file's, the step
+alone for a symmetric grid (a GGUF Q8_0 file's ``d``), else in float32. A unit of the kernel's work (one
 block, a range of groups) then reads them as one sequential stream beside its codes, where
 column-major puts each group's values N floats from the last. ``QLinear`` keeps such a copy of its
 CPU weights (``scale_zero``, not saved) beside the canonical pair above.
@@ -246,10 +246,13 @@ def pack_scale_zero(scale: torch.Tensor, zero: torch.Tensor, *, fp16: bool | str
     ``fp16``: whether the pair is stored as float16 (half the bytes: a decode step streams these
     beside the codes) or float32. In float32 the pair is ``(scale, zero)``; in float16 it is the
     4-bit rung's step and zero, ``(16 * scale, zero + 7.5 * scale)``, which for a weight read from a
-    GGUF Q4_0 / Q4_1 block are the file's own float16 ``d`` and ``m``. ``"auto"`` (the default)
-    chooses float16 exactly when it holds every group's pair up to float32 rounding (so the kernel
-    decodes the same weight), float32 otherwise (e.g. :func:`quantize`'s grids, a Q8_0 block's
-    zero); ``True`` rounds to float16 whatever is lost; ``False`` keeps float32.
+    GGUF Q4_0 / Q4_1 block are the file's own float16 ``d`` and ``m``; a symmetric grid (every
+    ``zero == -128 * scale``: a GGUF Q8_0 block, ``d * q``) keeps its step alone, float16
+    [ceil(N/64), G, 1, 64] (a quarter of the bytes). ``"auto"`` (the default) chooses float16
+    exactly when it holds every group's numbers up to float32 rounding (so the kernel decodes the
+    same weight), float32 otherwise (e.g. :func:`quantize`'s grids); ``True`` rounds to float16
+    whatever is lost (the step alone only for a grid that is symmetric exactly); ``False`` keeps
+    float32.
     """
     if (not isinstance(scale, torch.Tensor) or not isinstance(zero, torch.Tensor) or scale.dim() != 2
             or scale.shape != zero.shape or scale.dtype != torch.float32 or zero.dtype != torch.float32
@@ -259,17 +262,23 @@ def pack_scale_zero(scale: torch.Tensor, zero: torch.Tensor, *, fp16: bool | str
     if fp16 not in (True, False, "auto"):
         raise ValueError(f"pack_scale_zero: fp16={fp16!r} is not one of True, False, 'auto'")
     n, g = scale.shape
-    first, second = scale, zero
+    members = [scale, zero]
     if fp16 is not False:
         step4, zero4 = scale * 16.0, zero + 7.5 * scale
-        if fp16 is True or _holds_in_fp16(step4, zero4, scale, zero):
-            first, second = step4.half(), zero4.half()
-    blocks = -(-n // _BLOCK_N)
-    packed = first.new_zeros(blocks * _BLOCK_N, 2, g)
-    packed[:n, 0] = first
-    packed[:n, 1] = second
-    # [blocks * 64, 2, G] -> [blocks, 64, 2, G] -> [blocks, G, 2, 64]
-    return packed.reshape(blocks, _BLOCK_N, 2, g).permute(0, 3, 2, 1).contiguous()
+        if bool((zero == -128.0 * scale).all()) and (fp16 is True or _exact_fp16(scale)):
+            members = [scale.half()]  # symmetric: the step alone
+        elif fp16 is True or _holds_in_fp16(step4, zero4, scale, zero):
+            members = [step4.half(), zero4.half()]
+    blocks, parts = -(-n // _BLOCK_N), len(members)
+    packed = members[0].new_zeros(blocks * _BLOCK_N, parts, g)
+    for i, t in enumerate(members):
+        packed[:n, i] = t
+    # [blocks * 64, parts, G] -> [blocks, 64, parts, G] -> [blocks, G, parts, 64]
+    return packed.reshape(blocks, _BLOCK_N, parts, g).permute(0, 3, 2, 1).contiguous()
+
+
+def _exact_fp16(t: torch.Tensor) -> bool:
+    return bool((t.half().float() == t).all())
 
 
 def _holds_in_fp16(step4: torch.Tensor, zero4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> bool:
@@ -277,8 +286,7 @@ def _holds_in_fp16(step4: torch.Tensor, zero4: torch.Tensor, scale: torch.Tensor
     and the zero up to the float32 rounding that formed it from a float16 value (``zero`` was stored
     as ``m - 7.5 s`` in float32, and ``zero + 7.5 s`` rounds again). A value float16 cannot hold
     misses by far more: its nearest float16 neighbours are 2^13 float32 steps apart."""
-    h = step4.half().float()
-    if not bool((h == step4).all()):
+    if not _exact_fp16(step4):
         return False
     tol = 2.0 ** -21 * (zero.abs() + 8.0 * scale.abs() + zero4.abs())
     return bool(((zero4.half().float() - zero4).abs() <= tol).all())
@@ -286,16 +294,21 @@ def _holds_in_fp16(step4: torch.Tensor, zero4: torch.Tensor, scale: torch.Tensor
 
 def unpack_scale_zero(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_scale_zero` for a weight of ``n`` output rows: ``(scale, zero)`` float32
-    [n, G], column-major (new tensors); from float16, ``scale = step / 16`` and ``zero = zero4 - 7.5
-    scale`` in float32."""
+    [n, G], column-major (new tensors); from the float16 pair, ``scale = step / 16`` and ``zero =
+    zero4 - 7.5 scale`` in float32; from a float16 step alone, ``zero = -128 scale``."""
+    parts = packed.shape[2] if isinstance(packed, torch.Tensor) and packed.dim() == 4 else 0
     if (not isinstance(packed, torch.Tensor) or packed.dim() != 4 or packed.shape[0] != -(-n // _BLOCK_N)
-            or packed.shape[2] != 2 or packed.shape[3] != _BLOCK_N
-            or packed.dtype not in (torch.float32, torch.float16)):
-        raise ValueError(f"unpack_scale_zero: expected a packed float32 or float16 [ceil({n}/64), G, 2, 64] tensor, "
-                         f"got {_desc(packed)}")
-    rows = packed.permute(0, 3, 2, 1).reshape(-1, 2, packed.shape[1])[:n].float()  # [n, 2, G]
-    first, second = rows[:, 0], rows[:, 1]
-    if packed.dtype == torch.float16:
+            or packed.shape[3] != _BLOCK_N or packed.dtype not in (torch.float32, torch.float16)
+            or parts not in ((1, 2) if packed.dtype == torch.float16 else (2,))):
+        raise ValueError(f"unpack_scale_zero: expected a packed float32 or float16 [ceil({n}/64), G, 2, 64] tensor "
+                         f"(float16 [..., 1, 64] for a symmetric grid), got {_desc(packed)}")
+    rows = packed.permute(0, 3, 2, 1).reshape(-1, parts, packed.shape[1])[:n].float()  # [n, parts, G]
+    if parts == 1:
+        first = rows[:, 0]
+        second = -128.0 * first
+    else:
+        first, second = rows[:, 0], rows[:, 1]
+    if packed.dtype == torch.float16 and parts == 2:
         first = first / 16.0
         second = second - 7.5 * first
     out = []

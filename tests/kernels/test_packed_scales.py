@@ -224,14 +224,42 @@ def test_auto_packs_a_q4_files_own_d_and_m_in_fp16(n_half, g, kind, seed):
     assert ((z2 - zero).abs() <= ulp).all()  # m - 7.5 s, rounded once more or less
 
 
+@settings(max_examples=30, deadline=None)
+@given(n_half=st.integers(1, 100), g=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_auto_packs_a_q8_0_files_own_d_alone(n_half, g, seed):
+    """A symmetric grid (a Q8_0 block: z = -128 d) is packed as its fp16 steps alone, [.., 1, 64]:
+    the file's d bit for bit, a quarter of the float32 pair's bytes; unpacked, zero = -128 scale."""
+    n, k = 2 * n_half, 32 * g
+    raw = random_blocks(np.random.default_rng(seed), T.Q8_0, n, k)
+    _, s, z, _ = grid_from_blocks(raw, "Q8_0", k)
+    scale, zero = torch.from_numpy(s), torch.from_numpy(z)
+    packed = pack_scale_zero(scale, zero)
+    assert packed.dtype == torch.float16 and packed.shape == ((n + 63) // 64, g, 1, 64)
+    d = torch.from_numpy(np.ascontiguousarray(raw.reshape(n, g, -1)[..., 0:2]).view(np.float16)[..., 0].copy())
+    rows = torch.arange(n)
+    for col in range(g):
+        assert torch.equal(packed[rows // 64, col, 0, rows % 64], d[:, col])
+    pad = torch.arange(n, (n + 63) // 64 * 64)
+    assert not packed[pad // 64, :, :, pad % 64].any()
+    s2, z2 = unpack_scale_zero(packed, n)
+    assert torch.equal(s2, scale) and torch.equal(z2, zero)
+
+
 def test_auto_keeps_float32_where_fp16_would_round():
     # quantize's grids: steps and origins from float32 arithmetic on the weight
     nw = _nested(192, 96, seed=4)
     assert torch.equal(pack_scale_zero(nw.scale, nw.zero), pack_scale_zero(nw.scale, nw.zero, fp16=False))
-    # a Q8_0 grid: z = -128 d is exact, but the 4-bit zero z + 7.5 d is not an fp16 number
+    # a Q8_0 grid with one zero off -128 d: not symmetric, and its 4-bit zero z + 7.5 d is not an fp16
+    # number (-120.5 d); one step fp16 cannot hold: not the symmetric layout either
     raw = random_blocks(np.random.default_rng(5), T.Q8_0, 64, 64)
     _, s, z, _ = grid_from_blocks(raw, "Q8_0", 64)
-    assert pack_scale_zero(torch.from_numpy(s), torch.from_numpy(z)).dtype == torch.float32
+    scale, zero = torch.from_numpy(s), torch.from_numpy(z)
+    assert pack_scale_zero(scale, zero).shape[2] == 1
+    zero[3, 0] = zero[3, 0] * (1 + 2**-20)
+    assert pack_scale_zero(scale, zero).dtype == torch.float32
+    scale2 = scale.clone()
+    scale2[5, 1] = scale2[5, 1] * (1 + 2**-20)
+    assert pack_scale_zero(scale2, -128 * scale2).dtype == torch.float32
     # a Q4_1 grid with one zero moved off it, by far less than an fp16 step
     raw = random_blocks(np.random.default_rng(6), T.Q4_1, 64, 64)
     _, s, z, _ = grid_from_blocks(raw, "Q4_1", 64)
@@ -257,12 +285,16 @@ def test_fp16_true_rounds_and_false_keeps_float32():
         pack_scale_zero(nw.scale, nw.zero, fp16="yes")
     with pytest.raises(ValueError, match="float32 or float16"):
         unpack_scale_zero(half.double(), 130)
+    sym = pack_scale_zero(nw.scale, -128 * nw.scale, fp16=True)  # symmetric exactly: the step alone, rounded
+    assert sym.shape[2] == 1 and torch.equal(unpack_scale_zero(sym, 130)[0], nw.scale.half().float())
+    with pytest.raises(ValueError, match="symmetric grid"):
+        unpack_scale_zero(sym.float(), 130)  # a float32 step alone is not a layout
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 def test_every_path_on_fp16_scales_multiplies_by_the_file_weights(built, kind):
-    """Every instruction-set path, float and int8 activations, one row and several: the op on the
-    fp16-packed pair computes x @ (d q + m)^T, the file's weights, within float32 rounding."""
+    """Every instruction-set path, one row and several: the op on the fp16-packed scales computes
+    x @ W^T with W the file's weights (d q + m, or d q for Q8_0 at 8 bits), within float32 rounding."""
     import gguf
 
     n, k = 192, 256
@@ -271,8 +303,8 @@ def test_every_path_on_fp16_scales_multiplies_by_the_file_weights(built, kind):
     q8, s, z, bits = grid_from_blocks(raw, kind, k)
     nw = pack_codes(torch.from_numpy(q8), torch.from_numpy(s), torch.from_numpy(z))
     packed = pack_scale_zero(nw.scale, nw.zero)
-    assert packed.dtype == torch.float16 and bits == 4
-    b = torch.tensor(4, dtype=torch.int32)
+    assert packed.dtype == torch.float16 and packed.shape[2] == (1 if kind == "Q8_0" else 2)
+    b = torch.tensor(bits, dtype=torch.int32)
     for m in (1, 5, 30):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         want = F.linear(x.double(), w.double())

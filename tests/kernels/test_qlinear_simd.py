@@ -69,8 +69,10 @@ def _tol(dtype):
 # larger column-major tensor) and gathers them otherwise (row-major; or the two tensors' strides differ).
 # "packed": both in one [ceil(N/64), G, 2, 64] tensor (nested.pack_scale_zero), passed twice;
 # "packed fp16": the same in float16, for a grid whose 4-bit step and zero are float16 numbers (a GGUF
-# Q4_0 / Q4_1 file's d and m), which pack_scale_zero then holds in float16.
-LAYOUTS = ("row-major", "column-major", "column-major slice", "mixed", "packed", "packed fp16")
+# Q4_0 / Q4_1 file's d and m), which pack_scale_zero then holds in float16; "packed symmetric fp16": a
+# symmetric grid (zero = -128 scale, a GGUF Q8_0 file's), whose fp16 steps are packed alone.
+LAYOUTS = ("row-major", "column-major", "column-major slice", "mixed", "packed", "packed fp16",
+           "packed symmetric fp16")
 
 
 def _lay_out(t, layout, gen):
@@ -89,6 +91,11 @@ def _random_nested(n, k, group, gen, layout="row-major"):
     qdata = torch.randint(0, 256, (2, n, k // 2), generator=gen, dtype=torch.uint8)
     scale = torch.rand(n, k // group, generator=gen) * 0.01 + 1e-3
     zero = torch.randn(n, k // group, generator=gen) * 0.3
+    if layout == "packed symmetric fp16":
+        scale = scale.half().float()
+        packed = pack_scale_zero(scale, -128 * scale)
+        assert packed.dtype == torch.float16 and packed.shape[2] == 1
+        return qdata, packed, packed
     if layout == "packed fp16":
         step4, zero4 = (16 * scale).half().float(), zero.half().float()
         scale = step4 / 16
@@ -186,7 +193,7 @@ def test_every_path_matches_reference(isa, n, group, k_groups, m, lead, dtype, b
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("layout", ["row-major", "column-major", "packed", "packed fp16"])
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "packed", "packed fp16", "packed symmetric fp16"])
 @pytest.mark.parametrize("n,k", [(576, 576), (192, 576), (1536, 576), (576, 1536)])
 def test_embedded_model_shapes(isa, n, k, layout):
     """The model's linear shapes at decode (M = 1) and verify (M = 5, 16) rows, 4 and 8 bits."""
@@ -432,7 +439,7 @@ def test_scale_layout_changes_no_bit(isa, n, group, k_groups, m, dtype, bits, th
         scale, zero = unpack_scale_zero(scale, n)
     y_rows = _forced(x, (qdata, scale.contiguous(), zero.contiguous()), b, isa=isa, threads=threads,
                      activations=activations)
-    if layout == "packed fp16":  # the same weight, its zero point formed with one rounding less or more
+    if layout in ("packed fp16", "packed symmetric fp16"):  # the same weight, its zero point rounded differently
         assert _rel_err(y, y_rows) < _tol(dtype), (isa, n, k, group, m, dtype, bits, activations)
         return
     assert torch.equal(y, y_rows), (isa, n, k, group, m, dtype, bits, layout, activations)

@@ -154,13 +154,15 @@ struct Ctx {
   int64_t sb;         // offset from one 64-row block to the next: 64 sn, or 128 G when packed
   bool packed;        // the packed layout (nested.pack_scale_zero): zero = scale + 64, no scale prefetch
   // the packed layout in fp16 (IEEE half bits), else null: the pair held is the 4-bit rung's (16 s,
-  // z + 7.5 s), and mult / half above are set for it (see "fp16 scales" below)
+  // z + 7.5 s), or with sym the step s alone (z = -128 s); mult / half above are set for it (see
+  // "fp16 scales" below)
   const uint16_t* sz16;
+  bool sym;
   int64_t at(int64_t n, int64_t g) const { return (n >> 6) * sb + (n & 63) * sn + g * sg; }
   // one row's scale and zero as floats (the scalar paths)
   float scale_at(int64_t n, int64_t g) const { return sz16 ? half_bits_to_float(sz16[at(n, g)]) : scale[at(n, g)]; }
   float zero_at(int64_t n, int64_t g) const {
-    return sz16 ? half_bits_to_float(sz16[at(n, g) + 64]) : zero[at(n, g)];
+    return sym ? 0.0f : sz16 ? half_bits_to_float(sz16[at(n, g) + 64]) : zero[at(n, g)];
   }
   static float half_bits_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 };
@@ -171,10 +173,16 @@ struct Ctx {
 // still S = mult * a and Z = b + half * a, with
 //     mult = 2^(8-b) / 16  and  half = ((2^(8-b) - 1) / 2 - 7.5) / 16,
 // so the loops below only load the pair differently (a conversion per 16 values, once per group).
-inline void rung_constants(int64_t bits, bool fp16, float& mult, float& half) {
+// A symmetric grid (z = -128 s: a GGUF Q8_0 block, d q) is packed as its step alone, a = s (the
+// file's d) and b = 0: then mult = 2^(8-b) and half = (2^(8-b) - 1) / 2 - 128, and the zero loads
+// below give 0.
+enum class Pair { kFloat, kFp16, kSymFp16 };
+inline void rung_constants(int64_t bits, Pair pair, float& mult, float& half) {
   const float m = static_cast<float>(1 << (8 - bits));
-  mult = fp16 ? m / 16.0f : m;
-  half = fp16 ? (0.5f * (m - 1.0f) - 7.5f) / 16.0f : 0.5f * (m - 1.0f);
+  mult = pair == Pair::kFp16 ? m / 16.0f : m;
+  half = pair == Pair::kFp16      ? (0.5f * (m - 1.0f) - 7.5f) / 16.0f
+         : pair == Pair::kSymFp16 ? 0.5f * (m - 1.0f) - 128.0f
+                                  : 0.5f * (m - 1.0f);
 }
 
 // The b-bit code from the high nibble h and low nibble l of an 8-bit code (scalar paths).
@@ -219,8 +227,10 @@ CSD_TARGET_AVX512 inline __m512 rows16(const float* p, int64_t sn, __m512i idx) 
 
 // Group g's scales (zeros: `zero`) of the 16 rows of a block at position at = c.at(n, g), as floats.
 CSD_TARGET_AVX512 inline __m512 pair16(const Ctx& c, int64_t at, bool zero, __m512i idx) {
-  if (c.sz16 != nullptr)
+  if (c.sz16 != nullptr) {
+    if (zero && c.sym) return _mm512_setzero_ps();
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.sz16 + at + (zero ? kBlock : 0))));
+  }
   return rows16((zero ? c.zero : c.scale) + at, c.sn, idx);
 }
 
@@ -409,8 +419,10 @@ CSD_TARGET_AVX2 inline __m256 rows8(const float* p, int64_t sn, __m256i idx) {
 
 // pair16's 8-row form.
 CSD_TARGET_AVX2 inline __m256 pair8(const Ctx& c, int64_t at, bool zero, __m256i idx) {
-  if (c.sz16 != nullptr)
+  if (c.sz16 != nullptr) {
+    if (zero && c.sym) return _mm256_setzero_ps();
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c.sz16 + at + (zero ? kBlock : 0))));
+  }
   return rows8((zero ? c.zero : c.scale) + at, c.sn, idx);
 }
 
@@ -594,6 +606,7 @@ struct I8Avx2 {
   CSD_TARGET_AVX2 static inline __attribute__((always_inline)) __m256 pair(const Ctx& c, int64_t at, bool zero, int r0,
                                                                            int r1, __m256i row_ids) {
     if (c.sz16 != nullptr) {
+      if (zero && c.sym) return _mm256_setzero_ps();
       const uint16_t* p = c.sz16 + at + (zero ? kBlock : 0);
       int64_t a, b;  // 4 halves each
       std::memcpy(&a, p + r0, 8);
@@ -997,10 +1010,11 @@ int64_t check_weight(const char* who, const at::Tensor& x, const at::Tensor& qda
   if (scale.dim() == 4) {  // packed (nested.pack_scale_zero): the one tensor passed as scale and as zero
     TORCH_CHECK_VALUE((scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) &&
                           scale.size(0) == (N + kBlock - 1) / kBlock && scale.size(1) > 0 && K % scale.size(1) == 0 &&
-                          scale.size(2) == 2 && scale.size(3) == kBlock && scale.is_contiguous(),
+                          (scale.size(2) == 2 || (scale.size(2) == 1 && scale.scalar_type() == at::kHalf)) &&
+                          scale.size(3) == kBlock && scale.is_contiguous(),
                       who, ": packed scale/zero must be a contiguous float32 or float16 [ceil(N/64)=",
-                      (N + kBlock - 1) / kBlock, ", K/group, 2, 64] tensor, got ", scale.scalar_type(), " ",
-                      scale.sizes());
+                      (N + kBlock - 1) / kBlock, ", K/group, 2, 64] tensor (float16 [..., 1, 64]: a symmetric "
+                      "grid's steps), got ", scale.scalar_type(), " ", scale.sizes());
     TORCH_CHECK_VALUE(zero.sizes() == scale.sizes() && zero.data_ptr() == scale.data_ptr(), who,
                       ": with packed scales pass the packed tensor as zero too, got zero ", zero.sizes());
   } else {
@@ -1026,7 +1040,7 @@ int64_t check_weight(const char* who, const at::Tensor& x, const at::Tensor& qda
 struct Part {
   at::Tensor q, sc, ze;
   int64_t N = 0, b = 0, nblocks = 0, first_unit = 0, sn = 0, sg = 0, sb = 0;
-  bool packed = false, fp16 = false;
+  bool packed = false, fp16 = false, sym = false;
   const uint8_t* hi = nullptr;
   const uint8_t* lo = nullptr;
   float* op = nullptr;  // [ks][M][N] partial sums (columns past the last full block: part 0 only)
@@ -1041,9 +1055,9 @@ struct Part {
   Ctx context(const float* x, const uint16_t* xb, const float* xsum, const int8_t* xq, const float* xd,
               const int32_t* xqs, int64_t M, int64_t K, int64_t G) const {
     float mult, half;
-    rung_constants(b, fp16, mult, half);
+    rung_constants(b, sym ? Pair::kSymFp16 : fp16 ? Pair::kFp16 : Pair::kFloat, mult, half);
     return Ctx{x, xb, xsum, scales(), zeros(), xq, xd, xqs, M, N, K, G, K / G, mult, half, sn, sg, sb, packed,
-               pair16()};
+               pair16(), sym};
   }
 };
 
@@ -1119,8 +1133,9 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
       p.ze = zero[i];
       p.packed = true;
       p.fp16 = scale[i].scalar_type() == at::kHalf;
+      p.sym = scale[i].size(2) == 1;  // fp16 only (checked): the step alone
       p.sn = 1;
-      p.sg = 2 * kBlock;
+      p.sg = p.sym ? kBlock : 2 * kBlock;
     } else if (scale[i].stride(0) == 1 && zero[i].stride(0) == 1 && scale[i].stride(1) == zero[i].stride(1)) {
       p.sc = scale[i];  // column-major (nested.py's layout): a group's rows are read with vector loads
       p.ze = zero[i];
@@ -1132,7 +1147,7 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
       p.sn = scale[i].size(1);
       p.sg = 1;
     }
-    p.sb = p.packed ? 2 * kBlock * G : kBlock * p.sn;
+    p.sb = p.packed ? p.sg * G : kBlock * p.sn;
     p.N = p.q.size(1);
     p.nblocks = p.N / kBlock;
     p.hi = p.q.data_ptr<uint8_t>();
