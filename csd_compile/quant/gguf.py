@@ -44,8 +44,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .nested import NestedWeight, nested_codes, pack_codes, quantize
 
 __all__ = [
-    "AutoBitsWarning", "AutoChoice", "DENSE_TYPES", "auto_bits", "EXACT_BITS", "GGUFSource", "choose", "exact_bits",
-    "FILE_GRID_SCALE_BYTES", "file_grid", "grid_from_blocks", "packed_scale_bytes", "uses_file_grid", "register_source", "report", "require_gguf", "source_of", "stored_exactly", "warn_if_approximated",
+    "AutoBitsWarning", "AutoChoice", "DENSE_TYPES", "auto_bits", "EXACT_BITS", "FILE_GRID_SCALE_BYTES", "GGUFSource",
+    "choose", "exact_bits", "file_grid", "grid_from_blocks", "packed_scale_bytes", "register_source", "report",
+    "require_gguf", "source_of", "stored_exactly", "uses_file_grid", "warn_if_approximated",
 ]
 
 GROUP = 32  # every GGUF block type holds 32 (or 256 = 8 x 32) weights of a row

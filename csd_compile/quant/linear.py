@@ -31,11 +31,11 @@ class QLinear(nn.Module):
     ``fingerprint_minima`` (not saved): :func:`~csd_compile.quant.nested.group_minima` of the
     original weight, which calibration tables use to recognise the model, and ``scale_zero`` (not
     saved): on CPU, ``scale`` and ``zero`` packed for the C++ kernel
-    (:func:`~csd_compile.quant.nested.pack_scale_zero`: 4 bytes per group in float16 where that
-    holds the grid, as for a GGUF Q4 file's weights, else 8), which reads them faster that way;
-    ``None`` on other devices. It is rebuilt
-    when the module moves (``.to``) or loads a state dict; after writing ``scale`` or ``zero`` in
-    place by hand, call :meth:`repack`.
+    (:func:`~csd_compile.quant.nested.pack_scale_zero`: 8 bytes per group, 4 in float16 where that
+    holds the grid, as for a GGUF Q4 file's weights, 2 for a symmetric grid's steps, as a Q8_0
+    file's), which reads them faster that way; ``None`` on other devices. It is rebuilt when the
+    module moves (``.to``) or loads a state dict; after writing ``scale`` or ``zero`` in place by
+    hand, call :meth:`repack`.
     ``bias`` is the original layer's Parameter (shared, not copied). ``in_plan``: whether
     :func:`set_bits` and bit plans drive this layer (``False`` for an LM head ``quantize_`` kept
     at the precision its checkpoint stores; it stays at its own ``bits``).

@@ -151,7 +151,7 @@ struct Ctx {
   int64_t M, N, K, G, gs;
   float mult, half;   // m = 2^(8-b) and (m-1)/2: S = m * scale, Z = zero + half * scale
   int64_t sn, sg;     // strides of scale / zero: (G, 1) row-major; sn = 1 where adjacent rows are adjacent
-  int64_t sb;         // offset from one 64-row block to the next: 64 sn, or 128 G when packed
+  int64_t sb;         // offset from one 64-row block to the next: 64 sn, or 128 G when packed (64 G: sym)
   bool packed;        // the packed layout (nested.pack_scale_zero): zero = scale + 64, no scale prefetch
   // the packed layout in fp16 (IEEE half bits), else null: the pair held is the 4-bit rung's (16 s,
   // z + 7.5 s), or with sym the step s alone (z = -128 s); mult / half above are set for it (see
