@@ -131,8 +131,8 @@ def _compiled_afresh() -> contextlib.ExitStack:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lever", required=True, choices=["size_asserts", "direct", "direct_qlinear", "decode_attention",
-                                                         "group_linears", "scale_layout", "packed_scales", "fp16_scales",
-                                                         "file_grid", "bf16_dot",
+                                                         "group_linears", "scale_layout", "packed_scales",
+                                                         "fp16_scales", "file_grid", "bf16_dot",
                                                          "attention_loops", "metadata_prefetch", "bound_replay",
                                                          "native_loop", "cpu_graph"])
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")

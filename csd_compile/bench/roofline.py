@@ -11,8 +11,8 @@ machine allows for that weight format: the roofline. What is counted, per step:
   both planes at 8 bits (1 byte), plus 8 bytes (fp32 scale + zero) per group of ``group_size``,
   fewer for a weight on its GGUF file's grid, as the CPU kernel packs it
   (:func:`csd_compile.quant.gguf.packed_scale_bytes`: 4 for a Q4_0 / Q4_1 tensor's fp16 pair, at
-  group 32, 2 for a Q8_0 tensor's fp16 step); a linear the quantize pass leaves alone (odd out_features, in_features not a multiple of the
-  group) is counted at ``dtype``, as are biases.
+  group 32, 2 for a Q8_0 tensor's fp16 step); a linear the quantize pass leaves alone (odd
+  out_features, in_features not a multiple of the group) is counted at ``dtype``, as are biases.
 * ``lm_head``: the output projection at ``dtype``, like a linear when ``quantize_lm_head``; by
   default (``None``) with static ``bits``, on the model's GGUF grid when the file stores it in a
   type the nested format holds exactly (:func:`csd_compile.quant.gguf.exact_bits`: what the
@@ -150,7 +150,8 @@ def _head_format(head: torch.nn.Module | None, quant: WeightFormat, dense: Weigh
 
 def _static_format(module: torch.nn.Module | None, quant: WeightFormat, bits) -> WeightFormat:
     """``quant`` (the nested format at static ``bits``, or a given format) for ``module``'s weight,
-    with the scales that weight gets (fewer bytes on its file's grid: :func:`~csd_compile.quant.gguf.file_grid`)."""
+    with the scales that weight gets (fewer bytes on its file's grid:
+    :func:`~csd_compile.quant.gguf.file_grid`)."""
     from csd_compile.quant.gguf import uses_file_grid
 
     if module is None or not isinstance(bits, int) or not quant.name.startswith("nested-"):

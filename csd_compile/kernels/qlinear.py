@@ -109,8 +109,9 @@ def check_qlinear_args(x, qdata, scale, zero, bits) -> tuple[int, int, int]:
     if scale.dim() == 4:  # packed (quant.nested.pack_scale_zero), passed as both scale and zero
         blocks = -(-n // 64)
         parts = (1, 2) if scale.dtype == torch.float16 else (2,)
-        if (scale.shape[0] != blocks or scale.shape[2] not in parts or scale.shape[3] != 64 or k % max(scale.shape[1], 1)
-                or scale.shape != zero.shape or scale.dtype not in (torch.float32, torch.float16)):
+        if (scale.shape[0] != blocks or scale.shape[2] not in parts or scale.shape[3] != 64
+                or k % max(scale.shape[1], 1) or scale.shape != zero.shape
+                or scale.dtype not in (torch.float32, torch.float16)):
             raise ValueError(f"qlinear: packed scale/zero must be float32 or float16 [ceil(N/64)={blocks}, K/group, 2, "
                              f"64] (the same tensor twice), got {scale.dtype} {tuple(scale.shape)} / "
                              f"{tuple(zero.shape)}")

@@ -1050,7 +1050,9 @@ struct Part {
   const float* zeros() const {
     return fp16 ? nullptr : packed ? sc.data_ptr<float>() + kBlock : ze.data_ptr<float>();
   }
-  const uint16_t* pair16() const { return fp16 ? reinterpret_cast<const uint16_t*>(sc.const_data_ptr<at::Half>()) : nullptr; }
+  const uint16_t* pair16() const {
+    return fp16 ? reinterpret_cast<const uint16_t*>(sc.const_data_ptr<at::Half>()) : nullptr;
+  }
   // this weight's kernel context (the activation fields as given)
   Ctx context(const float* x, const uint16_t* xb, const float* xsum, const int8_t* xq, const float* xd,
               const int32_t* xqs, int64_t M, int64_t K, int64_t G) const {
