@@ -10,7 +10,10 @@ of each candidate in turn, ``--repeats`` rounds, medians reported):
   (``native.use_activations("int8")``; ``avx512`` and ``avx2`` run the same vpmaddubsw loops there);
 - ``native/<isa>/packed``: each path with the scales and zeros in the packed layout
   (``nested.pack_scale_zero``), which ``QLinear`` hands the kernel on CPU since the twenty-second
-  session: the rows that match what a decode step runs (the others read the column-major pair);
+  session: the rows that match what a decode step runs on ``quantize``'s grids (the others read the
+  column-major pair); ``native/<isa>/fp16``: the same in float16 (``pack_scale_zero(fp16=True)``:
+  the 4-bit rung's pair, 4 B per group), the layout a GGUF Q4_0 / Q4_1 model's linears get
+  (twenty-fifth session; the values are this weight's pair rounded to fp16, which changes no timing);
 - ``native/<isa>/row-major``: the best path with the scales and zeros row-major instead of
   column-major (as stored since the sixteenth session): the kernel gathers them;
 - ``pytorch``: ``csd::qlinear_cpu``, the pure-PyTorch fallback;
@@ -19,8 +22,8 @@ of each candidate in turn, ``--repeats`` rounds, medians reported):
 Activations are bf16 (the model's dtype), group size 32. Each candidate cycles through a pool of
 weight copies (``--pool-mib``; the native paths share one, read round-robin), so that weights come
 from memory as in a real decode step rather than from a cache that holds one small layer. ``GB/s``
-is weight bytes per second (0.5 B per weight at 4 bits, 1 at 8, plus 8 B of scale/zero per group;
-2 / 4 B for dense) and ``%bw`` relates it to a streaming read (``torch.sum`` of a 1 GiB fp32
+is weight bytes per second (0.5 B per weight at 4 bits, 1 at 8, plus 8 B of scale/zero per group,
+4 in fp16; 2 / 4 B for dense) and ``%bw`` relates it to a streaming read (``torch.sum`` of a 1 GiB fp32
 tensor, same threads) measured in the same run.
 """
 
@@ -121,6 +124,16 @@ def _candidates(n, k, m, bits_list, pool_bytes):
         packed = pool(packed_copy, nested_bytes)
         for isa in native.supported_isas():
             out.append(_Candidate(f"native/{isa}/packed", bits, nbytes, packed,
+                                  lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa))
+
+        def fp16_copy():
+            sz = pack_scale_zero(nw.scale, nw.zero, fp16=True)
+            return nw.qdata.clone(), sz, sz
+
+        fp16 = pool(fp16_copy, nested_bytes)
+        fp16_bytes = n * k * bits // 8 + n * (k // GROUP) * 4
+        for isa in native.supported_isas():
+            out.append(_Candidate(f"native/{isa}/fp16", bits, fp16_bytes, fp16,
                                   lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa))
         rm = pool(lambda: (nw.qdata.clone(), nw.scale.contiguous(), nw.zero.contiguous()), nested_bytes)
         out.append(_Candidate(f"native/{native.supported_isas()[-1]}/row-major", bits, nbytes, rm,

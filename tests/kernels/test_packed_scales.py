@@ -367,3 +367,34 @@ def gguf_dequantize(raw, kind):
     import gguf
 
     return gguf.dequantize(raw, T[kind])
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_one_call_mixes_fp16_fp32_and_symmetric_weights(built, m):
+    """A layer's grouped call (q/k/v as one csd::qlinear_cpu_multi_native) may hold weights packed
+    three ways, each at its own bits: every output is its weight's product (against the reference),
+    and the same bits whatever the weights' order in the call (the K split follows the call's total
+    blocks, so a call of one weight may sum in another order)."""
+    rng = np.random.default_rng(m)
+    k = 128
+    weights = []
+    for kind, n in (("Q4_1", 192), ("Q8_0", 64), ("quantize", 130)):
+        if kind == "quantize":
+            nw = _nested(n, k, seed=m)
+        else:
+            q8, s, z, _ = grid_from_blocks(random_blocks(rng, T[kind], n, k), kind, k)
+            nw = pack_codes(torch.from_numpy(q8), torch.from_numpy(s), torch.from_numpy(z))
+        packed = pack_scale_zero(nw.scale, nw.zero)
+        weights.append((nw.qdata, packed))
+    assert [p.dtype for _, p in weights] == [torch.float16, torch.float16, torch.float32]
+    assert weights[1][1].shape[2] == 1  # the Q8_0 grid's steps alone
+    bits = [torch.tensor(4), torch.tensor(8), torch.tensor(2)]
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    ys = torch.ops.csd.qlinear_cpu_multi_native(x, [q for q, _ in weights], [p for _, p in weights],
+                                                [p for _, p in weights], bits)
+    rev = torch.ops.csd.qlinear_cpu_multi_native(x, [q for q, _ in weights[::-1]], [p for _, p in weights[::-1]],
+                                                 [p for _, p in weights[::-1]], bits[::-1])[::-1]
+    for (q, p), b, y, y_rev in zip(weights, bits, ys, rev):
+        assert torch.equal(y, y_rev)
+        ref = qlinear_ref(x, q, p, p, b).float()
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 6e-3
