@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import random
 import statistics
 import time
@@ -126,6 +127,18 @@ def _compiled_afresh() -> contextlib.ExitStack:
     stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
     stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
     return stack
+
+
+@contextlib.contextmanager
+def _patched_afresh(owner, name: str, value):
+    """``owner.name`` replaced by ``value`` while the block runs (compiling afresh), then restored."""
+    real = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        with _compiled_afresh():
+            yield
+    finally:
+        setattr(owner, name, real)
 
 
 def main(argv=None) -> None:
@@ -186,49 +199,20 @@ def main(argv=None) -> None:
         if args.lever in ("packed_scales", "fp16_scales", "file_grid") and not native.load():
             raise SystemExit(f"--lever {args.lever} needs the C++ kernels, which did not build here")
 
-        @contextlib.contextmanager
-        def scale_zero_pairs():
-            real = QLinear.kernel_scales
-            QLinear.kernel_scales = lambda self: (self.scale, self.zero)  # the compile pass asks it
-            try:
-                with _compiled_afresh():
-                    yield
-            finally:
-                QLinear.kernel_scales = real
+        import csd_compile.quant.gguf as gguf
+        import csd_compile.quant.linear as linear
 
-        @contextlib.contextmanager
-        def fp32_scales():
-            import csd_compile.quant.linear as linear
-
-            real = linear.pack_scale_zero  # QLinear.repack looks it up at every call
-            linear.pack_scale_zero = lambda scale, zero: real(scale, zero, fp16=False)
-            try:
-                with _compiled_afresh():
-                    yield
-            finally:
-                linear.pack_scale_zero = real
-
-        @contextlib.contextmanager
-        def estimated_grid():
-            import csd_compile.quant.gguf as gguf
-
-            real = gguf.file_grid  # QLinear looks it up at every call
-            gguf.file_grid = lambda weight, group_size: None
-            try:
-                with _compiled_afresh():
-                    yield
-            finally:
-                gguf.file_grid = real
-
-        @contextlib.contextmanager
-        def row_major_scales():
-            real = nested.column_major
-            nested.column_major = torch.Tensor.contiguous  # pack_codes looks it up at every call
-            try:
-                with _compiled_afresh():
-                    yield
-            finally:
-                nested.column_major = real
+        # the undone side's warm-up runs with one name its quantized copies or compile look up replaced
+        undo = {
+            # pack_codes looks it up at every call: row-major copies
+            "scale_layout": (nested, "column_major", torch.Tensor.contiguous),
+            # the compile pass asks it: the column-major pair instead of the packed copy
+            "packed_scales": (QLinear, "kernel_scales", lambda self: (self.scale, self.zero)),
+            # QLinear.repack looks it up at every call: float32 packing everywhere
+            "fp16_scales": (linear, "pack_scale_zero", functools.partial(nested.pack_scale_zero, fp16=False)),
+            # QLinear looks it up at every call: quantize's estimate of the file's grid
+            "file_grid": (gguf, "file_grid", lambda weight, group_size: None),
+        }
 
         model, tokenizer = load_model(dtype=args.dtype)
         separate = {**options, "group_linears": False} if args.lever == "group_linears" else options
@@ -237,14 +221,8 @@ def main(argv=None) -> None:
         backend_names = {shipped: "csd", undone: "csd"}
         lever_options = {shipped: options, undone: separate}
         settings = {shipped: contextlib.nullcontext, undone: contextlib.nullcontext}
-        if args.lever == "scale_layout":
-            building = {undone: row_major_scales}
-        elif args.lever == "packed_scales":
-            building = {undone: scale_zero_pairs}
-        elif args.lever == "fp16_scales":
-            building = {undone: fp32_scales}
-        elif args.lever == "file_grid":
-            building = {undone: estimated_grid}
+        if args.lever in undo:
+            building = {undone: functools.partial(_patched_afresh, *undo[args.lever])}
     elif args.lever in ("size_asserts", "direct_qlinear", "decode_attention"):
         from torch._dynamo import register_backend
 

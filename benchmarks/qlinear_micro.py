@@ -117,24 +117,18 @@ def _candidates(n, k, m, bits_list, pool_bytes):
                 out.append(_Candidate(f"native/{isa}" + ("/i8" if act == "int8" else ""), bits, nbytes, shared,
                                       lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa, act))
 
-        def packed_copy():
-            sz = pack_scale_zero(nw.scale, nw.zero)
-            return nw.qdata.clone(), sz, sz
+        # quantize's grids pack in float32 ("auto" finds no float16 pair in them); fp16=True rounds them
+        for suffix, fp16, group_bytes in (("packed", False, 8), ("fp16", True, 4)):
 
-        packed = pool(packed_copy, nested_bytes)
-        for isa in native.supported_isas():
-            out.append(_Candidate(f"native/{isa}/packed", bits, nbytes, packed,
-                                  lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa))
+            def packed_copy(fp16=fp16):
+                sz = pack_scale_zero(nw.scale, nw.zero, fp16=fp16)
+                return nw.qdata.clone(), sz, sz
 
-        def fp16_copy():
-            sz = pack_scale_zero(nw.scale, nw.zero, fp16=True)
-            return nw.qdata.clone(), sz, sz
-
-        fp16 = pool(fp16_copy, nested_bytes)
-        fp16_bytes = n * k * bits // 8 + n * (k // GROUP) * 4
-        for isa in native.supported_isas():
-            out.append(_Candidate(f"native/{isa}/fp16", bits, fp16_bytes, fp16,
-                                  lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa))
+            packed = pool(packed_copy, nested_bytes)
+            packed_bytes = n * k * bits // 8 + n * (k // GROUP) * group_bytes
+            for isa in native.supported_isas():
+                out.append(_Candidate(f"native/{isa}/{suffix}", bits, packed_bytes, packed,
+                                      lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa))
         rm = pool(lambda: (nw.qdata.clone(), nw.scale.contiguous(), nw.zero.contiguous()), nested_bytes)
         out.append(_Candidate(f"native/{native.supported_isas()[-1]}/row-major", bits, nbytes, rm,
                               lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), native.supported_isas()[-1]))

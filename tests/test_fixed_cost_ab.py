@@ -47,6 +47,8 @@ def test_bf16_dot_lever_needs_a_cpu_with_the_path(monkeypatch):
     (["--lever", "bound_replay", "--options", "bits=4,mode=reduce-overhead"],
      r"--lever bound_replay needs the C\+\+ kernels \(CPU graphs\)"),
     (["--lever", "packed_scales"], r"--lever packed_scales needs the C\+\+ kernels, which did not build here"),
+    (["--lever", "fp16_scales"], r"--lever fp16_scales needs the C\+\+ kernels, which did not build here"),
+    (["--lever", "file_grid"], r"--lever file_grid needs the C\+\+ kernels, which did not build here"),
 ])
 def test_kernel_levers_need_the_cpp_kernels(monkeypatch, argv, match):
     """Without a C++ compiler there is nothing to switch: the lever says so before loading the model."""

@@ -266,17 +266,18 @@ def file_grid(weight: torch.Tensor, group_size: int) -> NestedWeight | None:
     and fall back to RTN-4); this copy is the file's ``d`` and ``m`` themselves, i.e. the file's
     weights exactly (which the CPU kernel can also hold in float16). ``None`` otherwise (other
     types keep ``quantize``'s grid at static bits: a Q8_0 block's 4-bit rung is not RTN-4)."""
-    if group_size != GROUP:
+    if not uses_file_grid(weight, group_size):
         return None
-    src = source_of(weight)
-    if src is None or EXACT_BITS.get(src.type) != 4:
-        return None
+    made_before = weight in _CHOICES
     choice = choose(weight)
     if choice.kind != "exact":
         return None
-    # choose() is made once per weight: check its copy against the weight as it is now
     nw = choice.nested
-    return nw if _decodes_to(nested_codes(nw.qdata.cpu(), 8), nw.scale.cpu(), nw.zero.cpu(), 4, weight) else None
+    # choose() is made once per weight and checked then: a copy made before is checked against the
+    # weight as it is now
+    if made_before and not _decodes_to(nested_codes(nw.qdata.cpu(), 8), nw.scale.cpu(), nw.zero.cpu(), 4, weight):
+        return None
+    return nw
 
 
 # Bytes per group of 32 that the CPU kernel reads beside the codes of a weight on its file's grid

@@ -1040,26 +1040,24 @@ int64_t check_weight(const char* who, const at::Tensor& x, const at::Tensor& qda
 struct Part {
   at::Tensor q, sc, ze;
   int64_t N = 0, b = 0, nblocks = 0, first_unit = 0, sn = 0, sg = 0, sb = 0;
-  bool packed = false, fp16 = false, sym = false;
+  bool packed = false;
+  Pair pair = Pair::kFloat;  // how the packed tensor holds each group's scale and zero
   const uint8_t* hi = nullptr;
   const uint8_t* lo = nullptr;
   float* op = nullptr;  // [ks][M][N] partial sums (columns past the last full block: part 0 only)
   UnitFn unit = nullptr;
   Ctx ctx{};
-  const float* scales() const { return fp16 ? nullptr : sc.data_ptr<float>(); }
-  const float* zeros() const {
-    return fp16 ? nullptr : packed ? sc.data_ptr<float>() + kBlock : ze.data_ptr<float>();
-  }
-  const uint16_t* pair16() const {
-    return fp16 ? reinterpret_cast<const uint16_t*>(sc.const_data_ptr<at::Half>()) : nullptr;
-  }
   // this weight's kernel context (the activation fields as given)
   Ctx context(const float* x, const uint16_t* xb, const float* xsum, const int8_t* xq, const float* xd,
               const int32_t* xqs, int64_t M, int64_t K, int64_t G) const {
     float mult, half;
-    rung_constants(b, sym ? Pair::kSymFp16 : fp16 ? Pair::kFp16 : Pair::kFloat, mult, half);
-    return Ctx{x, xb, xsum, scales(), zeros(), xq, xd, xqs, M, N, K, G, K / G, mult, half, sn, sg, sb, packed,
-               pair16(), sym};
+    rung_constants(b, pair, mult, half);
+    const bool fp16 = pair != Pair::kFloat;
+    const float* scales = fp16 ? nullptr : sc.data_ptr<float>();
+    const float* zeros = fp16 ? nullptr : packed ? scales + kBlock : ze.data_ptr<float>();
+    const uint16_t* halves = fp16 ? reinterpret_cast<const uint16_t*>(sc.const_data_ptr<at::Half>()) : nullptr;
+    return Ctx{x, xb, xsum, scales, zeros, xq, xd, xqs, M, N, K, G, K / G, mult, half, sn, sg, sb, packed,
+               halves, pair == Pair::kSymFp16};
   }
 };
 
@@ -1134,10 +1132,12 @@ std::vector<at::Tensor> qlinear_parts(const char* who, const at::Tensor& x, at::
       p.sc = scale[i];
       p.ze = zero[i];
       p.packed = true;
-      p.fp16 = scale[i].scalar_type() == at::kHalf;
-      p.sym = scale[i].size(2) == 1;  // fp16 only (checked): the step alone
+      // float16 [..., 1, 64] (checked): a symmetric grid's steps alone
+      p.pair = scale[i].scalar_type() == at::kFloat ? Pair::kFloat
+               : scale[i].size(2) == 1              ? Pair::kSymFp16
+                                                    : Pair::kFp16;
       p.sn = 1;
-      p.sg = p.sym ? kBlock : 2 * kBlock;
+      p.sg = scale[i].size(2) * kBlock;
     } else if (scale[i].stride(0) == 1 && zero[i].stride(0) == 1 && scale[i].stride(1) == zero[i].stride(1)) {
       p.sc = scale[i];  // column-major (nested.py's layout): a group's rows are read with vector loads
       p.ze = zero[i];
