@@ -110,6 +110,14 @@ def test_the_op_refuses_packed_scales_it_cannot_read(built):
         check_qlinear_args(x, nw.qdata, packed[:2], packed[:2], b)
     with pytest.raises(ValueError, match="CPU kernel's layout"):
         qlinear_triton(x, nw.qdata, packed, packed, b)
+    # one member per group is a symmetric grid's fp16 steps: float32 has no such layout, nor three members
+    steps = pack_scale_zero(nw.scale, -128 * nw.scale, fp16=True)
+    for bad in (steps.float().contiguous(), torch.cat([steps, steps, steps], dim=2)):
+        with pytest.raises(ValueError, match=r"float32 or float16 \[ceil\(N/64\)=3, K/group, 2, 64\]"):
+            torch.ops.csd.qlinear_cpu_native(x, nw.qdata, bad, bad, b)
+        with pytest.raises(ValueError, match=r"float32 or float16 \[ceil\(N/64\)=3, K/group, 2, 64\]"):
+            check_qlinear_args(x, nw.qdata, bad, bad, b)
+    torch.ops.csd.qlinear_cpu_native(x, nw.qdata, steps, steps, b)  # the layout itself is read
 
 
 def test_qlinear_keeps_a_packed_copy_and_runs_on_it(built):
