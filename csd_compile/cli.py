@@ -184,7 +184,7 @@ def cmd_generate(args, parser) -> int:
     import contextlib
     import os
 
-    from .parallel import check_launch, resolve_backend
+    from .parallel import check_launch, close, resolve_backend
 
     try:  # each rank checks the same things; only rank 0 speaks
         check_launch()
@@ -192,9 +192,12 @@ def cmd_generate(args, parser) -> int:
     except ValueError as e:
         _fail(parser, "generate", f"--tp: {e}")
     if int(os.environ["RANK"]) == 0:
-        return _cmd_generate(args, parser)
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-        return _cmd_generate(args, parser)  # other ranks: silent (main() still reports an unexpected error)
+        rc = _cmd_generate(args, parser)
+    else:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            rc = _cmd_generate(args, parser)  # other ranks: silent (main() still reports an unexpected error)
+    close()  # every rank finished: leave the group together (a failed rank exits without waiting for the others)
+    return rc
 
 
 def _shard_for_tp(args, parser, model, cfg):

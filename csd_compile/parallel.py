@@ -4,6 +4,8 @@ Launch with ``torchrun --nproc-per-node N -m csd_compile generate --tp ...``, or
 
     tp = csd_compile.parallel.init()                # reads torchrun's env; gloo on CPU, NCCL on CUDA
     model = csd_compile.parallel.shard_model(model)  # a sharded copy; `model` itself is not changed
+    ...
+    csd_compile.parallel.close()                     # every rank, when done
 
 The split is Megatron's, and which linear is which comes from transformers' own plan for the
 model (``config.base_model_tp_plan``: ``colwise`` / ``rowwise`` per module path):
@@ -46,9 +48,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import gguf
+
 __all__ = [
     "AllReduced", "BACKENDS", "DEFAULT_TIMEOUT_S", "RowParallelLinear", "ShardPlan", "TPInfo", "check_group_size",
-    "check_launch", "check_same_sharding", "init", "plan_shards", "resolve_backend", "shard_model", "tp_info",
+    "check_launch", "check_same_sharding", "close", "init", "plan_shards", "resolve_backend", "shard_model", "tp_info",
 ]
 
 BACKENDS = ("gloo", "nccl")
@@ -117,6 +121,17 @@ def init(backend: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) ->
     elif dist.get_world_size() != world:
         raise ValueError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE={world}")
     return TPInfo(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, dist.get_backend())
+
+
+def close() -> None:
+    """Leave the process group when this rank is done (every rank calls it; no-op without a group).
+    A barrier first, so that no rank tears its connections down while a peer is still in a
+    collective or still closing: a gloo rank whose peer vanished under it can abort on its way out
+    ("terminate called without an active exception") after all its work was done."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _ranges(n: int, parts: int) -> tuple[tuple[int, int], ...]:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if info.rank == 0:
             reply = {"tokens": out[0, ids.shape[1]:].tolist(), "seconds": seconds}
             print(_REPLY + json.dumps(reply), flush=True)
-    dist.destroy_process_group()
+    parallel.close()
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import tempfile
 
 import torch.multiprocessing as mp
@@ -27,15 +28,19 @@ def _entry(rank: int, fn, world: int, port: int, out_dir: str, args: tuple) -> N
 
     os.environ.update(launch_env(rank, world, port))
     torch.set_num_threads(1)  # the ranks share the machine's cores
+    from csd_compile import parallel
+
     result = fn(rank, *args)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    # a process that exits with its gloo group alive can abort in the group's teardown ("terminate
-    # called without an active exception", seen once in CI): close it first
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # Leaving: the group is closed together (a barrier, then destroy), and the process ends without
+    # the interpreter's teardown. Its result is written; twice in CI a rank whose work was done
+    # aborted on its way out ("terminate called without an active exception": gloo's or the store's
+    # threads torn down under a peer), once with the group destroyed but no barrier.
+    parallel.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, *args, world: int = 2) -> list:
