@@ -292,11 +292,15 @@ def shard_model(model: nn.Module, info: TPInfo | None = None) -> nn.Module:
                              "quantizing or compiling it")
         if style == "colwise" and (leaf in _HEAD_ROWS or leaf in _FF_ROWS):
             r = rows[_HEAD_ROWS.get(leaf, "ff")]
-            return _column(local(mod.weight, r), local(mod.bias, r))
+            new = _column(local(mod.weight, r), local(mod.bias, r))
+            gguf.register_slice(new.weight, mod.weight, rows=r)  # a GGUF weight's shard keeps the file's grid
+            return new
         if style == "rowwise" and leaf in ("o_proj", "down_proj"):
             c = rows["q"] if leaf == "o_proj" else rows["ff"]
             bias = local(mod.bias, slice(None)) if info.rank == 0 else None
-            return RowParallelLinear(local(mod.weight, (slice(None), c)), bias, info.group)
+            new = RowParallelLinear(local(mod.weight, (slice(None), c)), bias, info.group)
+            gguf.register_slice(new.weight, mod.weight, cols=c)
+            return new
         raise ValueError(f"{name}: tensor-parallel style {style!r} is not one csd-compile shards "
                          "(it handles colwise q/k/v/gate/up and rowwise o/down projections)")
 

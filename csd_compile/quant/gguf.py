@@ -25,7 +25,8 @@ Q2_K, Q3_K, the IQ and TQ types...) is quantized at 8 bits, group 32, from the d
 their sub-blocks of 16 or their 5- and 6-bit codes exactly). :func:`choose` says which applies.
 
 Which weight came from which GGUF tensor is recorded by the loader
-(:func:`csd_compile.models.loader.load_model` on a GGUF) with :func:`register_source`; the grid is
+(:func:`csd_compile.models.loader.load_model` on a GGUF) with :func:`register_source`, and for a
+tensor-parallel shard by :func:`csd_compile.parallel.shard_model` with :func:`register_slice`; the grid is
 read from the file when a weight is quantized, and checked against the weight itself first (a
 weight changed since loading is quantized like an approximated type, never silently replaced).
 """
@@ -45,7 +46,8 @@ from .nested import NestedWeight, nested_codes, pack_codes, quantize
 
 __all__ = [
     "AutoBitsWarning", "AutoChoice", "DENSE_TYPES", "auto_bits", "EXACT_BITS", "FILE_GRID_SCALE_BYTES", "GGUFSource",
-    "choose", "exact_bits", "file_grid", "grid_from_blocks", "packed_scale_bytes", "register_source", "report",
+    "choose", "exact_bits", "file_grid", "grid_from_blocks", "packed_scale_bytes", "register_slice", "register_source",
+    "report",
     "require_gguf", "source_of", "stored_exactly", "uses_file_grid", "warn_if_approximated",
 ]
 
@@ -58,10 +60,12 @@ _BLOCK_BYTES = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (2
 
 @dataclasses.dataclass(frozen=True)
 class GGUFSource:
-    """Where a weight ``[N, K]`` came from: tensor ``name`` of type ``type`` in the GGUF file
-    ``path``, its raw blocks at byte ``offset`` (``N`` rows of ``K`` weights in the file's row
-    order), and ``rows``: the file's row of each of the weight's rows (``None``: the same order;
-    transformers permutes the rows of llama's q/k projections)."""
+    """Where a weight came from: tensor ``name`` of type ``type`` in the GGUF file ``path``, its raw
+    blocks at byte ``offset`` (``shape`` = ``N`` rows of ``K`` weights in the file's row order);
+    ``rows``: the file's row of each of the weight's rows (``None``: all of them, in the same order;
+    transformers permutes the rows of llama's q/k projections, a tensor-parallel shard holds some);
+    ``cols``: the file's columns ``[c0, c1)`` the weight holds (``None``: all; a row-parallel shard
+    holds a range)."""
 
     path: str
     name: str
@@ -69,6 +73,19 @@ class GGUFSource:
     shape: tuple[int, int]
     offset: int
     rows: tuple[int, ...] | None = None
+    cols: tuple[int, int] | None = None
+
+    @property
+    def held_shape(self) -> tuple[int, int]:
+        """The shape of the weight this source describes."""
+        c0, c1 = self.cols or (0, self.shape[1])
+        return (self.shape[0] if self.rows is None else len(self.rows), c1 - c0)
+
+    @property
+    def whole_blocks(self) -> bool:
+        """Whether the held columns start and end on the file's groups of 32 (a slice that cuts a
+        block cannot hold its grid)."""
+        return self.cols is None or (self.cols[0] % GROUP == 0 and self.cols[1] % GROUP == 0)
 
     def raw_blocks(self) -> np.ndarray:
         """The tensor's bytes, uint8 ``[N, bytes per row]`` (read from the file, not kept)."""
@@ -89,6 +106,28 @@ def register_source(weight: torch.Tensor, source: GGUFSource) -> None:
 def source_of(weight: torch.Tensor) -> GGUFSource | None:
     """The GGUF tensor ``weight`` was loaded from, or ``None``."""
     return _SOURCES.get(weight)
+
+
+def register_slice(weight: torch.Tensor, parent: torch.Tensor, *, rows: slice | None = None,
+                   cols: slice | None = None) -> None:
+    """Record that ``weight`` is a copy of ``parent[rows, cols]`` (a tensor-parallel shard: contiguous
+    ranges), so that it keeps what ``parent`` was loaded from: the file's grid where one applies
+    (:func:`choose`, :func:`file_grid`). Nothing is recorded when ``parent`` has no source."""
+    src = source_of(parent)
+    if src is None:
+        return
+    n, k = src.held_shape
+    r = range(n)[rows if rows is not None else slice(None)]
+    c = range(k)[cols if cols is not None else slice(None)]
+    if r.step != 1 or c.step != 1:
+        raise ValueError(f"register_slice takes contiguous ranges, got rows={rows!r}, cols={cols!r}")
+    if src.rows is not None:
+        file_rows = tuple(src.rows[i] for i in r)
+    else:
+        file_rows = None if len(r) == n else tuple(r)
+    base = src.cols[0] if src.cols is not None else 0
+    file_cols = src.cols if len(c) == k else (base + c.start, base + c.stop)
+    register_source(weight, dataclasses.replace(src, rows=file_rows, cols=file_cols))
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -174,15 +213,20 @@ def _choose(weight: torch.Tensor) -> AutoChoice:
     if src.type in DENSE_TYPES:
         return AutoChoice("dense", None, None, src.type)
     n, k = weight.shape
-    if src.type in EXACT_BITS and (n, k) == src.shape and n % 2 == 0:
-        q8, s, z, bits = grid_from_blocks(src.raw_blocks(), src.type, k)
+    if src.type in EXACT_BITS and (n, k) == src.held_shape and n % 2 == 0 and src.whole_blocks:
+        q8, s, z, bits = grid_from_blocks(src.raw_blocks(), src.type, src.shape[1])
         if src.rows is not None:
             idx = np.asarray(src.rows)
             q8, s, z = q8[idx], s[idx], z[idx]
-        q8, s, z = torch.from_numpy(q8), torch.from_numpy(s), torch.from_numpy(z)
+        if src.cols is not None:
+            c0, c1 = src.cols
+            q8, s, z = q8[:, c0:c1], s[:, c0 // GROUP:c1 // GROUP], z[:, c0 // GROUP:c1 // GROUP]
+        q8, s, z = (torch.from_numpy(np.ascontiguousarray(a)) for a in (q8, s, z))
         if _decodes_to(q8, s, z, bits, weight):
             return AutoChoice("exact", bits, _to(pack_codes(q8, s, z), weight.device), src.type)
         why = f"{src.type}, but the weight no longer equals the file's tensor {src.name}"
+    elif src.type in EXACT_BITS and not src.whole_blocks:
+        why = f"{src.type}, columns {src.cols[0]}..{src.cols[1]} of {src.name} cut its blocks of {GROUP}"
     else:
         why = src.type
     if n % 2 or k % GROUP:
@@ -302,14 +346,14 @@ def uses_file_grid(weight: torch.Tensor, group_size: int) -> bool:
     """Whether a static-bits copy of ``weight`` at ``group_size`` is its file's grid (:func:`file_grid`'s
     condition, from the type alone: a Q4 type at group 32)."""
     src = source_of(weight)
-    return group_size == GROUP and src is not None and EXACT_BITS.get(src.type) == 4
+    return group_size == GROUP and src is not None and src.whole_blocks and EXACT_BITS.get(src.type) == 4
 
 
 def exact_bits(weight: torch.Tensor) -> int | None:
     """The rung of ``weight``'s GGUF type when the nested format holds that type exactly (from the
     type alone, no file read: for byte counts), else ``None``."""
     src = source_of(weight)
-    return None if src is None else EXACT_BITS.get(src.type)
+    return None if src is None or not src.whole_blocks else EXACT_BITS.get(src.type)
 
 
 def auto_bits(weight: torch.Tensor) -> int | None:
@@ -319,4 +363,4 @@ def auto_bits(weight: torch.Tensor) -> int | None:
     src = source_of(weight)
     if src is None or src.type in DENSE_TYPES:
         return None
-    return EXACT_BITS.get(src.type, APPROX_BITS)
+    return EXACT_BITS.get(src.type, APPROX_BITS) if src.whole_blocks else APPROX_BITS

@@ -116,11 +116,12 @@ def decode_matrix(rank: int, overrides: dict, full_matrix: bool) -> dict:
 
 def embedded_drafts(rank: int) -> dict:
     """The embedded model (9 query / 3 KV heads: 6 + 3 per rank), fp32, eager: plain greedy, the
-    speculative engine with the n-gram and self drafts, and bits 8 and 4 on the shard, against one
-    process's greedy."""
+    speculative engine with the n-gram and self drafts, and bits 8 and 4 on the shard (group 64, then
+    group 32 on the file's grid), against one process's greedy."""
     import csd_compile
     from csd_compile import load_model, parallel
     from csd_compile.quant import quantize_, set_bits
+    from csd_compile.quant.gguf import source_of
 
     info = parallel.init("gloo", timeout_s=300)
     full, tok = load_model("smollm2-135m-instruct", dtype="fp32")
@@ -144,6 +145,14 @@ def embedded_drafts(rank: int) -> dict:
         set_bits(q, 4)
         set_bits(ref_q, 4)
         out["bits4"], out["bits4_ref"] = _hf_greedy(q, ids), _hf_greedy(ref_q, ids)
+        # bits 4 at group 32: every rank's slices on the file's own Q4_1 grid (the shards keep their
+        # GGUF source), the same numbers as one process's copy; `full` itself is quantized last
+        shard = parallel.shard_model(full, info)
+        out["g32_sources"] = [getattr(source_of(m.weight), "type", None) for m in shard.modules()
+                              if type(m) in (torch.nn.Linear, parallel.RowParallelLinear)]
+        q32 = quantize_(shard, bits=4, group_size=32)
+        ref32 = quantize_(full, bits=4, group_size=32)
+        out["g32"], out["g32_ref"] = _hf_greedy(q32, ids), _hf_greedy(ref32, ids)
     return out
 
 

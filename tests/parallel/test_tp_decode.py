@@ -53,4 +53,8 @@ def test_embedded_model_tp2_plain_speculative_and_bits_match_one_process():
         assert res["ngram_accepted"] > 0 and res["self_accepted"] > 0
         assert res["bits8"] == res["bits8_ref"] and res["bits4"] == res["bits4_ref"]
         assert res["bits4"] != res["ref"]  # 4 bits changed the output: the quantized path ran
+        # every rank's 30 x 7 sliced linears still name their Q4_1 tensor (so group 32 takes its
+        # grid), and the replicated head its Q8_0 one
+        assert res["g32_sources"] == ["Q4_1"] * 210 + ["Q8_0"]
+        assert res["g32"] == res["g32_ref"]
     assert results[0]["self_accepted"] == results[1]["self_accepted"]  # the same acceptance on every rank
