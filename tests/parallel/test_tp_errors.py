@@ -85,3 +85,13 @@ def test_a_failing_rank_brings_the_group_down(mode):
     expected = "Connection closed by peer" if mode == "raise" else "Timed out"
     assert expected in err0, err0[-2000:]
     assert time.perf_counter() - t0 < 200
+
+
+def test_close_without_a_process_group_does_nothing():
+    import torch.distributed as dist
+
+    from csd_compile.parallel import close
+
+    assert not dist.is_initialized()
+    close()  # a single-process run that never joined a group: no error, no group made
+    assert not dist.is_initialized()
