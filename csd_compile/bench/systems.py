@@ -280,6 +280,14 @@ def csd_q4_g32_graph(ctx):
     return _greedy_loop(ctx, {**_Q4_1_GRID, "mode": "reduce-overhead"})
 
 
+@system("csd-q4-g32-ngram-graph", "csd_compile.generate, n-gram draft (K=3), on csd-q4-g32-graph's model and "
+        "options (bf16, the file's Q4_1 grid, steps replayed as CPU graphs); compared with csd-q4-g32-graph",
+        default=False, plain="csd-q4-g32-graph", precision=Precision(bits=4, group_size=32, draft="free"))
+def csd_q4_g32_ngram_graph(ctx):
+    return _csd_generate_runner(ctx.load("bf16"), ctx, draft="ngram", num_draft_tokens=3,
+                                compile_options={**_Q4_1_GRID, "mode": "reduce-overhead"})
+
+
 @system("hf-assisted-q4", "HF assisted generation, assistant = the model at 4 bits (csd QLinear), bf16",
         precision=Precision(draft="model"))
 def hf_assisted_q4(ctx):
