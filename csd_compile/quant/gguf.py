@@ -47,8 +47,7 @@ from .nested import NestedWeight, nested_codes, pack_codes, quantize
 __all__ = [
     "AutoBitsWarning", "AutoChoice", "DENSE_TYPES", "auto_bits", "EXACT_BITS", "FILE_GRID_SCALE_BYTES", "GGUFSource",
     "choose", "exact_bits", "file_grid", "grid_from_blocks", "packed_scale_bytes", "register_slice", "register_source",
-    "report",
-    "require_gguf", "source_of", "stored_exactly", "uses_file_grid", "warn_if_approximated",
+    "report", "require_gguf", "source_of", "stored_exactly", "uses_file_grid", "warn_if_approximated",
 ]
 
 GROUP = 32  # every GGUF block type holds 32 (or 256 = 8 x 32) weights of a row
@@ -363,4 +362,9 @@ def auto_bits(weight: torch.Tensor) -> int | None:
     src = source_of(weight)
     if src is None or src.type in DENSE_TYPES:
         return None
-    return EXACT_BITS.get(src.type, APPROX_BITS) if src.whole_blocks else APPROX_BITS
+    n, k = src.held_shape
+    if n % 2:  # what choose() leaves dense
+        return None
+    if src.type in EXACT_BITS and src.whole_blocks:
+        return EXACT_BITS[src.type]
+    return APPROX_BITS if k % GROUP == 0 else None
