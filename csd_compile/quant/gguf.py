@@ -112,14 +112,15 @@ def register_slice(weight: torch.Tensor, parent: torch.Tensor, *, rows: slice | 
     """Record that ``weight`` is a copy of ``parent[rows, cols]`` (a tensor-parallel shard: contiguous
     ranges), so that it keeps what ``parent`` was loaded from: the file's grid where one applies
     (:func:`choose`, :func:`file_grid`). Nothing is recorded when ``parent`` has no source."""
+    for what, value in (("rows", rows), ("cols", cols)):
+        if not (value is None or (isinstance(value, slice) and value.step in (None, 1))):
+            raise ValueError(f"register_slice: {what}={value!r} must be None or a contiguous slice (step 1)")
     src = source_of(parent)
     if src is None:
         return
     n, k = src.held_shape
     r = range(n)[rows if rows is not None else slice(None)]
     c = range(k)[cols if cols is not None else slice(None)]
-    if r.step != 1 or c.step != 1:
-        raise ValueError(f"register_slice takes contiguous ranges, got rows={rows!r}, cols={cols!r}")
     if src.rows is not None:
         file_rows = tuple(src.rows[i] for i in r)
     else:
