@@ -127,7 +127,7 @@ def close() -> None:
     """Leave the process group when this rank is done (every rank calls it; no-op without a group).
     A barrier first, so that no rank tears its connections down while a peer is still in a
     collective or still closing: a gloo rank whose peer vanished under it can abort on its way out
-    ("terminate called without an active exception") after all its work was done."""
+    ("terminate called without an active exception"), as can one that exits with its group alive."""
     if not dist.is_initialized():
         return
     dist.barrier()

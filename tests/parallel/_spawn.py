@@ -34,9 +34,10 @@ def _entry(rank: int, fn, world: int, port: int, out_dir: str, args: tuple) -> N
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     # Leaving: the group is closed together (a barrier, then destroy), and the process ends without
-    # the interpreter's teardown. Its result is written; twice in CI a rank whose work was done
-    # aborted on its way out ("terminate called without an active exception": gloo's or the store's
-    # threads torn down under a peer), once with the group destroyed but no barrier.
+    # the interpreter's teardown (its result is written). Twice in CI a rank died of SIGABRT with
+    # "terminate called without an active exception", what a thread destroyed while still running
+    # prints, as gloo's can be at exit under a peer; the second time the group was destroyed before
+    # exiting, but with no barrier.
     parallel.close()
     sys.stdout.flush()
     sys.stderr.flush()
