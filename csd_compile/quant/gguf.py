@@ -345,8 +345,7 @@ def packed_scale_bytes(weight: torch.Tensor, *, on_file_grid: bool) -> int:
 def uses_file_grid(weight: torch.Tensor, group_size: int) -> bool:
     """Whether a static-bits copy of ``weight`` at ``group_size`` is its file's grid (:func:`file_grid`'s
     condition, from the type alone: a Q4 type at group 32)."""
-    src = source_of(weight)
-    return group_size == GROUP and src is not None and src.whole_blocks and EXACT_BITS.get(src.type) == 4
+    return group_size == GROUP and exact_bits(weight) == 4
 
 
 def exact_bits(weight: torch.Tensor) -> int | None:
@@ -366,6 +365,7 @@ def auto_bits(weight: torch.Tensor) -> int | None:
     n, k = src.held_shape
     if n % 2:  # what choose() leaves dense
         return None
-    if src.type in EXACT_BITS and src.whole_blocks:
-        return EXACT_BITS[src.type]
+    exact = exact_bits(weight)
+    if exact is not None:
+        return exact
     return APPROX_BITS if k % GROUP == 0 else None
