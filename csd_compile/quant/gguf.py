@@ -26,14 +26,17 @@ their sub-blocks of 16 or their 5- and 6-bit codes exactly). :func:`choose` says
 
 Which weight came from which GGUF tensor is recorded by the loader
 (:func:`csd_compile.models.loader.load_model` on a GGUF) with :func:`register_source`, and for a
-tensor-parallel shard by :func:`csd_compile.parallel.shard_model` with :func:`register_slice`; the grid is
-read from the file when a weight is quantized, and checked against the weight itself first (a
-weight changed since loading is quantized like an approximated type, never silently replaced).
+tensor-parallel shard by :func:`csd_compile.parallel.shard_model` with :func:`register_slice`. A copy
+of such a weight (``copy.deepcopy`` of the model, ``load_state_dict`` into another one) is
+recognised by its values (:func:`source_of`). The grid is read from the file when a weight is
+quantized, and checked against the weight itself first (a weight changed since loading is quantized
+like an approximated type, never silently replaced).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import warnings
 from collections import Counter
 from typing import NamedTuple
@@ -95,16 +98,42 @@ class GGUFSource:
 
 
 _SOURCES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # Parameter -> GGUFSource
+# _fingerprint(weight) -> GGUFSource of every registered weight: a copy of it has the same values but
+# is a new Parameter (PyTorch's Parameter.__deepcopy__ keeps no attributes, and the registry above is
+# keyed by identity). A few hundred small entries per model loaded, kept for the process.
+_BY_VALUES: dict[tuple, GGUFSource] = {}
+_SAMPLE = 256  # values hashed per fingerprint, spread over the whole tensor
+
+
+def _fingerprint(weight: torch.Tensor) -> tuple | None:
+    """``weight``'s shape, dtype and a hash of :data:`_SAMPLE` of its values spread over it; ``None``
+    for a tensor without values to read (meta, a tracing subclass such as a fake tensor)."""
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.is_meta:
+        return None
+    flat = weight.detach().reshape(-1)
+    sample = flat[::max(1, flat.numel() // _SAMPLE)][:_SAMPLE].contiguous().cpu()
+    digest = hashlib.blake2b(sample.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+    return tuple(weight.shape), weight.dtype, digest
 
 
 def register_source(weight: torch.Tensor, source: GGUFSource) -> None:
     """Record that ``weight`` (a Parameter of a loaded model) holds GGUF tensor ``source``."""
     _SOURCES[weight] = source
+    key = _fingerprint(weight)
+    if key is not None:
+        _BY_VALUES[key] = source
 
 
 def source_of(weight: torch.Tensor) -> GGUFSource | None:
-    """The GGUF tensor ``weight`` was loaded from, or ``None``."""
-    return _SOURCES.get(weight)
+    """The GGUF tensor ``weight`` was loaded from, or ``None``: ``weight`` itself registered, or
+    failing that a weight with its shape, dtype and sampled values (a copy of a loaded model's; the
+    quantize paths check the whole weight against the file's grid before they use it,
+    :func:`choose`)."""
+    src = _SOURCES.get(weight)
+    if src is None:
+        key = _fingerprint(weight)
+        src = None if key is None else _BY_VALUES.get(key)
+    return src
 
 
 def register_slice(weight: torch.Tensor, parent: torch.Tensor, *, rows: slice | None = None,
@@ -194,16 +223,28 @@ class AutoChoice(NamedTuple):
     why: str
 
 
-_CHOICES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # Parameter -> AutoChoice, made once
+_CHOICES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # Parameter -> (its _version then, AutoChoice)
+
+
+def _version(weight: torch.Tensor) -> int | None:
+    """``weight``'s version counter (every in-place change bumps it); ``None`` for an inference
+    tensor, which has none."""
+    try:
+        return weight._version
+    except RuntimeError:
+        return None
 
 
 def choose(weight: torch.Tensor) -> AutoChoice:
     """The quantized copy that reproduces ``weight``'s GGUF tensor type; see the module doc.
-    Made once per weight (every graph and ``quantize_`` share it, as they share the registry's)."""
-    choice = _CHOICES.get(weight)
-    if choice is None:
-        choice = _CHOICES[weight] = _choose(weight)
-    return choice
+    Made once per weight and kept while the weight is not changed in place (its version counter:
+    ``load_state_dict``, an edit), so every graph and ``quantize_`` share it, as they share the
+    registry's."""
+    version = _version(weight)
+    made = _CHOICES.get(weight)
+    if made is None or made[0] != version:
+        made = _CHOICES[weight] = (version, _choose(weight))
+    return made[1]
 
 
 def _choose(weight: torch.Tensor) -> AutoChoice:
@@ -317,8 +358,9 @@ def file_grid(weight: torch.Tensor, group_size: int) -> NestedWeight | None:
     if choice.kind != "exact":
         return None
     nw = choice.nested
-    # choose() is made once per weight and checked then: a copy made before is checked against the
-    # weight as it is now
+    # choose() is checked when made and remade after an in-place change; a copy made before is
+    # checked again against the weight as it is now all the same (an inference tensor counts no
+    # changes)
     if made_before and not _decodes_to(nested_codes(nw.qdata.cpu(), 8), nw.scale.cpu(), nw.zero.cpu(), 4, weight):
         return None
     return nw

@@ -116,6 +116,66 @@ def test_a_weight_changed_after_loading_is_not_taken_from_the_file(tmp_path):
         model.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
     c = choose(model.model.layers[0].self_attn.q_proj.weight)
     assert c.kind == "approx" and "no longer equals the file's tensor blk.0.attn_q.weight" in c.why
+    # changed after a first choice too: the choice is made again, not kept
+    w = model.model.layers[0].self_attn.k_proj.weight
+    first = choose(w)
+    assert first.kind == "exact" and choose(w) is first  # kept while unchanged
+    with torch.no_grad():
+        w[1, 2] += 0.5
+    assert choose(w).kind == "approx"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_copies_of_a_loaded_model_keep_the_file_grid(tmp_path, dtype):
+    """copy.deepcopy and load_state_dict make new Parameters with the same values: bits="auto" on
+    the copy takes every weight from the file as on the original, with the same logits."""
+    import copy
+
+    model = _load(tmp_path, EXACT, dtype=dtype)
+    deep = copy.deepcopy(model)
+    loaded = copy.deepcopy(model)  # its own buffers (rotary tables) as the model's; random weights, then the model's
+    with torch.no_grad():
+        for p in loaded.parameters():
+            p.normal_(0, 0.05)
+    assert _kinds(loaded) != _kinds(model)
+    loaded.load_state_dict(model.state_dict())
+    kinds = _kinds(model)
+    assert {k for k, _, _ in kinds.values()} == {"exact", "dense"}
+    assert _kinds(deep) == kinds and _kinds(loaded) == kinds
+    outs = []
+    for m in (model, deep, loaded):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AutoBitsWarning)  # nothing approximated or unknown: silent
+            quantize_(m, bits="auto")
+        with torch.inference_mode():
+            outs.append(m(IDS).logits)
+    assert outs[0].abs().max() > 0.1
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_a_copy_with_other_values_is_not_taken_from_the_file(tmp_path):
+    import copy
+
+    model = _load(tmp_path, EXACT)
+    rng = np.random.default_rng(5)
+    for how in ("scaled", "one value"):
+        deep = copy.deepcopy(model)
+        w = deep.model.layers[0].self_attn.q_proj.weight
+        with torch.no_grad():
+            if how == "scaled":
+                w.mul_(1.25)
+            else:  # one weight anywhere (sampled by the fingerprint or not): the whole weight is checked
+                i, j = int(rng.integers(w.shape[0])), int(rng.integers(w.shape[1]))
+                w[i, j] += 0.5
+        c = choose(w)
+        assert c.kind in ("approx", "unknown"), (how, c)
+        assert choose(model.model.layers[0].self_attn.q_proj.weight).kind == "exact"  # the original is untouched
+    for i in range(w.shape[1]):  # every column of one row changed in turn: never exact
+        deep = copy.deepcopy(model)
+        w = deep.model.layers[1].self_attn.k_proj.weight
+        with torch.no_grad():
+            w[0, i] += 0.25
+        assert choose(w).kind != "exact", i
 
 
 def test_auto_on_a_model_not_loaded_from_gguf_is_a_clear_error():
