@@ -1,6 +1,7 @@
 """Decode-only step time at each bit-width, side by side in one process: does the step track bytes?
 
     python -m benchmarks.bits_step [--bits 4 8] [--group-size 32] [--rounds 9] [--threads 2] [--no-graph]
+        [--json PATH]
 
 One ``GreedyDecoder`` per bit-width over its own copy of the embedded model (``backend="csd"``,
 ``bits=b, group_size=g``, ``mode="reduce-overhead"`` unless ``--no-graph``), all warmed up first,
@@ -16,9 +17,11 @@ median of the rounds' own ratios.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,6 +42,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-graph", action="store_true", help="without mode='reduce-overhead' (no CPU graph)")
+    ap.add_argument("--json", help="also write each width's figures here (JSON)")
     args = ap.parse_args(argv)
     from csd_compile.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
@@ -74,12 +78,19 @@ def main(argv=None) -> None:
     first = args.bits[0]
     print(f"\n{args.threads} threads, prompt 53, 96 decoded tokens, {args.rounds} rounds, group size {args.group_size}, "
           f"{'no CPU graph' if args.no_graph else 'CPU graph'}")
+    widths = {}
     for b in args.bits:
         med = statistics.median(times[b])
         own = statistics.median(x / y for x, y in zip(times[b], times[first]))
         print(f"bits={b}: median {med:.2f} ms/token ({1e3 / med:.1f} tok/s), {mb[b]:.1f} MB/token; "
               f"vs bits={first}: {med / statistics.median(times[first]):.2f}x (rounds' own ratios {own:.2f}x)  "
               f"{[round(x, 2) for x in times[b]]}")
+        widths[b] = {"ms_per_token": med, "mb_per_token": mb[b], "vs_first": med / statistics.median(times[first]),
+                     "vs_first_rounds": own, "rounds_ms": times[b]}
+    if args.json:
+        report = {"threads": args.threads, "rounds": args.rounds, "group_size": args.group_size,
+                  "cpu_graph": not args.no_graph, "first": first, "bits": widths}
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

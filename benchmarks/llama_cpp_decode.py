@@ -1,6 +1,6 @@
 """Decode-only speed against llama.cpp's own ``llama-bench``, side by side in one run.
 
-    python -m benchmarks.llama_cpp_decode --llama-bench /path/to/llama-bench [--rounds 5] [--threads 2]
+    python -m benchmarks.llama_cpp_decode --llama-bench /path/to/llama-bench [--rounds 5] [--threads 2] [--json PATH]
 
 Both decode the embedded GGUF (SmolLM2-135M-Instruct, Q4_1 linears, Q8_0 LM head) after the same
 prompt length, with the same thread count; rounds alternate between the two so that a noisy
@@ -69,6 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=53, help="prompt tokens before decoding")
     ap.add_argument("--tokens", type=int, default=96, help="tokens decoded per measurement")
     ap.add_argument("--options", default="bits=auto", help="backend options, k=v[,k=v]")
+    ap.add_argument("--json", help="also write the medians, rounds and rooflines here (JSON)")
     args = ap.parse_args(argv)
     binary = Path(args.llama_bench)
     if not binary.is_file():
@@ -119,7 +120,12 @@ def main(argv=None) -> None:
     print(f"llama.cpp (llama-bench tg{args.tokens} @ d{args.prompt}): median {lm:.1f} tok/s  {sorted(round(v, 1) for v in llama)}")
     print(f"ours (GreedyDecoder, csd {args.options}): median {om:.1f} tok/s  {sorted(round(v, 1) for v in mine)}")
     print(f"ours / llama.cpp: {om / lm:.2f}x")
-    roofline(model, options, args, {"ours": om, "llama.cpp": lm}, bandwidth)
+    rows = roofline(model, options, args, {"ours": om, "llama.cpp": lm}, bandwidth)
+    if args.json:
+        report = {"threads": args.threads, "prompt": args.prompt, "tokens": args.tokens, "options": options,
+                  "ours_tok_s": om, "llama_tok_s": lm, "ratio": om / lm, "rounds": {"ours": mine, "llama.cpp": llama},
+                  "bandwidth_gb_s": [b["gb_s"] for b in bandwidth], "roofline": rows}
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
 
 
 def _precision(options: dict):

@@ -1,12 +1,14 @@
 """Microbenchmark of the CPU qlinear kernels on the embedded model's linear shapes.
 
-    python -m benchmarks.qlinear_micro [--rows 1 5] [--bits 4 8] [--repeats 15] [--pool-mib 384]
+    python -m benchmarks.qlinear_micro [--rows 1 5] [--bits 4 8] [--repeats 15] [--pool-mib 384] [--json PATH]
 
 For every shape (N x K) and activation row count M, times side by side, interleaved (one sample
 of each candidate in turn, ``--repeats`` rounds, medians reported):
 
 - ``native/<isa>``: ``csd::qlinear_cpu_native`` forced onto each path this CPU can run, float
-  activations; ``native/<isa>/i8`` the same path with int8 activations
+  activations, called as a decode step calls it: the direct entry (``native.direct_qlinear``, what
+  Inductor's wrapper and a replayed CPU graph call), not through the dispatcher (about 2-3 us a call
+  from Python, which until the twenty-seventh session was counted in every native row); ``native/<isa>/i8`` the same path with int8 activations
   (``native.use_activations("int8")``; ``avx512`` and ``avx2`` run the same vpmaddubsw loops there);
 - ``native/<isa>/packed``: each path with the scales and zeros in the packed layout
   (``nested.pack_scale_zero``), which ``QLinear`` hands the kernel on CPU since the twenty-second
@@ -30,8 +32,10 @@ tensor, same threads) measured in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +112,7 @@ def _candidates(n, k, m, bits_list, pool_bytes):
         return _Pool([make() for _ in range(max(1, min(4096, -(-pool_bytes // copy_bytes))))])
 
     shared = pool(lambda: tuple(t.clone() for t in nw), nested_bytes)  # every native candidate's
+    direct = native.direct_qlinear
     out = []
     for bits in bits_list:
         b = torch.tensor(bits)
@@ -115,7 +120,7 @@ def _candidates(n, k, m, bits_list, pool_bytes):
         for isa in native.supported_isas():
             for act in native.ACTIVATIONS:
                 out.append(_Candidate(f"native/{isa}" + ("/i8" if act == "int8" else ""), bits, nbytes, shared,
-                                      lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa, act))
+                                      lambda t, b=b: direct(x, *t, b), isa, act))
 
         # quantize's grids pack in float32 ("auto" finds no float16 pair in them); fp16=True rounds them
         for suffix, fp16, group_bytes in (("packed", False, 8), ("fp16", True, 4)):
@@ -128,10 +133,10 @@ def _candidates(n, k, m, bits_list, pool_bytes):
             packed_bytes = n * k * bits // 8 + n * (k // GROUP) * group_bytes
             for isa in native.supported_isas():
                 out.append(_Candidate(f"native/{isa}/{suffix}", bits, packed_bytes, packed,
-                                      lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), isa))
+                                      lambda t, b=b: direct(x, *t, b), isa))
         rm = pool(lambda: (nw.qdata.clone(), nw.scale.contiguous(), nw.zero.contiguous()), nested_bytes)
         out.append(_Candidate(f"native/{native.supported_isas()[-1]}/row-major", bits, nbytes, rm,
-                              lambda t, b=b: torch.ops.csd.qlinear_cpu_native(x, *t, b), native.supported_isas()[-1]))
+                              lambda t, b=b: direct(x, *t, b), native.supported_isas()[-1]))
         # its own copies: the fallback caches repacked operands per weight and rung
         out.append(_Candidate("pytorch", bits, nbytes, pool(lambda: tuple(t.clone() for t in nw), nested_bytes),
                               lambda t, b=b: torch.ops.csd.qlinear_cpu(x, *t, b)))
@@ -153,6 +158,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--shapes", nargs="+", default=None, help="NxK shapes (default: the embedded model's)")
     ap.add_argument("--sample-ms", type=float, default=3.0, help="length of one timing sample")
+    ap.add_argument("--json", help="also write the bandwidth and every row here (JSON)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.threads:
@@ -181,6 +187,7 @@ def main(argv=None) -> None:
     bw = statistics.median(streams)
     print(f"streaming read (torch.sum, 1 GiB fp32): median {bw:.1f} GB/s over {len(streams)} samples\n")
     print(f"{'N x K':>11} {'M':>2} {'bits':>4}  {'kernel':<18} {'us':>9} {'GB/s':>7} {'%bw':>5}  {'vs bf16':>7}")
+    table = []
     for n, k, m, cands in rows:
         dense_bf16 = statistics.median(next(c for c in cands if c.name == "dense bf16").samples)
         for c in sorted(cands, key=lambda c: (c.bits or 99, c.name)):
@@ -188,7 +195,13 @@ def main(argv=None) -> None:
             gbs = c.nbytes / t / 1e9
             print(f"{n:>5}x{k:<5} {m:>2} {c.bits or '-':>4}  {c.name:<18} {t * 1e6:>9.1f} {gbs:>7.2f} "
                   f"{100 * gbs / bw:>5.0f}  {dense_bf16 / t:>6.2f}x")
+            table.append({"n": n, "k": k, "m": m, "bits": c.bits, "kernel": c.name, "us": t * 1e6, "bytes": c.nbytes,
+                          "gb_s": gbs, "of_bandwidth": gbs / bw, "vs_dense_bf16": dense_bf16 / t})
         print()
+    if args.json:
+        report = {"bandwidth_gb_s": bw, "bandwidth_samples": streams, "threads": torch.get_num_threads(),
+                  "kernel_paths": native.supported_isas(), "default_path": native.isa(), "rows": table}
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
