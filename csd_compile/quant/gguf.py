@@ -107,8 +107,8 @@ _SAMPLE = 256  # values hashed per fingerprint, spread over the whole tensor
 
 def _fingerprint(weight: torch.Tensor) -> tuple | None:
     """``weight``'s shape, dtype and a hash of :data:`_SAMPLE` of its values spread over it; ``None``
-    for a tensor without values to read (meta, a tracing subclass such as a fake tensor)."""
-    if type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.is_meta:
+    for a tensor without plain values to read (meta, sparse, a tracing subclass such as a fake tensor)."""
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.is_meta or weight.layout != torch.strided:
         return None
     flat = weight.detach().reshape(-1)
     sample = flat[::max(1, flat.numel() // _SAMPLE)][:_SAMPLE].contiguous().cpu()
@@ -223,27 +223,29 @@ class AutoChoice(NamedTuple):
     why: str
 
 
-_CHOICES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # Parameter -> (its _version then, AutoChoice)
+_CHOICES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # Parameter -> (_state(it) then, AutoChoice)
 
 
-def _version(weight: torch.Tensor) -> int | None:
-    """``weight``'s version counter (every in-place change bumps it); ``None`` for an inference
-    tensor, which has none."""
+def _state(weight: torch.Tensor) -> tuple:
+    """What changes when ``weight``'s values may have: its version counter (every in-place change
+    bumps it; ``None`` for an inference tensor, which has none) and its storage (``weight.data =
+    ...`` swaps it without a bump)."""
     try:
-        return weight._version
+        version = weight._version
     except RuntimeError:
-        return None
+        version = None
+    return version, weight.data_ptr(), weight.dtype
 
 
 def choose(weight: torch.Tensor) -> AutoChoice:
     """The quantized copy that reproduces ``weight``'s GGUF tensor type; see the module doc.
-    Made once per weight and kept while the weight is not changed in place (its version counter:
-    ``load_state_dict``, an edit), so every graph and ``quantize_`` share it, as they share the
-    registry's."""
-    version = _version(weight)
+    Made once per weight and kept while the weight is unchanged (changed in place, as by
+    ``load_state_dict``, or given new data, it is made again), so every graph and ``quantize_``
+    share it, as they share the registry's."""
+    state = _state(weight)
     made = _CHOICES.get(weight)
-    if made is None or made[0] != version:
-        made = _CHOICES[weight] = (version, _choose(weight))
+    if made is None or made[0] != state:
+        made = _CHOICES[weight] = (state, _choose(weight))
     return made[1]
 
 
