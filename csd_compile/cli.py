@@ -204,16 +204,11 @@ def _shard_for_tp(args, parser, model, cfg):
     """``--tp``: check the split before any work, join the process group, return this rank's shard."""
     import os
 
-    from .parallel import check_group_size, init, plan_shards, shard_model
+    from .parallel import check_split, init, shard_model
 
     world = int(os.environ["WORLD_SIZE"])
     try:
-        plan_shards(model.config, world)
-        if cfg.bits == "dynamic":
-            raise ValueError("bits='dynamic' is not supported with --tp yet (its precision table describes the "
-                             "whole model's weights); use bits=2|3|4|8")
-        if cfg.bits is not None:
-            check_group_size(model.config, world, cfg.group_size)
+        check_split(model.config, world, cfg)
     except ValueError as e:
         _fail(parser, "generate", f"--tp: {e}")
     info = init(args.tp_backend)

@@ -52,7 +52,8 @@ from .quant import gguf
 
 __all__ = [
     "AllReduced", "BACKENDS", "DEFAULT_TIMEOUT_S", "RowParallelLinear", "ShardPlan", "TPInfo", "check_group_size",
-    "check_launch", "check_same_sharding", "close", "init", "plan_shards", "resolve_backend", "shard_model", "tp_info",
+    "check_launch", "check_same_sharding", "check_split", "close", "init", "plan_shards", "resolve_backend", "shard_model",
+    "tp_info",
 ]
 
 BACKENDS = ("gloo", "nccl")
@@ -195,6 +196,23 @@ def check_group_size(config, world: int, group_size: int) -> None:
         raise ValueError(f"group_size={group_size} does not fit tensor parallel over {world} ranks: rank {r}'s "
                          f"{name} shard has {w} input features, not a multiple of {group_size} (a quantization "
                          f"group must not straddle two ranks); group sizes that fit: {fits or 'none'}")
+
+
+def check_split(config, world: int, options) -> None:
+    """``ValueError`` unless a model of ``config`` can run over ``world`` ranks with backend
+    ``options`` (a dict, or a :class:`~csd_compile.config.CSDConfig`): the split itself
+    (:func:`plan_shards`), a static bit-width (``"dynamic"`` is not supported yet), and the group size
+    as the backend resolves it (:func:`check_group_size`: 32 for ``bits="auto"``, 64 when not given).
+    What ``generate --tp`` and the bench's tensor-parallel row check before any work."""
+    from .config import CSDConfig
+
+    cfg = CSDConfig.from_options(options)
+    plan_shards(config, world)
+    if cfg.bits == "dynamic":
+        raise ValueError("bits='dynamic' is not supported with --tp yet (its precision table describes the "
+                         "whole model's weights); use bits=2|3|4|8")
+    if cfg.bits is not None:
+        check_group_size(config, world, cfg.group_size)
 
 
 class RowParallelLinear(nn.Linear):

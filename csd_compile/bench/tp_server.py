@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = parallel.init()
     full, _ = load_model(args.model, dtype=args.dtype)
-    if options and options.get("bits") is not None:
-        parallel.check_group_size(full.config, info.world, options.get("group_size", 64))
+    parallel.check_split(full.config, info.world, options)
     model = parallel.shard_model(full, info)
     del full
     kwargs = dict(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=args.pad_token_id,

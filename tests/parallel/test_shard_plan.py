@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csd_compile.parallel import RowParallelLinear, TPInfo, check_group_size, check_same_sharding, plan_shards, shard_model
+from csd_compile.config import OptionError
+from csd_compile.parallel import (RowParallelLinear, TPInfo, check_group_size, check_same_sharding, check_split,
+                                   plan_shards, shard_model)
 from tests.conftest import make_tiny_llama, tiny_llama_config
 
 
@@ -65,6 +67,25 @@ def test_embedded_model_shape_at_tp2_is_uneven_by_kv_group():
     check_group_size(cfg, 2, 64)
     with pytest.raises(ValueError, match=r"group_size=128 .* rank 1's o_proj shard has 192 input features.*fit: \[32, 64\]"):
         check_group_size(cfg, 2, 128)
+
+
+def test_check_split_resolves_the_group_size_as_the_backend_does(tmp_path):
+    # 3 heads of 32 features per rank: o_proj shards of 96 input features fit groups of 32, not 64
+    cfg = tiny_llama_config(hidden_size=192, num_attention_heads=6, num_key_value_heads=2, intermediate_size=256)
+    assert plan_shards(cfg, 2).row_parallel_widths(0)["o_proj"] == 96
+    check_split(cfg, 2, None)  # no quantization: nothing to fit
+    check_split(cfg, 2, {"bits": "auto"})  # group 32, the GGUF blocks
+    check_split(cfg, 2, {"bits": 4, "group_size": 32})
+    with pytest.raises(ValueError, match=r"group_size=64 does not fit .* 96 input features.*fit: \[32\]"):
+        check_split(cfg, 2, {"bits": 4})  # group 64 when not given
+    with pytest.raises(ValueError, match="bits='dynamic' is not supported with --tp yet"):
+        table = tmp_path / "table.json"
+        table.write_text("{}")  # the option's check wants a file; the split is refused before it is read
+        check_split(cfg, 2, {"bits": "dynamic", "calibration": str(table)})
+    with pytest.raises(ValueError, match="over 3 ranks cannot shard 2 KV heads"):
+        check_split(cfg, 3, {"bits": "auto"})
+    with pytest.raises(OptionError, match="group_size"):
+        check_split(cfg, 2, {"bits": "auto", "group_size": 64})  # the options themselves checked first
 
 
 def test_world_larger_than_kv_heads_is_an_error():
