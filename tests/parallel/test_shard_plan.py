@@ -78,9 +78,9 @@ def test_check_split_resolves_the_group_size_as_the_backend_does(tmp_path):
     check_split(cfg, 2, {"bits": 4, "group_size": 32})
     with pytest.raises(ValueError, match=r"group_size=64 does not fit .* 96 input features.*fit: \[32\]"):
         check_split(cfg, 2, {"bits": 4})  # group 64 when not given
+    table = tmp_path / "table.json"
+    table.write_text("{}")  # the option's own check wants a file; the split is refused before it is read
     with pytest.raises(ValueError, match="bits='dynamic' is not supported with --tp yet"):
-        table = tmp_path / "table.json"
-        table.write_text("{}")  # the option's check wants a file; the split is refused before it is read
         check_split(cfg, 2, {"bits": "dynamic", "calibration": str(table)})
     with pytest.raises(ValueError, match="over 3 ranks cannot shard 2 KV heads"):
         check_split(cfg, 3, {"bits": "auto"})
