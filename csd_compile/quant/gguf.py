@@ -130,7 +130,7 @@ def source_of(weight: torch.Tensor) -> GGUFSource | None:
     quantize paths check the whole weight against the file's grid before they use it,
     :func:`choose`)."""
     src = _SOURCES.get(weight)
-    if src is None:
+    if src is None and _BY_VALUES:  # no GGUF loaded in this process: nothing to recognise, nothing to hash
         key = _fingerprint(weight)
         src = None if key is None else _BY_VALUES.get(key)
     return src
