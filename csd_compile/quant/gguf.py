@@ -355,15 +355,15 @@ def file_grid(weight: torch.Tensor, group_size: int) -> NestedWeight | None:
     types keep ``quantize``'s grid at static bits: a Q8_0 block's 4-bit rung is not RTN-4)."""
     if not uses_file_grid(weight, group_size):
         return None
-    made_before = weight in _CHOICES
+    # choose() checks its copy when it makes it and makes it again after any change it can see (the
+    # version counter, the storage); an inference tensor counts no in-place changes, so a copy made
+    # before is checked again against such a weight as it is now
+    unseen_changes = weight in _CHOICES and _state(weight)[0] is None
     choice = choose(weight)
     if choice.kind != "exact":
         return None
     nw = choice.nested
-    # choose() is checked when made and remade after an in-place change; a copy made before is
-    # checked again against the weight as it is now all the same (an inference tensor counts no
-    # changes)
-    if made_before and not _decodes_to(nested_codes(nw.qdata.cpu(), 8), nw.scale.cpu(), nw.zero.cpu(), 4, weight):
+    if unseen_changes and not _decodes_to(nested_codes(nw.qdata.cpu(), 8), nw.scale.cpu(), nw.zero.cpu(), 4, weight):
         return None
     return nw
 

@@ -11,7 +11,7 @@ import torch
 from csd_compile import CSDFallbackWarning, load_model
 from csd_compile.config import OptionError
 from csd_compile.quant import quantize_
-from csd_compile.quant.gguf import AutoBitsWarning, choose
+from csd_compile.quant.gguf import AutoBitsWarning, choose, file_grid
 from csd_compile.quant.linear import QLinear
 from tests.conftest import make_tiny_llama
 from tests.gguf_files import T, write_tiny_llama
@@ -131,6 +131,20 @@ def test_a_weight_changed_after_loading_is_not_taken_from_the_file(tmp_path):
     assert choose(v).kind == "approx"
     v.data = original.clone()
     assert choose(v).kind == "exact"
+
+
+def test_file_grid_checks_again_a_weight_that_counts_no_changes(tmp_path):
+    model = _load(tmp_path, EXACT)  # q_proj is Q4_0: file_grid applies at group 32
+    with torch.inference_mode():
+        w = model.model.layers[0].self_attn.q_proj.weight.clone()  # an inference tensor: no version counter
+        assert file_grid(w, 32) is not None
+        w[3, 5] += 0.5  # in place, same storage, nothing counted
+        assert file_grid(w, 32) is None
+    tracked = model.model.layers[1].self_attn.q_proj.weight
+    assert file_grid(tracked, 32) is not None
+    with torch.no_grad():
+        tracked[3, 5] += 0.5  # counted: the choice is made again, and checked then
+    assert file_grid(tracked, 32) is None
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
