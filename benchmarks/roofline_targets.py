@@ -211,14 +211,14 @@ def _shown(cmd: list[str]) -> str:
     return shlex.join(["python", *cmd[1:]])
 
 
-def _run(name: str, cmd: list[str], out: Path, env: dict | None = None) -> tuple[int, str, float]:
+def _run(name: str, cmd: list[str], out: Path, env: dict | None = None) -> tuple[int, str]:
     print(f"[targets] {name}: {_shown(cmd)}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     (out / f"{name}.log").write_text(f"$ {shlex.join(cmd)}\n\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
     print(f"[targets] {name}: exit {proc.returncode} after {seconds:.0f} s", flush=True)
-    return proc.returncode, proc.stderr, seconds
+    return proc.returncode, proc.stderr
 
 
 def markdown(report: dict) -> str:
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for stale in (out / f"{name}.json", out / name / "results.json"):  # an earlier run's, same folder
                 stale.unlink(missing_ok=True)
-            code, stderr, _ = _run(name, cmd, out, env)
+            code, stderr = _run(name, cmd, out, env)
             if code != 0:
                 raise RuntimeError(f"exit status {code}; see {out / (name + '.log')}")
             if name == "kernel":
